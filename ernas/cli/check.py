@@ -1,0 +1,31 @@
+"""``ernas-check FILE...``: validate search-space / architecture files and summarise them."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from ernas.cli.common import user_errors
+from ernas.space import arch_of, load_space
+
+
+@user_errors
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="ernas-check", description=__doc__)
+    ap.add_argument("files", nargs="+", help="search space or architecture YAML files")
+    args = ap.parse_args(argv)
+    from ernas import build_model
+    from ernas.metrics import count_params
+
+    for f in args.files:
+        space = load_space(f)
+        kind = "architecture" if space.is_arch else "search space"
+        size = space.size()
+        arch = arch_of(space) if space.is_arch else space.reference()
+        print(f"{f}: {kind} of family {space.family}, {len(space.positions)} block positions, "
+              f"{len(space.searchable)} searchable, {size} distinct architectures "
+              f"(10^{math.log10(size):.1f}); {'parameters' if space.is_arch else 'reference parameters'} "
+              f"{count_params(build_model(arch)):,}")
+
+
+if __name__ == "__main__":
+    main()

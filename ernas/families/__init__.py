@@ -1,0 +1,2 @@
+"""Model families. Importing this package registers each family's FamilySpec."""
+from ernas.families import nafnet  # noqa: F401

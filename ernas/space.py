@@ -1,0 +1,329 @@
+"""SearchSpace and Arch: the two files everything in ernas flows through.
+
+Both use one YAML schema::
+
+    family: nafnet
+    geometry: {img_channel: 3, width: 32, enc_blk_nums: [2, 2, 4, 8],
+               middle_blk_num: 12, dec_blk_nums: [2, 2, 2, 2]}
+    blocks:                         # decisions, from the general to the specific
+      all:         {norm: [layernorm, batchnorm, none], kernel: [3, 5, 7], keep: [true, false]}
+      middle_blks: {norm: layernorm, kernel: 3, keep: true}     # a group: fixed
+      encoders.3:  {kernel: [3, 5]}                             # one level
+      encoders.3.7: {keep: true}                                # one block position
+
+Each position (``encoders.i.j``, ``middle_blks.j``, ``decoders.i.j``, named like the official
+NAFNet parameters) starts from the family's reference block and is refined by every entry of
+``blocks`` whose key is ``all`` or a dotted prefix of the position, less specific first. A value is
+either one choice or a list of candidates. An **Arch** is a file whose every decision resolves to a
+single value; a **SearchSpace** may hold several candidates per decision.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from ernas.errors import ErnasError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a model family declares about its decisions and geometry.
+
+    ``decisions`` lists each decision's allowed values, ordered from cheapest to costliest (so the
+    smallest architecture takes the first candidate of every decision and the largest the last).
+    ``reference`` is the family's reference block (official NAFNet for ``nafnet``).
+    """
+
+    name: str
+    decisions: Mapping[str, tuple]
+    reference: Mapping[str, Any]
+    geometry_defaults: Mapping[str, Any]
+    validate_geometry: Callable[[dict, str], None]
+    positions: Callable[[dict], list[str]]
+    inactive: Callable[[dict], bool] = lambda choice: False
+    build: Callable | None = None  # Arch -> nn.Module
+    fixed_op_keys: Callable | None = None  # (geometry, input_shape, granularity) -> [key]
+    block_op_keys: Callable | None = None  # (geometry, position, choice, input_shape, granularity) -> [key]
+
+
+_FAMILIES: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    _FAMILIES[spec.name] = spec
+    return spec
+
+
+def family_spec(name: str, where: str = "<space>") -> FamilySpec:
+    import ernas.families  # noqa: F401  (registers the built-in families)
+
+    if name not in _FAMILIES:
+        raise ErnasError(
+            f"{where}: field 'family' is {name!r}, which is not a known model family; "
+            f"use one of {', '.join(sorted(_FAMILIES))}."
+        )
+    return _FAMILIES[name]
+
+
+def _same(value, allowed) -> bool:
+    return type(value) is type(allowed) and value == allowed
+
+
+def _fmt(values) -> str:
+    return ", ".join(yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+                     for v in values)
+
+
+@dataclass
+class SearchSpace:
+    """Backbone geometry plus, per block position, the candidate values of each decision."""
+
+    family: str
+    geometry: dict
+    choices: dict[str, dict[str, tuple]]  # position -> decision -> candidates
+    name: str = "space"
+    source: str = "<memory>"
+    blocks: dict = field(default_factory=dict, repr=False)  # the file's `blocks` section
+
+    @property
+    def spec(self) -> FamilySpec:
+        return family_spec(self.family, self.source)
+
+    @property
+    def positions(self) -> list[str]:
+        return list(self.choices)
+
+    @property
+    def searchable(self) -> list[str]:
+        """Positions with at least one decision holding more than one candidate."""
+        return [p for p, c in self.choices.items() if any(len(v) > 1 for v in c.values())]
+
+    @property
+    def is_arch(self) -> bool:
+        return not self.searchable
+
+    def combos(self, position: str) -> list[dict]:
+        """Every choice (decision -> value) a position can take, in a fixed order."""
+        c = self.choices[position]
+        names = list(c)
+        return [dict(zip(names, vals)) for vals in itertools.product(*(c[n] for n in names))]
+
+    def distinct_combos(self, position: str) -> int:
+        """Number of distinct blocks at a position: inactive (skipped) choices count once."""
+        spec = self.spec
+        combos = self.combos(position)
+        active = sum(not spec.inactive(c) for c in combos)
+        return active + (1 if active < len(combos) else 0)
+
+    def size(self) -> int:
+        """Number of distinct architectures (a skipped block's other decisions do not count)."""
+        return math.prod(self.distinct_combos(p) for p in self.positions)
+
+    def sample(self, rng: random.Random | int | None = None) -> "Arch":
+        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        return self._pick(lambda pos, d, cands: rng.choice(cands))
+
+    def smallest(self) -> "Arch":
+        return self._pick(lambda pos, d, cands: self._ordered(d, cands)[0])
+
+    def largest(self) -> "Arch":
+        return self._pick(lambda pos, d, cands: self._ordered(d, cands)[-1])
+
+    def reference(self) -> "Arch":
+        """The family's reference block at every position (for nafnet: the official NAFNet)."""
+        ref = self.spec.reference
+        return Arch(self.family, dict(self.geometry),
+                    {p: {d: ref[d] for d in c} for p, c in self.choices.items()},
+                    name=f"{self.name}_reference")
+
+    def _ordered(self, decision: str, cands: tuple) -> list:
+        order = self.spec.decisions[decision]
+        return sorted(cands, key=lambda v: next(i for i, a in enumerate(order) if _same(v, a)))
+
+    def _pick(self, fn) -> "Arch":
+        values = {p: {d: fn(p, d, cands) for d, cands in c.items()} for p, c in self.choices.items()}
+        return Arch(self.family, dict(self.geometry), values, name=f"{self.name}_arch")
+
+    def contains(self, arch: "Arch") -> bool:
+        if arch.family != self.family or arch.geometry != self.geometry:
+            return False
+        return all(any(_same(arch.values[p][d], c) for c in cands)
+                   for p, ch in self.choices.items() for d, cands in ch.items())
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "name": self.name, "geometry": dict(self.geometry),
+                "blocks": self.blocks}
+
+    def op_keys(self, input_shape, granularity: str = "block") -> list[str]:
+        """Every unique op key reachable in the space, in first-seen order."""
+        spec = self.spec
+        keys = list(spec.fixed_op_keys(self.geometry, tuple(input_shape), granularity))
+        for p in self.positions:
+            for combo in self.combos(p):
+                keys += spec.block_op_keys(self.geometry, p, combo, tuple(input_shape), granularity)
+        return list(dict.fromkeys(keys))
+
+
+@dataclass
+class Arch:
+    """One value per decision per position."""
+
+    family: str
+    geometry: dict
+    values: dict[str, dict[str, Any]]
+    name: str = "arch"
+    source: str = "<memory>"
+
+    @property
+    def spec(self) -> FamilySpec:
+        return family_spec(self.family, self.source)
+
+    @property
+    def positions(self) -> list[str]:
+        return list(self.values)
+
+    def as_space(self) -> SearchSpace:
+        return SearchSpace(self.family, dict(self.geometry),
+                           {p: {d: (v,) for d, v in c.items()} for p, c in self.values.items()},
+                           name=self.name, source=self.source, blocks=self.to_dict()["blocks"])
+
+    def to_dict(self) -> dict:
+        """Compact form: the most common value of each decision under ``all``, then per position
+        only what differs."""
+        decisions = list(next(iter(self.values.values()), {}))
+        common = {}
+        for d in decisions:
+            vals = [c[d] for c in self.values.values()]
+            common[d] = max(vals, key=lambda v: sum(_same(v, w) for w in vals))
+        blocks: dict = {"all": common}
+        for p, c in self.values.items():
+            diff = {d: v for d, v in c.items() if not _same(v, common[d])}
+            if diff:
+                blocks[p] = diff
+        return {"family": self.family, "name": self.name, "geometry": dict(self.geometry),
+                "blocks": blocks}
+
+    def op_keys(self, input_shape, granularity: str = "block") -> list[str]:
+        """The op keys this network runs, in execution-independent order, with repeats."""
+        spec = self.spec
+        keys = list(spec.fixed_op_keys(self.geometry, tuple(input_shape), granularity))
+        for p, choice in self.values.items():
+            keys += spec.block_op_keys(self.geometry, p, choice, tuple(input_shape), granularity)
+        return keys
+
+    def save(self, path: str | Path) -> None:
+        from ernas.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- loading
+
+def _read_yaml(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ErnasError(f"{path}: the {what} file does not exist; check the path "
+                         f"(relative paths are resolved from the current directory).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ErnasError(f"{path}: the {what} file is not valid YAML ({e}); fix the syntax.") from None
+    if not isinstance(data, dict):
+        raise ErnasError(f"{path}: the {what} file must be a mapping with the fields "
+                         f"'family', 'geometry' and 'blocks'.")
+    return data
+
+
+def space_from_dict(data: dict, source: str = "<memory>", name: str | None = None) -> SearchSpace:
+    """Validate a space/arch mapping and resolve each position's candidates."""
+    unknown = set(data) - {"family", "name", "geometry", "blocks", "description"}
+    if unknown:
+        raise ErnasError(f"{source}: unknown top-level field(s) {sorted(unknown)}; the allowed "
+                         f"fields are family, name, description, geometry, blocks.")
+    spec = family_spec(data.get("family", "nafnet"), source)
+    geometry = dict(spec.geometry_defaults)
+    given = data.get("geometry") or {}
+    if not isinstance(given, dict):
+        raise ErnasError(f"{source}: field 'geometry' must be a mapping of "
+                         f"{', '.join(spec.geometry_defaults)}.")
+    for k, v in given.items():
+        if k not in spec.geometry_defaults:
+            raise ErnasError(f"{source}: unknown geometry field {k!r}; allowed fields are "
+                             f"{', '.join(spec.geometry_defaults)}.")
+        geometry[k] = v
+    spec.validate_geometry(geometry, source)
+    positions = spec.positions(geometry)
+
+    blocks = data.get("blocks") or {}
+    if not isinstance(blocks, dict):
+        raise ErnasError(f"{source}: field 'blocks' must map 'all', a group or a position to "
+                         f"decisions, e.g. blocks: {{all: {{kernel: [3, 5]}}}}.")
+    choices = {p: {d: (v,) for d, v in spec.reference.items()} for p in positions}
+
+    def matches(key: str, pos: str) -> bool:
+        return key == "all" or pos == key or pos.startswith(key + ".")
+
+    # less specific keys first: 'all' < group < level < position
+    for key in sorted(blocks, key=lambda k: (k != "all", str(k).count("."))):
+        entry = blocks[key]
+        hit = [p for p in positions if matches(str(key), p)]
+        if not hit:
+            raise ErnasError(
+                f"{source}: block key {key!r} matches no block position of this geometry; valid "
+                f"keys are 'all', a group ({', '.join(sorted({p.split('.')[0] for p in positions}))}), "
+                f"a level or a position such as {positions[0]!r} .. {positions[-1]!r}. Check the "
+                f"block counts in 'geometry' (enc_blk_nums, middle_blk_num, dec_blk_nums).")
+        if not isinstance(entry, dict):
+            raise ErnasError(f"{source}: block {key!r} must map decisions to a value or a list of "
+                             f"candidates, e.g. {{kernel: [3, 5]}}.")
+        for d, v in entry.items():
+            if d not in spec.decisions:
+                raise ErnasError(
+                    f"{source}: block {key!r}, field {d!r} is not a decision of family "
+                    f"{spec.name!r}; the decisions are {', '.join(spec.decisions)}.")
+            cands = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+            if not cands:
+                raise ErnasError(f"{source}: block {key!r}, field {d!r} has an empty candidate "
+                                 f"list; give at least one of {_fmt(spec.decisions[d])}.")
+            for c in cands:
+                if not any(_same(c, a) for a in spec.decisions[d]):
+                    raise ErnasError(
+                        f"{source}: block {key!r}, field {d!r}: value {_fmt([c])} is not allowed; "
+                        f"the allowed values are {_fmt(spec.decisions[d])}.")
+            if len(set(map(repr, cands))) != len(cands):
+                raise ErnasError(f"{source}: block {key!r}, field {d!r} lists a candidate twice "
+                                 f"({_fmt(cands)}); list each value once.")
+            for p in hit:
+                choices[p][d] = cands
+    name = name or data.get("name") or (Path(source).stem if source != "<memory>" else "space")
+    return SearchSpace(spec.name, geometry, choices, name=name, source=source, blocks=blocks)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Load and validate a search-space YAML file."""
+    return space_from_dict(_read_yaml(path, "search space"), str(path))
+
+
+def load_arch(path: str | Path) -> Arch:
+    """Load an architecture file: the space schema with a single value for every decision."""
+    space = space_from_dict(_read_yaml(path, "architecture"), str(path))
+    multi = [(p, d, c) for p in space.searchable for d, c in space.choices[p].items() if len(c) > 1]
+    if multi:
+        p, d, c = multi[0]
+        raise ErnasError(
+            f"{path}: this is an architecture file, so every decision needs a single value, but "
+            f"block {p!r}, field {d!r} lists {_fmt(c)} ({len(multi)} such fields in all). Pick "
+            f"one value, or load it as a search space with load_space.")
+    return arch_of(space)
+
+
+def arch_of(space: SearchSpace) -> Arch:
+    return Arch(space.family, dict(space.geometry),
+                {p: {d: v[0] for d, v in c.items()} for p, c in space.choices.items()},
+                name=space.name, source=space.source)
