@@ -1,0 +1,1 @@
+"""Latency: op keys, measurement backends, latency tables and the resumable profiler."""
