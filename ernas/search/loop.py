@@ -1,0 +1,457 @@
+"""First-order bi-level search loop (DARTS first-order alternation) with exact resume.
+
+Each step s:
+  1. weights w ← AdamW step on the task loss of a training batch (probabilities p(α) detached;
+     the latency and entropy terms do not depend on w, and a multiplicative latency factor is
+     not applied to the weight loss);
+  2. after ``warmup_steps``, every ``alpha_every`` steps: α ← Adam step on the full objective
+     task + latency + w_H(s)·H̄ of a validation batch (``SearchObjective``).
+
+Batches are pure functions of (seed, step) (``step_batches``), and the checkpoint holds the model,
+α, both optimisers, the LR schedule, the log so far and every RNG state, so a run killed at any
+point and resumed gives the same α as an uninterrupted run (on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ernas.errors import ErnasError
+from ernas.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from ernas.search.objective import (EntropySchedule, LatencyLoss, SearchObjective, batch_psnr,
+                                    normalized_entropy)
+from ernas.space import Arch, SearchSpace
+from ernas.supernet import SuperNet
+
+Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def step_batches(dataset, batch_size: int, seed: int) -> Batch:
+    """``batch(step) -> (noisy, clean)``, a pure function of (seed, step).
+
+    Python ``random``, numpy and torch are seeded from (seed, step) inside saved-and-restored RNG
+    state, indices are drawn uniformly with replacement and ``dataset[i]["noisy"/"clean"]`` are
+    stacked. Keyed ernas datasets (``set_epoch``/draw counter) are re-keyed with epoch = step and
+    a zero draw count for the call and restored afterwards, so their crops and noise depend on
+    (step, index) only."""
+    if batch_size < 1:
+        raise ErnasError(f"batch_size={batch_size!r} must be a positive integer.")
+    n = len(dataset)
+
+    def batch(step: int):
+        key = int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        epoch, draw = getattr(dataset, "epoch", None), getattr(dataset, "_draw", None)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(key)
+                np.random.seed(key)
+                torch.manual_seed(key)
+                idx = torch.randint(n, (batch_size,)).tolist()
+                if epoch is not None and hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(step)
+                if draw is not None:
+                    dataset._draw = 0
+                items = [dataset[i] for i in idx]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            if epoch is not None and hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            if draw is not None:
+                dataset._draw = draw
+        return (torch.stack([it["noisy"] for it in items]),
+                torch.stack([it["clean"] for it in items]))
+
+    return batch
+
+
+@dataclass
+class SearchConfig:
+    """Search hyper-parameters (all plain values, saved in the checkpoint and summary)."""
+
+    steps: int = 1000
+    warmup_steps: int = 100          # weight-only steps before α is trained
+    batch_size: int = 8
+    lr_w: float = 1e-3               # AdamW, cosine to lr_min over `steps`
+    lr_min: float = 1e-6
+    weight_decay: float = 0.0
+    lr_alpha: float = 3e-3           # Adam, betas (0.5, 0.999)
+    alpha_every: int = 1
+    temperature: float = 1.0
+    gumbel: bool = False
+    mode: str = "shared"
+    task: str = "psnr"               # psnr | l1
+    latency_form: str = "additive"   # additive | multiplicative | hinge
+    lam: float = 0.1
+    target_ms: float | None = None   # None: the baseline arch's predicted latency
+    beta: float = 0.6
+    entropy_max: float = 0.1
+    entropy_warmup: int | None = None  # None: warmup_steps
+    entropy_ramp: int | None = None    # None: half of the α phase
+    entropy_shape: str = "linear"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "auto"             # cpu | cuda | auto
+    amp: bool = False                # bfloat16 autocast, CUDA only
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ErnasError(f"search config: unknown field(s) {unknown}; the fields are "
+                             f"{', '.join(sorted(names))}.")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def entropy_schedule(self) -> EntropySchedule:
+        warm = self.warmup_steps if self.entropy_warmup is None else self.entropy_warmup
+        ramp = max(0, self.steps - warm) // 2 if self.entropy_ramp is None else self.entropy_ramp
+        return EntropySchedule(self.entropy_max, warm, ramp, self.entropy_shape)
+
+
+# fields that may change between a run and its resumption
+_RESUME_FREE = {"checkpoint_every", "log_every", "device", "eval_batches"}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ErnasError("search config device='cuda' but no CUDA device is available; use "
+                         "device='cpu' or 'auto'.")
+    return torch.device(name)
+
+
+def _rng_state() -> dict:
+    st = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (st[0], torch.from_numpy(st[1].astype(np.int64)), *map(float, st[2:]))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _choice_str(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+class _Run:
+    """State of one search run (model, optimisers, logs) and its file outputs."""
+
+    def __init__(self, space, expected_latency, cfg: SearchConfig, out_dir: Path, baseline: Arch):
+        self.space, self.cfg, self.out = space, cfg, out_dir
+        self.device = _device(cfg.device)
+        self.expected = expected_latency.to(self.device)
+        torch.manual_seed(cfg.seed)
+        self.net = SuperNet(space, cfg.mode, cfg.temperature, cfg.gumbel).to(self.device)
+        self.opt_w = torch.optim.AdamW(self.net.weight_parameters(), lr=cfg.lr_w,
+                                       weight_decay=cfg.weight_decay)
+        self.opt_a = torch.optim.Adam(self.net.arch_parameters(), lr=cfg.lr_alpha,
+                                      betas=(0.5, 0.999))
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt_w, T_max=max(1, cfg.steps), eta_min=cfg.lr_min)
+        self.baseline = baseline
+        self.baseline_ms = (expected_latency.of_arch(baseline) if space.contains(baseline)
+                            else None)
+        target = cfg.target_ms or self.baseline_ms or float(self.expected(self.net.probs(False)))
+        self.target_ms = float(target)
+        self.objective = SearchObjective(cfg.task, LatencyLoss(cfg.latency_form, cfg.lam,
+                                                               self.target_ms, cfg.beta),
+                                         cfg.entropy_schedule())
+        self.step = 0
+        self.log_rows: list[dict] = []
+        self.alpha_rows: list[dict] = []
+        self.elapsed = 0.0
+        self.ckpt = out_dir / "checkpoint.pt"
+
+    # -------------------------------------------------------------- checkpoint
+    def save(self) -> None:
+        bad = [n for n, p in self.net.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise ErnasError(f"search step {self.step}: parameters {bad[:3]} are not finite; the "
+                             f"checkpoint {self.ckpt} was not overwritten. Lower lr_w/lr_alpha.")
+        atomic_torch_save({"model": self.net.state_dict(), "opt_w": self.opt_w.state_dict(),
+                           "opt_a": self.opt_a.state_dict(), "sched": self.sched.state_dict(),
+                           "step": self.step, "log_rows": self.log_rows,
+                           "alpha_rows": self.alpha_rows, "config": self.cfg.to_dict(),
+                           "elapsed": self.elapsed, "rng": _rng_state()}, self.ckpt)
+
+    def load(self) -> None:
+        if not self.ckpt.is_file():
+            raise ErnasError(f"resume=True but {self.ckpt} does not exist; start the search "
+                             f"without resume, or point out_dir at the interrupted run.")
+        ck = torch.load(self.ckpt, map_location=self.device, weights_only=True)
+        old = ck["config"]
+        diff = sorted(k for k, v in self.cfg.to_dict().items()
+                      if k not in _RESUME_FREE and old.get(k) != v)
+        if diff:
+            raise ErnasError(f"{self.ckpt}: cannot resume with a different configuration; "
+                             f"changed field(s): " + ", ".join(f"{k} ({old.get(k)!r} -> "
+                             f"{getattr(self.cfg, k)!r})" for k in diff)
+                             + ". Use the original values or start a new out_dir.")
+        self.net.load_state_dict(ck["model"])
+        self.opt_w.load_state_dict(ck["opt_w"])
+        self.opt_a.load_state_dict(ck["opt_a"])
+        self.sched.load_state_dict(ck["sched"])
+        self.step, self.elapsed = ck["step"], ck["elapsed"]
+        self.log_rows, self.alpha_rows = ck["log_rows"], ck["alpha_rows"]
+        _set_rng_state(ck["rng"])
+
+    # -------------------------------------------------------------- logging
+    def log(self, step: int, parts: dict, train_psnr: float, alpha_updated: bool) -> None:
+        """One row of log.csv (loss parts of the α step, or of the objective on the training
+        batch when α was not updated) and the current probabilities for alphas.csv."""
+        with torch.no_grad():
+            probs = self.net.probs(sample=False)
+            expected_ms = float(self.expected(probs))
+        self.log_rows.append({"step": step, "alpha_updated": int(alpha_updated),
+                              **{k: parts[k] for k in ("total", "task", "latency",
+                                                       "entropy_weight")},
+                              "train_psnr": train_psnr, "expected_ms": expected_ms,
+                              "entropy": self.net.entropy(),
+                              "decisiveness": self.net.decisiveness(),
+                              "lr_w": self.opt_w.param_groups[0]["lr"],
+                              "lr_alpha": self.opt_a.param_groups[0]["lr"]})
+        for pos, dec in probs.items():
+            for d, p in dec.items():
+                if p.numel() > 1:
+                    for c, v in zip(self.space.choices[pos][d], p.tolist()):
+                        self.alpha_rows.append({"step": step, "position": pos, "decision": d,
+                                                "choice": _choice_str(c), "probability": v})
+
+    def write_logs(self) -> None:
+        import pandas as pd
+
+        atomic_write_text(self.out / "log.csv", pd.DataFrame(self.log_rows).to_csv(index=False))
+        atomic_write_text(self.out / "alphas.csv", pd.DataFrame(
+            self.alpha_rows, columns=["step", "position", "decision", "choice",
+                                      "probability"]).to_csv(index=False))
+
+
+def _fail(step: int, phase: str, parts: dict, ckpt: Path) -> ErnasError:
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+    kept = (f"the last good checkpoint {ckpt} was kept" if ckpt.is_file()
+            else "no checkpoint had been written yet")
+    return ErnasError(f"search step {step}: the {phase} loss is not finite ({shown}); the run "
+                      f"stopped and {kept}. Lower the learning rate (lr_w / lr_alpha), e.g. by "
+                      f"10x, or check the data for NaN/inf values.")
+
+
+def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_batch: Batch,
+               cfg: SearchConfig, out_dir, resume: bool = False, progress: bool = True,
+               baseline_arch: Arch | None = None, input_shape=None,
+               stop_after: int | None = None) -> dict:
+    """Search ``space``; write logs, ``arch.yaml``, plots, checkpoint and ``summary.json`` to
+    ``out_dir`` and return the summary. ``stop_after=k`` returns after step k (without final
+    outputs) to simulate an interruption; ``resume=True`` continues from ``checkpoint.pt``."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = baseline_arch or space.reference()
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        run = _Run(space, expected_latency, cfg, out, baseline)
+        if resume:
+            run.load()
+        net, dev = run.net, run.device
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                  enabled=cfg.amp and dev.type == "cuda")
+        bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, desc="search")
+        t0 = time.perf_counter()
+        while run.step < cfg.steps:
+            step = run.step
+            net.train()
+            # 1. weights on a training batch
+            noisy, clean = (t.to(dev) for t in train_batch(step))
+            with torch.no_grad():
+                probs = net.probs()
+            with autocast:
+                pred = net(noisy, probs)
+            task = run.objective.task(pred.float(), clean)
+            if not torch.isfinite(task):
+                run.write_logs()
+                raise _fail(step, "weight (task)", {"task": float(task.detach())}, run.ckpt)
+            run.opt_w.zero_grad(set_to_none=True)
+            task.backward()
+            run.opt_w.step()
+            run.sched.step()
+            train_psnr = batch_psnr(pred, clean)
+            parts = None
+            # 2. architecture on a validation batch
+            if step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.alpha_every == 0:
+                vn, vc = (t.to(dev) for t in val_batch(step))
+                probs = net.probs()
+                with autocast:
+                    vpred = net(vn, probs)
+                total, parts = run.objective(vpred.float(), vc, run.expected(probs),
+                                             normalized_entropy(net.probs(sample=False)), step)
+                if not math.isfinite(parts["total"]):
+                    run.write_logs()
+                    raise _fail(step, "architecture", parts, run.ckpt)
+                alphas = net.arch_parameters()
+                grads = torch.autograd.grad(total, alphas, allow_unused=True)
+                for a, g in zip(alphas, grads):
+                    a.grad = torch.zeros_like(a) if g is None else g
+                run.opt_a.step()
+            run.step = step + 1
+            if step % cfg.log_every == 0 or run.step == cfg.steps:
+                alpha_updated = parts is not None
+                if parts is None:  # weight-only step: the objective's parts on the train batch
+                    with torch.no_grad():
+                        _, parts = run.objective(pred.detach().float(), clean,
+                                                 run.expected(net.probs(sample=False)),
+                                                 net.entropy(), step)
+                run.log(step, parts, train_psnr, alpha_updated)
+                bar.set_postfix(loss=f"{parts['total']:.3f}",
+                                psnr=f"{train_psnr:.2f}",
+                                lat=f"{run.log_rows[-1]['expected_ms']:.2f}ms",
+                                H=f"{run.log_rows[-1]['entropy']:.3f}")
+            bar.update(1)
+            if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
+                run.elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                run.save()
+                run.write_logs()
+            if stop_after is not None and run.step >= stop_after and run.step < cfg.steps:
+                bar.close()
+                return {"stopped_at": run.step, "out_dir": str(out)}
+        bar.close()
+        run.elapsed += time.perf_counter() - t0
+        run.save()
+        run.write_logs()
+        return _finish(run, val_batch, input_shape)
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+
+@torch.no_grad()
+def _val_psnr(net: SuperNet, val_batch: Batch, n: int, device) -> float:
+    from ernas.metrics import psnr
+
+    net.eval()
+    vals = []
+    for i in range(n):
+        noisy, clean = val_batch(i)
+        pred = net(noisy.to(device)).float().cpu()
+        vals += [psnr(p, c) for p, c in zip(pred, clean)]
+    return float(np.mean(vals))
+
+
+def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
+    from ernas import build_model
+    from ernas.metrics import count_macs, count_params
+
+    net, out, space = run.net, run.out, run.space
+    derived = net.derive(name=f"{space.name}_searched")
+    arch_path = out / "arch.yaml"
+    derived.save(arch_path)
+    inherited = net.extract(derived)
+    atomic_torch_save(inherited.state_dict(), out / "inherited.pt")
+    shape = tuple(input_shape or run.expected.input_shape)
+    base_model = build_model(run.baseline)
+    summary = {
+        "arch_name": derived.name, "arch_path": str(arch_path),
+        "inherited_weights": str(out / "inherited.pt"),
+        "predicted_latency_ms": run.expected.of_arch(derived),
+        "baseline_latency_ms": run.baseline_ms, "baseline_name": run.baseline.name,
+        "target_ms": run.target_ms,
+        "params": count_params(inherited), "baseline_params": count_params(base_model),
+        "macs": count_macs(inherited, shape), "baseline_macs": count_macs(base_model, shape),
+        "input_shape": list(shape),
+        "supernet_val_psnr": _val_psnr(net, val_batch, run.cfg.eval_batches, run.device),
+        "decisiveness": net.decisiveness(), "entropy": net.entropy(),
+        "search_seconds": run.elapsed, "steps": run.step, "mode": run.cfg.mode,
+        "space": space.name, "config": run.cfg.to_dict(),
+    }
+    if summary["baseline_latency_ms"]:
+        summary["speedup"] = summary["baseline_latency_ms"] / summary["predicted_latency_ms"]
+    _plot_probs(run.alpha_rows, out / "probs.png")
+    _plot_curves(run.log_rows, out / "curves.png")
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _plot_probs(rows: list[dict], path: Path) -> None:
+    """Small multiples: one panel per (position, decision), one line per candidate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from ernas.io import atomic_write_bytes
+
+    df = pd.DataFrame(rows, columns=["step", "position", "decision", "choice", "probability"])
+    positions = list(dict.fromkeys(df["position"])) or ["-"]
+    decisions = list(dict.fromkeys(df["decision"])) or ["-"]
+    size = (2.2 * len(decisions), 1.4 * len(positions) + 0.6)
+    fig, axes = plt.subplots(len(positions), len(decisions), squeeze=False, sharex=True,
+                             sharey=True, figsize=size)
+    for i, pos in enumerate(positions):
+        for j, dec in enumerate(decisions):
+            ax = axes[i][j]
+            sub = df[(df["position"] == pos) & (df["decision"] == dec)]
+            for choice, g in sub.groupby("choice", sort=False):
+                ax.plot(g["step"], g["probability"], label=str(choice))
+            if len(sub):
+                ax.legend(fontsize=5, loc="upper left")
+            ax.set_ylim(0, 1)
+            ax.tick_params(labelsize=6)
+            if i == 0:
+                ax.set_title(dec, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(pos, fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, path, atomic_write_bytes)
+    plt.close(fig)
+
+
+def _plot_curves(rows: list[dict], path: Path) -> None:
+    """Expected latency (ms) and training PSNR (dB) over the steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ernas.io import atomic_write_bytes
+
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(steps, [r["expected_ms"] for r in rows])
+    a.set(xlabel="step", ylabel="E[latency] (ms)", title="expected latency")
+    b.plot(steps, [r["train_psnr"] for r in rows])
+    b.set(xlabel="step", ylabel="PSNR (dB)", title="training PSNR")
+    fig.tight_layout()
+    _save_fig(fig, path, atomic_write_bytes)
+    plt.close(fig)
+
+
+def _save_fig(fig, path: Path, write) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write(path, buf.getvalue())

@@ -1,0 +1,232 @@
+"""Search loop: outputs, exact resume, NaN handling, and the direction of the latency and entropy
+terms, on nafnet_tiny at 16x16 with batch 2.
+
+The latency table here is SYNTHETIC: per-key numbers made up from the op key's shape and
+attributes (bigger kernels, expansions, LayerNorm and attention cost more), not measurements. The
+tests check the search logic, which only needs a table with the right keys and a sensible order.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ernas import ErnasError, load_arch, load_space
+from ernas.latency.ops import parse_key
+from ernas.latency.predict import ExpectedLatency
+from ernas.latency.table import LatencyTable
+from ernas.search import SearchConfig, run_search, step_batches
+
+SHAPE = (1, 3, 16, 16)
+
+
+def synthetic_table(space, shape=SHAPE) -> LatencyTable:
+    """A made-up (synthetic, not profiled) table covering every op key of ``space``."""
+    table = LatencyTable(metadata={"input_shape": list(shape), "granularity": "block",
+                                   "backend": "synthetic", "note": "synthetic test numbers"})
+    for key in space.op_keys(shape, "block"):
+        k = parse_key(key)
+        a, (_, c, h, w) = k.attr, k.shape
+        base = c * h * w * 1e-4
+        if k.op == "nafblock":
+            ms = base * (1 + 0.5 * (a["norm"] == "layernorm") + 0.3 * (a["attention"] == "sca")
+                         + int(a["dw_expand"]) * (0.5 + int(a["kernel"]) ** 2 / 49)
+                         + 0.5 * int(a["ffn_expand"]))
+        else:
+            ms = 0.1 * base
+        table.add(key, [ms])
+    return table
+
+
+class SmoothImages:
+    """Tiny in-memory dataset: smooth random 16x16 images plus Gaussian noise."""
+
+    def __init__(self, n: int, seed: int, sigma: float = 0.1):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            clean = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=16, mode="bilinear",
+                                  align_corners=False)[0]
+            self.items.append({"noisy": clean + sigma * torch.randn(3, 16, 16, generator=g),
+                               "clean": clean})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "nafnet_tiny.yaml")
+    expected = ExpectedLatency(space, synthetic_table(space))
+    train = step_batches(SmoothImages(16, 0), 2, seed=0)
+    val = step_batches(SmoothImages(8, 1), 2, seed=1)
+    return space, expected, train, val
+
+
+def cfg(**kw) -> SearchConfig:
+    base = dict(steps=16, warmup_steps=4, batch_size=2, lr_alpha=0.05, checkpoint_every=100,
+                log_every=4, eval_batches=1, seed=0, device="cpu")
+    return SearchConfig(**{**base, **kw})
+
+
+def alphas_of(out_dir: Path) -> dict:
+    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    return {k: v for k, v in ck["model"].items() if k.startswith("alphas.")}
+
+
+def test_end_to_end_outputs(setup, tmp_path):
+    space, expected, train, val = setup
+    s = run_search(space, expected, train, val, cfg(entropy_max=0.5), tmp_path, progress=False)
+    for name in ("arch.yaml", "log.csv", "alphas.csv", "probs.png", "curves.png",
+                 "checkpoint.pt", "summary.json", "inherited.pt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    arch = load_arch(tmp_path / "arch.yaml")
+    assert space.contains(arch)
+    assert arch.values == load_arch(s["arch_path"]).values
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("predicted_latency_ms", "baseline_latency_ms", "params", "baseline_params",
+                "macs", "baseline_macs", "supernet_val_psnr", "decisiveness", "entropy",
+                "search_seconds", "steps", "arch_name", "arch_path"):
+        assert key in summary, key
+    assert summary["steps"] == 16
+    assert summary["predicted_latency_ms"] == pytest.approx(expected.of_arch(arch))
+    assert summary["baseline_latency_ms"] == pytest.approx(expected.of_arch(space.reference()))
+    assert math.isfinite(summary["supernet_val_psnr"]) and summary["supernet_val_psnr"] > 10
+    assert 0 < summary["macs"] <= summary["baseline_macs"] * 2
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert list(log["step"]) == [0, 4, 8, 12, 15]
+    for col in ("total", "task", "latency", "entropy_weight", "train_psnr", "expected_ms",
+                "entropy", "decisiveness", "lr_w", "lr_alpha"):
+        assert log[col].notna().all(), col
+    alphas = pd.read_csv(tmp_path / "alphas.csv")
+    assert list(alphas.columns) == ["step", "position", "decision", "choice", "probability"]
+    last = alphas[alphas["step"] == 15].groupby(["position", "decision"])["probability"].sum()
+    np.testing.assert_allclose(last.to_numpy(), 1.0, atol=1e-5)
+    assert set(alphas["position"]) == set(space.searchable)
+    # inherited weights load into the derived discrete model
+    from ernas import build_model
+    build_model(arch).load_state_dict(torch.load(tmp_path / "inherited.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_resume_matches_uninterrupted(setup, tmp_path, gumbel):
+    space, expected, train, val = setup
+    c = cfg(checkpoint_every=5, gumbel=gumbel, entropy_max=0.3)
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_search(space, expected, train, val, c, full, progress=False)
+    stopped = run_search(space, expected, train, val, c, part, progress=False, stop_after=12)
+    assert stopped["stopped_at"] == 12
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 10  # "killed" at 12
+    assert not (part / "arch.yaml").exists()
+    run_search(space, expected, train, val, c, part, progress=False, resume=True)
+    a, b = alphas_of(full), alphas_of(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert yaml.safe_load((full / "arch.yaml").read_text()) == \
+        yaml.safe_load((part / "arch.yaml").read_text())
+    pd.testing.assert_frame_equal(pd.read_csv(full / "log.csv"), pd.read_csv(part / "log.csv"),
+                                  rtol=1e-6)
+
+
+def test_resume_refuses_changed_config_or_missing_checkpoint(setup, tmp_path):
+    space, expected, train, val = setup
+    with pytest.raises(ErnasError, match="does not exist"):
+        run_search(space, expected, train, val, cfg(), tmp_path, progress=False, resume=True)
+    run_search(space, expected, train, val, cfg(checkpoint_every=4), tmp_path, progress=False,
+               stop_after=4)
+    with pytest.raises(ErnasError, match="lam"):
+        run_search(space, expected, train, val, cfg(checkpoint_every=4, lam=1.0), tmp_path,
+                   progress=False, resume=True)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(setup, tmp_path):
+    space, expected, train, val = setup
+
+    def poisoned(step):
+        noisy, clean = train(step)
+        return (noisy * math.inf if step == 7 else noisy), clean
+
+    with pytest.raises(ErnasError, match=r"step 7.*not finite.*lr") as err:
+        run_search(space, expected, poisoned, val, cfg(checkpoint_every=3), tmp_path,
+                   progress=False)
+    assert "task" in str(err.value)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "arch.yaml").exists()
+
+
+def test_huge_learning_rate_raises(setup, tmp_path):
+    space, expected, train, val = setup
+    with pytest.raises(ErnasError, match="Lower"):
+        run_search(space, expected, train, val, cfg(lr_w=1e30, checkpoint_every=1), tmp_path,
+                   progress=False)
+    if (tmp_path / "checkpoint.pt").exists():
+        ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values()
+                   if v.is_floating_point())
+
+
+def test_larger_lambda_never_raises_predicted_latency(setup, tmp_path):
+    space, expected, train, val = setup
+    lat = {}
+    for lam in (0.0, 10.0):
+        s = run_search(space, expected, train, val, cfg(lam=lam, entropy_max=0.0),
+                       tmp_path / str(lam), progress=False)
+        lat[lam] = s["predicted_latency_ms"]
+    assert lat[10.0] <= lat[0.0]
+    assert lat[10.0] < expected.of_arch(space.reference())
+
+
+def test_entropy_term_raises_decisiveness(setup, tmp_path):
+    space, expected, train, val = setup
+    got = {}
+    for w in (0.0, 1.0):
+        s = run_search(space, expected, train, val,
+                       cfg(lam=0.02, entropy_max=w, entropy_ramp=0), tmp_path / str(w),
+                       progress=False)
+        got[w] = (s["decisiveness"], s["entropy"])
+    assert got[1.0][0] > got[0.0][0]
+    assert got[1.0][1] < got[0.0][1]
+
+
+def test_step_batches_pure_and_keyed_datasets(setup):
+    from ernas.data import NoisyImageDataset
+
+    _, _, train, _ = setup
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = train(5)
+    assert torch.equal(torch.rand(1), before)  # global RNG untouched
+    b = train(5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(train(6)[0], a[0])
+
+    rng = np.random.default_rng(0)
+    images = [(f"im{i}", rng.random((24, 24, 3), dtype=np.float32)) for i in range(3)]
+
+    def fresh():
+        return step_batches(NoisyImageDataset(images, crop=16, sigma=25, seed=0), 2, seed=3)
+
+    first, second = fresh(), fresh()
+    second(0), second(1)  # a different history must not change batch 2
+    torch.testing.assert_close(first(2), second(2), rtol=0, atol=0)
+
+
+def test_darts_mode_and_multiplicative_form_run(setup, tmp_path):
+    space, expected, train, val = setup
+    s = run_search(space, expected, train, val,
+                   cfg(steps=6, warmup_steps=2, mode="darts", latency_form="multiplicative",
+                       gumbel=True), tmp_path, progress=False)
+    assert s["mode"] == "darts" and s["steps"] == 6
+    assert space.contains(load_arch(tmp_path / "arch.yaml"))

@@ -1,0 +1,170 @@
+"""SuperNet: one-hot equivalence with extract(), derive/decisiveness/entropy, parameter counts."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernas import ErnasError, build_model, load_space
+from ernas.metrics import count_params
+from ernas.supernet import SuperNet
+
+
+@pytest.fixture(scope="module")
+def space():
+    return load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "nafnet_tiny.yaml")
+
+
+def _archs(space):
+    """Random archs plus hand-picked ones covering skipped blocks, batchnorm, kernel 5/7 and
+    expansion 1 at every searchable position."""
+    archs = [space.sample(s) for s in range(4)]
+    for choice in ({"norm": "batchnorm", "kernel": 7, "dw_expand": 1, "ffn_expand": 1,
+                    "attention": "sca", "keep": True},
+                   {"norm": "batchnorm", "kernel": 5, "dw_expand": 2, "ffn_expand": 1,
+                    "attention": "none", "keep": True},
+                   {"norm": "none", "kernel": 5, "dw_expand": 1, "ffn_expand": 2,
+                    "attention": "sca", "keep": True}):
+        a = space.reference()
+        for p in space.searchable:
+            a.values[p] = dict(choice)
+        archs.append(a)
+    mixed = space.reference()
+    for i, p in enumerate(space.searchable):
+        mixed.values[p].update(keep=bool(i % 2), norm="batchnorm", kernel=7)
+    return archs + [mixed]
+
+
+def _trained(space, mode):
+    """A supernet after a few training steps (non-trivial BN statistics, β, γ and α)."""
+    torch.manual_seed(0)
+    net = SuperNet(space, mode=mode)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.normal_(0, 0.5)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(3):
+        x = torch.rand(2, 3, 16, 16)
+        loss = (net(x) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.mark.parametrize("mode", ["shared", "darts"])
+def test_onehot_matches_extract(space, mode):
+    net = _trained(space, mode)
+    bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and any(float(m.running_mean.abs().max()) > 1e-3 for m in bn)
+    x = torch.rand(2, 3, 16, 16) * 2 - 0.5
+    outputs = []
+    for arch in _archs(space):
+        net.set_onehot(arch)
+        with torch.no_grad():
+            y = net(x)
+            model = net.extract(arch).eval()
+            ref = build_model(arch)
+            assert [(n, p.shape) for n, p in model.state_dict().items()] == \
+                   [(n, p.shape) for n, p in ref.state_dict().items()]
+            torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
+        outputs.append(y)
+    net.set_onehot(None)
+    assert not torch.allclose(outputs[0], outputs[-1])  # the archs really differ
+
+
+def test_names_mirror_official(space):
+    names = dict(SuperNet(space).named_parameters())
+    assert "net.encoders.0.0.conv1.weight" in names
+    assert "net.middle_blks.0.sca.1.weight" in names
+    assert "net.ups.0.0.weight" in names and "net.ending.weight" in names
+    # shared conv1 holds the largest expansion: 2·c output channels (two gate banks of c)
+    assert names["net.encoders.0.0.conv1.weight"].shape == (16, 8, 1, 1)
+    assert names["net.encoders.0.0.conv2.weight"].shape == (16, 1, 7, 7)
+
+
+def test_shared_is_far_smaller_than_darts(space):
+    shared, darts = SuperNet(space, "shared"), SuperNet(space, "darts")
+    ns, nd = count_params(shared), count_params(darts)
+    assert ns < 0.5 * nd
+    largest = count_params(build_model(space.largest()))
+    assert ns < 1.3 * largest  # about one network at the largest candidates
+
+
+def test_derive_decisiveness_entropy_hand_set(space):
+    net = SuperNet(space)
+    n_dec = len(net.alphas)
+    assert net.entropy() == pytest.approx(1.0)
+    # uniform: mean of 1/K over decisions (per position: norm, kernel have K=3; 4 have K=2)
+    assert net.decisiveness() == pytest.approx((2 / 3 + 4 / 2) / 6)
+    p = space.searchable[0]
+    with torch.no_grad():
+        net.alpha(p, "kernel").copy_(torch.tensor([0.0, 5.0, 5.0]))   # tie -> lower index (5)
+        net.alpha(p, "norm").copy_(torch.tensor([0.0, 0.0, 2.0]))
+        net.alpha(p, "keep").copy_(torch.tensor([-1.0, 1.0]))
+    arch = net.derive()
+    assert arch.values[p]["kernel"] == 5
+    assert arch.values[p]["norm"] == "none"
+    assert arch.values[p]["keep"] is False
+    assert arch.values[space.searchable[1]] == {d: c[0] for d, c in
+                                                space.choices[space.searchable[1]].items()}
+    assert space.contains(arch)
+    # hand computation over all decisions
+    ps = [torch.softmax(a.detach(), 0) for a in net.alphas.values()]
+    want_d = sum(float(q.max()) for q in ps) / n_dec
+    want_h = sum(float(-(q * q.log()).sum()) / math.log(len(q)) for q in ps) / n_dec
+    assert net.decisiveness() == pytest.approx(want_d)
+    assert net.entropy() == pytest.approx(want_h)
+    with torch.no_grad():
+        for a in net.alphas.values():
+            a.zero_()
+            a[0] = 1e4
+    assert net.decisiveness() == pytest.approx(1.0)
+    assert net.entropy() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_probs_temperature_and_gumbel(space):
+    torch.manual_seed(0)
+    net = SuperNet(space, temperature=0.5, gumbel=True)
+    p = space.searchable[0]
+    with torch.no_grad():
+        net.alpha(p, "kernel").copy_(torch.tensor([1.0, 0.0, 0.0]))
+    net.eval()
+    probs = net.probs()
+    torch.testing.assert_close(probs[p]["kernel"], torch.softmax(torch.tensor([2.0, 0, 0]), 0))
+    assert probs[p]["norm"].shape == (3,)
+    assert set(probs) == set(space.searchable)
+    net.train()
+    g1, g2 = net.probs()[p]["kernel"], net.probs()[p]["kernel"]
+    assert not torch.allclose(g1, g2)  # sampled
+    assert float(g1.detach().sum()) == pytest.approx(1.0)
+    # single-candidate decisions are fixed
+    fixed = SuperNet(load_space_from(space, {"all": {"kernel": [3, 5]}}))
+    q = fixed.probs()[fixed.searchable[0]]
+    assert q["norm"].tolist() == [1.0] and q["kernel"].shape == (2,)
+    assert fixed.alpha(fixed.searchable[0], "norm") is None
+
+
+def load_space_from(space, blocks):
+    from ernas.space import space_from_dict
+    return space_from_dict({"family": "nafnet", "geometry": space.geometry, "blocks": blocks})
+
+
+def test_gradients_reach_alpha(space):
+    net = _trained(space, "shared").train()
+    x = torch.rand(2, 3, 16, 16)
+    net(x).pow(2).mean().backward()
+    grads = {k: a.grad for k, a in net.alphas.items()}
+    assert all(g is not None for g in grads.values())
+    assert sum(float(g.abs().sum()) > 0 for g in grads.values()) >= len(grads) - 1
+
+
+def test_errors(space):
+    with pytest.raises(ErnasError, match="mode"):
+        SuperNet(space, mode="nope")
+    net = SuperNet(space)
+    other = load_space_from(space, {"all": {"kernel": [3]}}).reference()
+    other.geometry = dict(other.geometry, width=16)
+    with pytest.raises(ErnasError, match="not in search space"):
+        net.extract(other)
