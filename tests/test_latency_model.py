@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ernas
+from ernas.paths import SEARCH_SPACES
 from ernas.errors import ErnasError
 from ernas.latency.backends import MeasureBudget, OnnxRuntimeBackend
 from ernas.latency.ops import build_op, parse_key
@@ -21,7 +22,7 @@ FAST = MeasureBudget(warmup=1, min_repeats=3, max_repeats=5, time_cap_s=0.2)
 
 @pytest.fixture(scope="module")
 def tiny():
-    return ernas.load_space(ernas.paths.SEARCH_SPACES / "nafnet_tiny.yaml")
+    return ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def tiny_table(tiny, tmp_path_factory):
 
 
 def test_ern_space_key_enumeration():
-    ern = ernas.load_space(ernas.paths.SEARCH_SPACES / "nafnet_ern.yaml")
+    ern = ernas.load_space(SEARCH_SPACES / "nafnet_ern.yaml")
     keys = ern.op_keys((1, 3, 256, 256), "block")
     blocks = [k for k in keys if k.startswith("nafblock")]
     # 4 levels x (2 norms after folding BN x 2 attention x 3 kernels x 2 x 2 expansions) + middle
@@ -90,7 +91,7 @@ def test_predict_and_expected_latency_agree(tiny, tiny_table):
 
 
 def test_missing_keys_name_the_fill_command(tiny, tiny_table, tmp_path):
-    ern = ernas.load_space(ernas.paths.SEARCH_SPACES / "nafnet_ern.yaml")
+    ern = ernas.load_space(SEARCH_SPACES / "nafnet_ern.yaml")
     frame = tiny_table.to_frame()
     dropped = [k for k in frame.index if k.startswith("nafblock")][:3]
     LatencyTable(frame.drop(index=dropped), dict(tiny_table.metadata)).save(tmp_path / "t.csv")
@@ -140,7 +141,7 @@ def test_profile_and_validate_cli(tmp_path):
               "latency.budget.max_repeats=5", "latency.budget.min_repeats=3", "progress=false"]
     _cli("ernas.cli.profile", *common, f"hydra.run.dir={tmp_path}/p", cwd=tmp_path)
     table = LatencyTable.load(out)
-    tiny = ernas.load_space(ernas.paths.SEARCH_SPACES / "nafnet_tiny.yaml")
+    tiny = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
     assert set(table.keys()) == set(tiny.op_keys(SHAPE, "block"))
     assert table.metadata["input_shape"] == [1, 3, 32, 32] and table.metadata["threads"] == 1
     assert (table.to_frame()["p10_ms"] <= table.to_frame()["p90_ms"]).all()
@@ -155,7 +156,7 @@ def test_profile_and_validate_cli(tmp_path):
 
 
 def test_profile_cli_command_backend(tmp_path):
-    arch = ernas.load_space(ernas.paths.SEARCH_SPACES / "nafnet_tiny.yaml").smallest()
+    arch = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest()
     arch.save(tmp_path / "small.yaml")
     out = tmp_path / "cmd.csv"
     _cli("ernas.cli.profile", "latency=command_local", f"arch={tmp_path}/small.yaml",

@@ -1,0 +1,70 @@
+"""ernas-search end to end through the CLI on the tiny space, including a kill and a resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import ernas
+from ernas.paths import SEARCH_SPACES
+
+BASE = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", "latency.budget.max_repeats=5",
+        "latency.budget.min_repeats=3", "data.crop=16", "data.max_side=128", "search.batch_size=2",
+        "search.warmup_steps=4", "search.log_every=2", "search.checkpoint_every=3",
+        "search.device=cpu", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _search(tmp_path, cache, run, *extra, check=True):
+    args = [sys.executable, "-m", "ernas.cli.search", *BASE, f"latency.cache_dir={cache}",
+            f"hydra.run.dir={tmp_path / run}", *extra]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_search_cli_writes_all_outputs(tmp_path, cache):
+    r = _search(tmp_path, cache, "a", "search.steps=10")
+    out = tmp_path / "a"
+    for f in ("arch.yaml", "alphas.csv", "log.csv", "probs.png", "curves.png", "checkpoint.pt",
+              "summary.json"):
+        assert (out / f).is_file(), f
+    s = json.loads((out / "summary.json").read_text())
+    for k in ("predicted_latency_ms", "baseline_latency_ms", "params", "baseline_params", "macs",
+              "supernet_val_psnr", "decisiveness", "search_seconds"):
+        assert k in s
+    arch = ernas.load_arch(out / "arch.yaml")
+    assert ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").contains(arch)
+    assert "predicted latency" in r.stdout and "baseline" in r.stdout
+
+
+def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):
+    steps = ["search.steps=40"]
+    _search(tmp_path, cache, "full", *steps)
+    args = [sys.executable, "-m", "ernas.cli.search", *BASE, *steps, f"latency.cache_dir={cache}",
+            f"hydra.run.dir={tmp_path / 'killed'}"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "the run ended before the kill"
+    _search(tmp_path, cache, "resumed", *steps, f"resume={tmp_path / 'killed'}")
+    assert (tmp_path / "killed/arch.yaml").read_text() == (tmp_path / "full/arch.yaml").read_text()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cache):
+    r = _search(tmp_path, cache, "x", "search.steps=2", f"resume={tmp_path / 'nothing'}",
+                check=False)
+    assert r.returncode == 2 and "checkpoint.pt" in r.stderr and "Traceback" not in r.stderr
