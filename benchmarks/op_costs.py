@@ -1,0 +1,73 @@
+"""Benchmark: where NAFNet's time goes, per op type, and what each ERN decision removes.
+
+Profiles the op-granularity keys of one architecture (default: the ERN space's reference, i.e.
+NAFNet width 32) on a backend, prints each op type's share of the summed latency, then measures
+whole networks end to end with LayerNorm removed, channel attention removed, and both, side by
+side with the full network (the ERN-Net observation: LayerNorm and attention are the costliest).
+
+    python benchmarks/op_costs.py --space nafnet_ern --input-shape 1,3,256,256
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ernas import build_model
+from ernas.cli.common import resolve_space
+from ernas.latency.backends import MeasureBudget, make_backend
+from ernas.latency.ops import build_op, parse_key
+from ernas.latency.profile import profile_keys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--space", default="nafnet_ern")
+    ap.add_argument("--input-shape", default="1,3,256,256")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved end-to-end rounds")
+    args = ap.parse_args()
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    backend = make_backend({"name": "onnxruntime", "threads": args.threads})
+    space = resolve_space(args.space)
+    ref = space.reference()
+    keys = ref.op_keys(shape, "op")
+    table = profile_keys(keys, build_op, backend, None, {"input_shape": list(shape),
+                         "granularity": "op"}, MeasureBudget(min_repeats=10, max_repeats=50))
+    per_type = defaultdict(float)
+    for k in keys:
+        per_type[parse_key(k).op] += float(table.lookup([k])[0])
+    total = sum(per_type.values())
+    print(f"{space.name} reference at {shape}, onnxruntime CPU {args.threads} threads "
+          f"({backend.metadata()['device']}); per-op sum {total:.1f} ms")
+    for op, ms in sorted(per_type.items(), key=lambda kv: -kv[1]):
+        print(f"  {op:>12}: {ms:8.2f} ms  {100 * ms / total:5.1f}%")
+
+    variants = {"full": {}, "no layernorm": {"norm": "none"}, "no attention": {"attention": "none"},
+                "no layernorm, no attention": {"norm": "none", "attention": "none"}}
+    models = {}
+    for name, change in variants.items():
+        arch = copy.deepcopy(ref)
+        for p in arch.positions:
+            arch.values[p].update(change)
+        torch.manual_seed(0)
+        models[name] = build_model(arch).eval().fuse()
+    times = defaultdict(list)
+    x = torch.randn(shape)
+    budget = MeasureBudget(warmup=2, min_repeats=5, max_repeats=10, time_cap_s=5.0)
+    for _ in range(args.rounds):  # interleaved, so drift hits every variant alike
+        for name, m in models.items():
+            times[name].append(float(np.median(backend.measure(m, x, budget))))
+    full = np.median(times["full"])
+    print("end to end (median of interleaved rounds):")
+    for name in variants:
+        t = np.median(times[name])
+        print(f"  {name:>27}: {t:8.1f} ms  ({full / t:.2f}x faster than full)")
+
+
+if __name__ == "__main__":
+    main()
