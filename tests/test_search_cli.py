@@ -68,3 +68,19 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cache):
     r = _search(tmp_path, cache, "x", "search.steps=2", f"resume={tmp_path / 'nothing'}",
                 check=False)
     assert r.returncode == 2 and "checkpoint.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_process_ddp_search_derives_the_same_arch_on_both_ranks(tmp_path, cache):
+    _search(tmp_path, cache, "warm", "search.steps=1")  # profile the table once
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29533", "-m", "ernas.cli.search", *BASE, "search.steps=12",
+            f"latency.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'ddp'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    digests = sorted(line.split()[-1] for line in r.stdout.splitlines()
+                     if "derived architecture" in line and line.startswith("rank"))
+    assert len(digests) == 2 and digests[0] == digests[1]
+    s = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert s["world_size"] == 2 and s["ranks_agree"] is True
+    assert ernas.load_arch(tmp_path / "ddp/arch.yaml")

@@ -6,6 +6,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ernas import distributed as D
 from ernas.cli.common import output_dir, resolve_space, user_errors
 from ernas.data import NoisyImageDataset, bundled_images, clean_folder
 from ernas.errors import ErnasError
@@ -36,6 +37,16 @@ def search_data(d: DictConfig, seed: int):
 
 @user_errors
 def run(cfg: DictConfig) -> dict:
+    """Search; under ``torchrun`` each rank draws its own batches, weight and α gradients are
+    averaged over ranks (so α, and the derived arch, are identical) and rank 0 writes files."""
+    info = D.setup(cfg.search.device)
+    try:
+        return _run(cfg, info)
+    finally:
+        D.cleanup()
+
+
+def _run(cfg: DictConfig, info) -> dict:
     space = resolve_space(cfg.space)
     if space.is_arch:
         raise ErnasError(f"space {space.source} has nothing to search (every decision has one "
@@ -48,16 +59,24 @@ def run(cfg: DictConfig) -> dict:
                                       cfg.progress)
     expected = ExpectedLatency(space, table, shape, lat.granularity,
                                profile_command(space, shape, backend, lat.granularity))
-    train, val = search_data(cfg.data, cfg.seed)
+    data_seed = cfg.seed + 1000 * info.rank
+    train, val = search_data(cfg.data, data_seed)
     scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
     out = Path(cfg.resume) if cfg.resume else output_dir()
     if cfg.resume and not (out / "checkpoint.pt").is_file():
         raise ErnasError(f"resume={cfg.resume}: no checkpoint.pt there; give the directory of "
                          f"an earlier ernas-search run.")
-    s = run_search(space, expected, step_batches(train, scfg.batch_size, cfg.seed),
-                   step_batches(val, scfg.batch_size, cfg.seed + 1), scfg, out,
+    if info.enabled:
+        scfg.device = info.device
+    s = run_search(space, expected, step_batches(train, scfg.batch_size, data_seed),
+                   step_batches(val, scfg.batch_size, data_seed + 1), scfg, out,
                    resume=bool(cfg.resume), progress=cfg.progress, input_shape=shape)
     s["latency_table"] = str(table_path)
+    if info.enabled:
+        print(f"rank {info.rank}/{info.world_size}: derived architecture {s['arch_digest']}",
+              flush=True)
+    if not D.is_main():
+        return s
     from ernas.io import atomic_write_json
 
     atomic_write_json(out / "summary.json", s)

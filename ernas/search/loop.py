@@ -14,6 +14,8 @@ point and resumed gives the same α as an uninterrupted run (on CPU).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import random
 import time
@@ -24,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ernas import distributed as D
 from ernas.errors import ErnasError
 from ernas.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ernas.search.objective import (EntropySchedule, LatencyLoss, SearchObjective, batch_psnr,
@@ -167,6 +170,7 @@ class _Run:
         self.expected = expected_latency.to(self.device)
         torch.manual_seed(cfg.seed)
         self.net = SuperNet(space, cfg.mode, cfg.temperature, cfg.gumbel).to(self.device)
+        D.sync_parameters(self.net.parameters())  # every rank starts from rank 0's w and α
         self.opt_w = torch.optim.AdamW(self.net.weight_parameters(), lr=cfg.lr_w,
                                        weight_decay=cfg.weight_decay)
         self.opt_a = torch.optim.Adam(self.net.arch_parameters(), lr=cfg.lr_alpha,
@@ -189,6 +193,8 @@ class _Run:
 
     # -------------------------------------------------------------- checkpoint
     def save(self) -> None:
+        if not D.is_main():
+            return
         bad = [n for n, p in self.net.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise ErnasError(f"search step {self.step}: parameters {bad[:3]} are not finite; the "
@@ -243,6 +249,8 @@ class _Run:
                                                 "choice": _choice_str(c), "probability": v})
 
     def write_logs(self) -> None:
+        if not D.is_main():
+            return
         import pandas as pd
 
         atomic_write_text(self.out / "log.csv", pd.DataFrame(self.log_rows).to_csv(index=False))
@@ -281,7 +289,8 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
         net, dev = run.net, run.device
         autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                                   enabled=cfg.amp and dev.type == "cuda")
-        bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, desc="search")
+        bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress or not D.is_main(),
+                   desc="search")
         t0 = time.perf_counter()
         while run.step < cfg.steps:
             step = run.step
@@ -293,11 +302,12 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
             with autocast:
                 pred = net(noisy, probs)
             task = run.objective.task(pred.float(), clean)
-            if not torch.isfinite(task):
+            if not math.isfinite(D.all_reduce_mean(float(task.detach()))):  # same on every rank
                 run.write_logs()
                 raise _fail(step, "weight (task)", {"task": float(task.detach())}, run.ckpt)
             run.opt_w.zero_grad(set_to_none=True)
             task.backward()
+            D.average_gradients(net.weight_parameters())
             run.opt_w.step()
             run.sched.step()
             train_psnr = batch_psnr(pred, clean)
@@ -310,13 +320,14 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
                     vpred = net(vn, probs)
                 total, parts = run.objective(vpred.float(), vc, run.expected(probs),
                                              normalized_entropy(net.probs(sample=False)), step)
-                if not math.isfinite(parts["total"]):
+                if not math.isfinite(D.all_reduce_mean(parts["total"])):
                     run.write_logs()
                     raise _fail(step, "architecture", parts, run.ckpt)
                 alphas = net.arch_parameters()
                 grads = torch.autograd.grad(total, alphas, allow_unused=True)
                 for a, g in zip(alphas, grads):
                     a.grad = torch.zeros_like(a) if g is None else g
+                D.average_gradients(alphas)  # identical α steps on every rank
                 run.opt_a.step()
             run.step = step + 1
             if step % cfg.log_every == 0 or run.step == cfg.steps:
@@ -368,10 +379,12 @@ def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
 
     net, out, space = run.net, run.out, run.space
     derived = net.derive(name=f"{space.name}_searched")
+    per_rank = D.all_gather_object(derived.to_dict())
     arch_path = out / "arch.yaml"
-    derived.save(arch_path)
     inherited = net.extract(derived)
-    atomic_torch_save(inherited.state_dict(), out / "inherited.pt")
+    if D.is_main():
+        derived.save(arch_path)
+        atomic_torch_save(inherited.state_dict(), out / "inherited.pt")
     shape = tuple(input_shape or run.expected.input_shape)
     base_model = build_model(run.baseline)
     summary = {
@@ -386,13 +399,17 @@ def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
         "supernet_val_psnr": _val_psnr(net, val_batch, run.cfg.eval_batches, run.device),
         "decisiveness": net.decisiveness(), "entropy": net.entropy(),
         "search_seconds": run.elapsed, "steps": run.step, "mode": run.cfg.mode,
+        "world_size": D.world_size(), "ranks_agree": all(a == per_rank[0] for a in per_rank),
+        "arch_digest": hashlib.sha256(json.dumps(per_rank[D.rank()], sort_keys=True,
+                                                 default=str).encode()).hexdigest()[:16],
         "space": space.name, "config": run.cfg.to_dict(),
     }
     if summary["baseline_latency_ms"]:
         summary["speedup"] = summary["baseline_latency_ms"] / summary["predicted_latency_ms"]
-    _plot_probs(run.alpha_rows, out / "probs.png")
-    _plot_curves(run.log_rows, out / "curves.png")
-    atomic_write_json(out / "summary.json", summary)
+    if D.is_main():
+        _plot_probs(run.alpha_rows, out / "probs.png")
+        _plot_curves(run.log_rows, out / "curves.png")
+        atomic_write_json(out / "summary.json", summary)
     return summary
 
 
