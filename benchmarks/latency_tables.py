@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ernas.cli.common import resolve_space
+from ernas.space import find_space
 from ernas.latency.backends import MeasureBudget, make_backend
 from ernas.latency.ops import build_op
 from ernas.latency.profile import profile_keys
@@ -44,7 +44,7 @@ def main() -> None:
     if args.backend == "torch":
         cfg["device"] = args.device
     backend = make_backend(cfg)
-    space = resolve_space(args.space)
+    space = find_space(args.space)
     out = Path(args.out or tempfile.mkdtemp(prefix="ernas_bench_"))
     path = default_table_path(space, backend, shape, args.granularity, out)
     keys = space.op_keys(shape, args.granularity)

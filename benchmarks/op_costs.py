@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 from collections import defaultdict
 
 import numpy as np
 import torch
 
 from ernas import build_model
-from ernas.cli.common import resolve_space
+from ernas.space import find_space
 from ernas.latency.backends import MeasureBudget, make_backend
 from ernas.latency.ops import build_op, parse_key
 from ernas.latency.profile import profile_keys
@@ -33,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     shape = tuple(int(s) for s in args.input_shape.split(","))
     backend = make_backend({"name": "onnxruntime", "threads": args.threads})
-    space = resolve_space(args.space)
+    space = find_space(args.space)
     ref = space.reference()
     keys = ref.op_keys(shape, "op")
     table = profile_keys(keys, build_op, backend, None, {"input_shape": list(shape),

@@ -310,6 +310,21 @@ def load_space(path: str | Path) -> SearchSpace:
     return space_from_dict(_read_yaml(path, "search space"), str(path))
 
 
+def find_space(ref: str | Path) -> SearchSpace:
+    """A search space by path, or by the name of a shipped space (``search_spaces/<name>.yaml``)."""
+    from ernas.paths import SEARCH_SPACES
+
+    p = Path(str(ref))
+    if not p.exists() and not p.suffix:
+        named = SEARCH_SPACES / f"{ref}.yaml"
+        if not named.exists():
+            names = ", ".join(sorted(f.stem for f in SEARCH_SPACES.glob("*.yaml")))
+            raise ErnasError(f"field 'space' is {str(ref)!r}, which is neither a file nor a "
+                             f"shipped space; use a path to a space YAML or one of: {names}.")
+        p = named
+    return load_space(p)
+
+
 def load_arch(path: str | Path) -> Arch:
     """Load an architecture file: the space schema with a single value for every decision."""
     space = space_from_dict(_read_yaml(path, "architecture"), str(path))

@@ -23,24 +23,6 @@ def user_errors(fn):
     return wrapper
 
 
-def resolve_space(ref: str):
-    """A search space by name (``search_spaces/<name>.yaml``) or by path."""
-    from pathlib import Path
-
-    from ernas.paths import SEARCH_SPACES
-    from ernas.space import load_space
-
-    p = Path(str(ref))
-    if not p.suffix and not p.exists():
-        named = SEARCH_SPACES / f"{ref}.yaml"
-        if not named.exists():
-            names = ", ".join(sorted(f.stem for f in SEARCH_SPACES.glob("*.yaml")))
-            raise ErnasError(f"field 'space' is {ref!r}, which is neither a file nor a shipped "
-                             f"space; use a path to a space YAML or one of: {names}.")
-        p = named
-    return load_space(p)
-
-
 def output_dir():
     """The Hydra run directory (created), or the current directory outside Hydra."""
     from pathlib import Path

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ernas.cli.common import output_dir, resolve_space, user_errors
+from ernas.cli.common import output_dir, user_errors
+from ernas.space import find_space
 from ernas.io import atomic_write_json
 from ernas.latency.backends import MeasureBudget, make_backend
 from ernas.latency.ops import build_op
@@ -18,7 +19,7 @@ from ernas.space import load_arch
 
 @user_errors
 def run(cfg: DictConfig) -> dict:
-    space = resolve_space(cfg.space)
+    space = find_space(cfg.space)
     lat = cfg.latency
     backend = make_backend(lat.backend)
     budget = MeasureBudget.from_mapping(lat.budget)

@@ -7,7 +7,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ernas import distributed as D
-from ernas.cli.common import output_dir, resolve_space, user_errors
+from ernas.cli.common import output_dir, user_errors
+from ernas.space import find_space
 from ernas.data import NoisyImageDataset, bundled_images, clean_folder
 from ernas.errors import ErnasError
 from ernas.latency.backends import MeasureBudget, make_backend
@@ -47,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, info) -> dict:
-    space = resolve_space(cfg.space)
+    space = find_space(cfg.space)
     if space.is_arch:
         raise ErnasError(f"space {space.source} has nothing to search (every decision has one "
                          f"value); give a search space such as nafnet_tiny.")

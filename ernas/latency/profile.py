@@ -14,7 +14,6 @@ from pathlib import Path
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ernas.errors import ErnasError
 from ernas.latency.backends import Backend, MeasureBudget
 from ernas.latency.table import COMPAT_FIELDS, LatencyTable
 

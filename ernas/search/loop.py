@@ -202,6 +202,7 @@ class _Run:
         atomic_torch_save({"model": self.net.state_dict(), "opt_w": self.opt_w.state_dict(),
                            "opt_a": self.opt_a.state_dict(), "sched": self.sched.state_dict(),
                            "step": self.step, "log_rows": self.log_rows,
+                           "space": self.space.to_dict(),
                            "alpha_rows": self.alpha_rows, "config": self.cfg.to_dict(),
                            "elapsed": self.elapsed, "rng": _rng_state()}, self.ckpt)
 

@@ -1,0 +1,140 @@
+"""Evaluation: per-image/summary outputs with a baseline row, folder data, Pareto front and plot."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ernas.evaluate import ModelEntry, eval_images, evaluate, pareto, pareto_front
+from ernas.families.nafnet import official_arch
+from ernas.train import TrainConfig, retrain
+
+TINY = dict(width=8, enc_blk_nums=[1, 1], middle_blk_num=1, dec_blk_nums=[1, 1])
+LATENCY = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", "latency.budget.warmup=1",
+           "latency.budget.min_repeats=3", "latency.budget.max_repeats=5",
+           "latency.budget.time_cap_s=0.2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A retrain run directory (arch.yaml + best.pt) of a tiny arch with a BatchNorm block."""
+    torch.set_num_threads(1)
+    arch = official_arch(**TINY, name="tiny_bn")
+    arch.values["decoders.1.0"]["norm"] = "batchnorm"
+    arch.values["encoders.1.0"]["keep"] = False
+    out = tmp_path_factory.mktemp("run")
+    retrain(arch, out, TrainConfig(steps=30, batch_size=4, crop=32, val_every=30, val_crop=64,
+                                   max_side=256), progress=False)
+    return out
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "ernas.cli.evaluate", "threads=1",
+                           "progress=false", *args], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
+    r = _cli(tmp_path, f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'ev'}",
+             f"latency.cache_dir={tmp_path / 'cache'}", "max_side=160", *LATENCY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "ev"
+    for f in ("per_image.csv", "results.csv", "report.md", "summary.json", "arch.yaml"):
+        assert (out / f).is_file(), f
+    per = pd.read_csv(out / "per_image.csv")
+    assert list(per.columns) == ["model", "image", "sigma", "psnr", "ssim"]
+    assert len(per) == 2 * 2 * 3  # models x test images x sigmas
+    assert np.isfinite(per["psnr"]).all() and per["ssim"].between(-1, 1).all()
+    res = pd.read_csv(out / "results.csv")
+    assert list(res["name"]) == ["tiny_bn", "reference"]
+    for col in ("params", "macs", "predicted_ms", "measured_ms", "psnr_sigma15", "ssim_sigma25",
+                "psnr_sigma50"):
+        assert (res[col] > 0).all(), col
+    assert res.loc[0, "params"] < res.loc[1, "params"]  # a skipped block
+    # PSNR falls as the noise grows, for the trained model
+    assert res.loc[0, "psnr_sigma15"] > res.loc[0, "psnr_sigma25"] > res.loc[0, "psnr_sigma50"]
+    s = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(s["psnr"]) and s["psnr_sigma"] == "25" and s["baseline"]["name"] == \
+        "reference"
+    assert s["latency_ms"] == s["measured_ms"] > 0 and s["predicted_ms"] > 0
+    report = (out / "report.md").read_text()
+    assert "| tiny_bn |" in report and "reference (untrained)" in report
+    assert "BasicSR" in report and "MACs" in report and "onnxruntime" in report
+
+
+def test_folder_and_paired_data(tmp_path):
+    import skimage.io
+
+    from ernas.data import load_bundled
+
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "noisy").mkdir()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(("coffee", "chelsea")):
+        img = load_bundled(name, max_side=64)[:48, :48]
+        skimage.io.imsave(tmp_path / "clean" / f"im{i}.png", (img * 255).round().astype(np.uint8),
+                          check_contrast=False)
+        noisy = np.clip(img + rng.normal(0, 0.1, img.shape), 0, 1)
+        skimage.io.imsave(tmp_path / "noisy" / f"im{i}.png",
+                          (noisy * 255).round().astype(np.uint8), check_contrast=False)
+    items = eval_images("folder", [15, 50], clean_dir=tmp_path / "clean")
+    assert [(it["image"], it["sigma"]) for it in items] == [
+        ("im0", "15"), ("im1", "15"), ("im0", "50"), ("im1", "50")]
+    # the same noise draw at every sigma (seeded by image index), not clipped
+    z15 = (items[0]["noisy"] - items[0]["clean"]) / (15 / 255)
+    z50 = (items[2]["noisy"] - items[2]["clean"]) / (50 / 255)
+    assert torch.allclose(z15, z50, atol=1e-4) and items[2]["noisy"].min() < 0
+    arch = official_arch(**TINY, name="t")
+    s = evaluate([ModelEntry("t", arch)], tmp_path / "ev", data="paired",
+                 clean_dir=tmp_path / "clean", noisy_dir=tmp_path / "noisy", predict=False,
+                 measure=False, progress=False)
+    assert s["sigmas"] == ["real"] and math.isfinite(s["psnr"]) and s["latency_ms"] is None
+    assert "real noise" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_pareto_front_on_hand_made_runs(tmp_path):
+    #            name  latency  psnr
+    points = [("a", 1.0, 28.0), ("b", 2.0, 30.0), ("c", 2.5, 29.0), ("d", 3.0, 31.0),
+              ("e", 1.5, 27.0), ("f", 3.0, 30.5), ("g", 0.5, 25.0)]
+    arch = official_arch(**TINY)
+    dirs = []
+    for i, (name, lat, q) in enumerate(points):
+        d = tmp_path / name
+        d.mkdir()
+        arch.save(d / "arch.yaml")
+        # mix the summary flavours: evaluate (measured_ms, psnr), search (predicted, val)
+        summary = {"name": name, "measured_ms": lat, "psnr": q} if i % 2 == 0 else \
+            {"name": name, "predicted_latency_ms": lat, "best_val_psnr": q}
+        (d / "summary.json").write_text(json.dumps(summary))
+        dirs.append(d)
+    df = pareto(dirs, tmp_path / "plot" / "pareto.png")
+    assert set(df.loc[df["on_front"], "name"]) == {"g", "a", "b", "d"}
+    assert (tmp_path / "plot" / "pareto.png").stat().st_size > 1000
+    csv = pd.read_csv(tmp_path / "plot" / "pareto.csv")
+    assert list(csv["on_front"]) == list(df["on_front"])
+    assert set(csv["latency_field"]) == {"measured_ms", "predicted_latency_ms"}
+    # ties: equal points are both on the front; a point equal in latency but worse is not
+    assert list(pareto_front([1, 1, 1], [5, 5, 4])) == [True, True, False]
+    # the CLI's Pareto mode
+    r = _cli(tmp_path, f"runs=[{','.join(map(str, dirs))}]", f"hydra.run.dir={tmp_path / 'p'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert set(s["front"]) == {"g", "a", "b", "d"} and (tmp_path / "p" / "pareto.png").is_file()
+
+
+def test_cli_mismatched_checkpoint_is_a_user_error(tmp_path, trained):
+    r = _cli(tmp_path, "arch=nafnet_tiny", f"checkpoint={trained / 'best.pt'}",
+             f"hydra.run.dir={tmp_path / 'x'}", "measure_latency=false", "predict_latency=false")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "does not match" in r.stderr and "encoders.1.0" in r.stderr
