@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import sys
 import textwrap
+from pathlib import Path
 
 from ernas.errors import ErnasError
 
@@ -25,8 +26,6 @@ def user_errors(fn):
 
 def output_dir():
     """The Hydra run directory (created), or the current directory outside Hydra."""
-    from pathlib import Path
-
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -35,3 +34,48 @@ def output_dir():
         out = Path.cwd()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def resolve_arch(ref):
+    """An architecture from a YAML path, a name in ``search_spaces/archs/``, a search-run or
+    retrain-run directory (its ``arch.yaml``), or a space name/path (the space's own arch when
+    it has one value per decision, else its reference architecture, named ``reference``)."""
+    from ernas.paths import SEARCH_SPACES
+    from ernas.space import arch_of, load_space
+
+    if ref is None or str(ref) == "":
+        raise ErnasError("field 'arch' is empty; pass arch=<arch.yaml>, a shipped arch name "
+                         "(e.g. nafnet_sidd_w16) or a run directory holding arch.yaml.")
+    p = Path(str(ref))
+    if p.is_dir() and (p / "arch.yaml").is_file():
+        p = p / "arch.yaml"
+    elif not p.exists():
+        for cand in (SEARCH_SPACES / "archs" / f"{ref}.yaml", SEARCH_SPACES / f"{ref}.yaml"):
+            if cand.is_file():
+                p = cand
+                break
+        else:
+            names = sorted(f.stem for f in (SEARCH_SPACES / "archs").glob("*.yaml"))
+            spaces = sorted(f.stem for f in SEARCH_SPACES.glob("*.yaml"))
+            raise ErnasError(f"arch {ref!r} is neither a file nor a directory with arch.yaml nor a "
+                             f"shipped name; shipped archs: {', '.join(names)}; spaces (their "
+                             f"reference arch): {', '.join(spaces)}.")
+    space = load_space(p)
+    if space.is_arch:
+        return arch_of(space)
+    arch = space.reference()
+    arch.name, arch.source = "reference", str(p)
+    return arch
+
+
+def arch_for(ref, checkpoint=None, default: str = "nafnet_tiny"):
+    """``resolve_arch(ref)``; without ``ref``, the ``arch.yaml`` beside ``checkpoint`` (a file in
+    a run dir, or the run dir itself), else ``default``."""
+    if ref:
+        return resolve_arch(ref)
+    if checkpoint:
+        c = Path(str(checkpoint))
+        d = c if c.is_dir() else c.parent
+        if (d / "arch.yaml").is_file():
+            return resolve_arch(d)
+    return resolve_arch(default)

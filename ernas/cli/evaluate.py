@@ -6,20 +6,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ernas.cli.common import output_dir, user_errors
-from ernas.cli.retrain import arch_for, resolve_arch
+from ernas.cli.common import arch_for, output_dir, resolve_arch, user_errors
 from ernas.io import atomic_write_json
 from ernas.paths import EXPERIMENTS
 
 
 @user_errors
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, out=None) -> dict:
     from ernas.evaluate import ModelEntry, evaluate, pareto
 
     if cfg.threads:
         import torch
         torch.set_num_threads(int(cfg.threads))
-    out = output_dir()
+    out = out or output_dir()
     if cfg.runs:
         df = pareto([str(r) for r in cfg.runs], out / "pareto.png", cfg.pareto_table)
         summary = {"runs": df.to_dict(orient="records"),

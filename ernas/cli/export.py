@@ -6,13 +6,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ernas.cli.common import output_dir, user_errors
-from ernas.cli.retrain import arch_for
+from ernas.cli.common import arch_for, output_dir, user_errors
 from ernas.paths import EXPERIMENTS
 
 
 @user_errors
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, out=None) -> dict:
     import torch
 
     from ernas.data import bundled_images
@@ -23,7 +22,7 @@ def run(cfg: DictConfig) -> dict:
     from ernas.train import load_model, resolve_checkpoint
 
     torch.set_num_threads(int(cfg.threads))
-    out = output_dir()
+    out = out or output_dir()
     arch = arch_for(cfg.arch, cfg.checkpoint)
     model = load_model(arch, resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None)
     shape = [int(s) for s in cfg.input_shape]

@@ -18,13 +18,13 @@ from ernas.space import load_arch
 
 
 @user_errors
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, out=None) -> dict:
     space = find_space(cfg.space)
     lat = cfg.latency
     backend = make_backend(lat.backend)
     budget = MeasureBudget.from_mapping(lat.budget)
     shape = [int(s) for s in cfg.input_shape]
-    out = output_dir()
+    out = out or output_dir()
     if cfg.mode == "validate":
         from ernas.table_validation import validate_table
 

@@ -18,56 +18,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ernas import distributed as D
-from ernas.cli.common import output_dir, user_errors
+from ernas.cli.common import output_dir, resolve_arch, user_errors
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.paths import EXPERIMENTS
-from ernas.space import Arch
-
-
-def resolve_arch(ref) -> Arch:
-    """An architecture from a YAML path, a name in ``search_spaces/archs/``, a search-run or
-    retrain-run directory (its ``arch.yaml``), or a space name/path (the space's own arch when
-    it has one value per decision, else its reference architecture, named ``reference``)."""
-    from ernas.paths import SEARCH_SPACES
-    from ernas.space import arch_of, load_space
-
-    if ref is None or str(ref) == "":
-        raise ErnasError("field 'arch' is empty; pass arch=<arch.yaml>, a shipped arch name "
-                         "(e.g. nafnet_sidd_w16) or a run directory holding arch.yaml.")
-    p = Path(str(ref))
-    if p.is_dir() and (p / "arch.yaml").is_file():
-        p = p / "arch.yaml"
-    elif not p.exists():
-        for cand in (SEARCH_SPACES / "archs" / f"{ref}.yaml", SEARCH_SPACES / f"{ref}.yaml"):
-            if cand.is_file():
-                p = cand
-                break
-        else:
-            names = sorted(f.stem for f in (SEARCH_SPACES / "archs").glob("*.yaml"))
-            spaces = sorted(f.stem for f in SEARCH_SPACES.glob("*.yaml"))
-            raise ErnasError(f"arch {ref!r} is neither a file nor a directory with arch.yaml nor a "
-                             f"shipped name; shipped archs: {', '.join(names)}; spaces (their "
-                             f"reference arch): {', '.join(spaces)}.")
-    space = load_space(p)
-    if space.is_arch:
-        return arch_of(space)
-    arch = space.reference()
-    arch.name, arch.source = "reference", str(p)
-    return arch
-
-
-def arch_for(ref, checkpoint=None, default: str = "nafnet_tiny") -> Arch:
-    """``resolve_arch(ref)``; without ``ref``, the ``arch.yaml`` beside ``checkpoint`` (a file in
-    a run dir, or the run dir itself), else ``default``."""
-    if ref:
-        return resolve_arch(ref)
-    if checkpoint:
-        c = Path(str(checkpoint))
-        d = c if c.is_dir() else c.parent
-        if (d / "arch.yaml").is_file():
-            return resolve_arch(d)
-    return resolve_arch(default)
 
 
 def _train_config(cfg: DictConfig):
@@ -79,14 +33,14 @@ def _train_config(cfg: DictConfig):
 
 
 @user_errors
-def run(cfg: DictConfig) -> dict | None:
+def run(cfg: DictConfig, out: Path | None = None) -> dict | None:
     from ernas.train import DistillConfig, resume, retrain
 
     if cfg.threads:
         import torch
         torch.set_num_threads(int(cfg.threads))
     info = D.setup(cfg.device)
-    out = output_dir() if info.rank == 0 else None
+    out = (out or output_dir()) if info.rank == 0 else None
     out = Path(D.broadcast_object(str(out) if out else None))
     if cfg.resume:
         free = {k: cfg[k] for k in ("num_workers", "log_every", "device")}

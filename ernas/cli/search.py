@@ -37,17 +37,17 @@ def search_data(d: DictConfig, seed: int):
 
 
 @user_errors
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, out: Path | None = None) -> dict:
     """Search; under ``torchrun`` each rank draws its own batches, weight and α gradients are
     averaged over ranks (so α, and the derived arch, are identical) and rank 0 writes files."""
     info = D.setup(cfg.search.device)
     try:
-        return _run(cfg, info)
+        return _run(cfg, info, out)
     finally:
         D.cleanup()
 
 
-def _run(cfg: DictConfig, info) -> dict:
+def _run(cfg: DictConfig, info, out: Path | None) -> dict:
     space = find_space(cfg.space)
     if space.is_arch:
         raise ErnasError(f"space {space.source} has nothing to search (every decision has one "
@@ -63,7 +63,7 @@ def _run(cfg: DictConfig, info) -> dict:
     data_seed = cfg.seed + 1000 * info.rank
     train, val = search_data(cfg.data, data_seed)
     scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
-    out = Path(cfg.resume) if cfg.resume else output_dir()
+    out = Path(cfg.resume) if cfg.resume else (out or output_dir())
     if cfg.resume and not (out / "checkpoint.pt").is_file():
         raise ErnasError(f"resume={cfg.resume}: no checkpoint.pt there; give the directory of "
                          f"an earlier ernas-search run.")
