@@ -255,7 +255,8 @@ def evaluate(entries: list[ModelEntry], out_dir, sigmas=(15, 25, 50), data: str 
 
 # =========================================================================== Pareto
 LATENCY_FIELDS = ("measured_ms", "latency_ms", "predicted_ms", "predicted_latency_ms")
-PSNR_FIELDS = ("psnr", "test_psnr", "best_val_psnr", "final_val_psnr", "supernet_val_psnr")
+PSNR_FIELDS = ("psnr", "test_psnr", "best_val_psnr", "final_val_psnr", "inherited_val_psnr",
+               "supernet_val_psnr")
 
 
 def pareto_front(latency, quality_) -> np.ndarray:
@@ -308,7 +309,7 @@ def pareto(run_dirs, out_png, table=None) -> pd.DataFrame:
                              f"summary (looked for "
                              f"{', '.join(LATENCY_FIELDS if lat is None else PSNR_FIELDS)}); "
                              f"evaluate the run first (ernas-evaluate) or pass a latency table.")
-        rows.append({"run": str(d), "name": summary.get("name") or arch.name, "latency_ms": lat,
+        rows.append({"run": str(d), "name": summary.get("name") or d.name, "latency_ms": lat,
                      "psnr": q, "latency_field": lf, "psnr_field": pf,
                      "params": summary.get("params"), "macs": summary.get("macs")})
     if not rows:

@@ -13,6 +13,7 @@ point and resumed gives the same α as an uninterrupted run (on CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -260,6 +261,19 @@ class _Run:
                                       "probability"]).to_csv(index=False))
 
 
+@contextlib.contextmanager
+def _frozen(params):
+    """Weights without ``requires_grad`` for the α step (autograd then saves only what α needs)."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _fail(step: int, phase: str, parts: dict, ckpt: Path) -> ErnasError:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
     kept = (f"the last good checkpoint {ckpt} was kept" if ckpt.is_file()
@@ -316,16 +330,18 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
             # 2. architecture on a validation batch
             if step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.alpha_every == 0:
                 vn, vc = (t.to(dev) for t in val_batch(step))
-                probs = net.probs()
-                with autocast:
-                    vpred = net(vn, probs)
-                total, parts = run.objective(vpred.float(), vc, run.expected(probs),
-                                             normalized_entropy(net.probs(sample=False)), step)
-                if not math.isfinite(D.all_reduce_mean(parts["total"])):
-                    run.write_logs()
-                    raise _fail(step, "architecture", parts, run.ckpt)
                 alphas = net.arch_parameters()
-                grads = torch.autograd.grad(total, alphas, allow_unused=True)
+                with _frozen(net.weight_parameters()):  # keep no tensors for weight gradients
+                    probs = net.probs()
+                    with autocast:
+                        vpred = net(vn, probs)
+                    total, parts = run.objective(vpred.float(), vc, run.expected(probs),
+                                                 normalized_entropy(net.probs(sample=False)),
+                                                 step)
+                    if not math.isfinite(D.all_reduce_mean(parts["total"])):
+                        run.write_logs()
+                        raise _fail(step, "architecture", parts, run.ckpt)
+                    grads = torch.autograd.grad(total, alphas, allow_unused=True)
                 for a, g in zip(alphas, grads):
                     a.grad = torch.zeros_like(a) if g is None else g
                 D.average_gradients(alphas)  # identical α steps on every rank
@@ -362,7 +378,8 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
 
 
 @torch.no_grad()
-def _val_psnr(net: SuperNet, val_batch: Batch, n: int, device) -> float:
+def _val_psnr(net: torch.nn.Module, val_batch: Batch, n: int, device) -> float:
+    """Mean PSNR of ``net`` (supernet or extracted network) on the first ``n`` val batches."""
     from ernas.metrics import psnr
 
     net.eval()
@@ -398,6 +415,8 @@ def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
         "macs": count_macs(inherited, shape), "baseline_macs": count_macs(base_model, shape),
         "input_shape": list(shape),
         "supernet_val_psnr": _val_psnr(net, val_batch, run.cfg.eval_batches, run.device),
+        "inherited_val_psnr": _val_psnr(inherited.to(run.device), val_batch,
+                                        run.cfg.eval_batches, run.device),
         "decisiveness": net.decisiveness(), "entropy": net.entropy(),
         "search_seconds": run.elapsed, "steps": run.step, "mode": run.cfg.mode,
         "world_size": D.world_size(), "ranks_agree": all(a == per_rank[0] for a in per_rank),
@@ -405,6 +424,7 @@ def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
                                                  default=str).encode()).hexdigest()[:16],
         "space": space.name, "config": run.cfg.to_dict(),
     }
+    summary["discretisation_gap_db"] = summary["supernet_val_psnr"] - summary["inherited_val_psnr"]
     if summary["baseline_latency_ms"]:
         summary["speedup"] = summary["baseline_latency_ms"] / summary["predicted_latency_ms"]
     if D.is_main():
