@@ -63,12 +63,15 @@ def main() -> None:
                       "keys": len(keys), "profile_seconds": round(profile_s, 1),
                       "validate_seconds": round(validate_s, 1), "table": str(path),
                       "validation_dir": str(out / "validation")}, indent=1))
-    for label, m in (("plain key sums", s["plain_sum"]), ("corrected (leave-one-out)", s)):
+    for label, m in (("plain key sums", s["plain_sum"]),
+                     ("corrected (leave-one-out)", s["corrected_loo"])):
         print(f"{label:>26}: MAPE {100 * m['mape']:5.2f}%  within ±5% {100 * m['within_5pct']:5.1f}%"
               f"  within ±10% {100 * m['within_10pct']:5.1f}%  Spearman {m['spearman']:.3f}"
               f"  Kendall {m['kendall']:.3f}  (n={m['n']})")
-    print(f"correction: measured ≈ {s['correction']['scale']:.4f}·sum + "
-          f"{s['correction']['offset_ms']:.3f} ms")
+    print(f"repeatability (median spread of one network over {s['rounds']} interleaved passes): "
+          f"{100 * s['repeatability']:.1f}%")
+    print(f"model stored with the table: {s['model']}; measured ≈ "
+          f"{s['correction']['scale']:.4f}·sum + {s['correction']['offset_ms']:.3f} ms")
     if args.ship:
         dest = LATENCY_TABLES / path.name
         shutil.copy(path, dest)

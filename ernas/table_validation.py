@@ -60,30 +60,50 @@ def validation_archs(space: SearchSpace, n: int, seed: int):
 def validate_table(space: SearchSpace, table: LatencyTable, backend: Backend, out_dir: str | Path,
                    n: int = 30, seed: int = 0, budget: MeasureBudget | None = None,
                    table_path: str | Path | None = None, store_correction: bool = True,
-                   progress: bool = True) -> dict:
-    """Measure sampled networks end to end; write validation.csv, validation.png, summary.json."""
+                   progress: bool = True, rounds: int = 3) -> dict:
+    """Measure sampled networks end to end; write validation.csv, validation.png, summary.json.
+
+    Each network is measured in ``rounds`` interleaved passes (alternating order) and its
+    latency is the median of the passes, so slow drift of the machine hits all networks alike;
+    ``repeatability`` reports the median relative spread (max − min)/median of one network's
+    passes — the noise floor against which the prediction errors should be read."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = tuple(table.metadata["input_shape"])
     gran = table.metadata.get("granularity", "block")
+    torch.manual_seed(0)
+    nets = [(name, arch, build_model(arch).eval().fuse())
+            for name, arch in validation_archs(space, n, seed)]
+    x = torch.randn(shape)
+    passes: dict[str, list[float]] = {name: [] for name, _, _ in nets}
+    bar = tqdm(total=rounds * len(nets), desc="validating", disable=not progress)
+    for r in range(rounds):
+        for name, _, model in (nets if r % 2 == 0 else nets[::-1]):
+            passes[name].append(float(np.median(backend.measure(model, x, budget))))
+            bar.update(1)
+    bar.close()
     rows = []
-    for name, arch in tqdm(validation_archs(space, n, seed), desc="validating", disable=not progress):
-        torch.manual_seed(0)
-        model = build_model(arch).eval().fuse()
-        samples = backend.measure(model, torch.randn(shape), budget)
-        raw = float(table.lookup(arch.op_keys(shape, gran)).sum())
-        rows.append({"arch": name, "sum_ms": raw, "measured_ms": float(np.median(samples)),
-                     "p10_ms": float(np.percentile(samples, 10)),
-                     "p90_ms": float(np.percentile(samples, 90))})
+    for name, arch, _ in nets:
+        p = np.array(passes[name])
+        rows.append({"arch": name, "sum_ms": float(table.lookup(arch.op_keys(shape, gran)).sum()),
+                     "measured_ms": float(np.median(p)), "min_pass_ms": float(p.min()),
+                     "max_pass_ms": float(p.max()),
+                     "pass_spread": float((p.max() - p.min()) / np.median(p))})
     df = pd.DataFrame(rows)
     raw, meas = df["sum_ms"].to_numpy(), df["measured_ms"].to_numpy()
-    df["predicted_ms"] = loo_predictions(raw, meas)
-    df["rel_error"] = (df["predicted_ms"] - meas) / meas
-    a, b = fit_correction(raw, meas)
-    summary = {**accuracy(df["predicted_ms"].to_numpy(), meas),
-               "model": "linear correction of per-key sums, leave-one-out",
-               "plain_sum": accuracy(raw, meas),
-               "correction": {"scale": a, "offset_ms": b, "fitted_on": len(df)},
+    loo = loo_predictions(raw, meas)
+    plain, corrected = accuracy(raw, meas), accuracy(loo, meas)
+    use = corrected["mape"] < plain["mape"]  # keep the correction only if it helps out of sample
+    a, b = fit_correction(raw, meas) if use else (1.0, 0.0)
+    df["predicted_ms"] = a * raw + b
+    df["loo_corrected_ms"] = loo
+    df["rel_error"] = ((loo if use else raw) - meas) / meas
+    summary = {**(corrected if use else plain),
+               "model": "linear correction of per-key sums (leave-one-out)" if use else
+                        "plain per-key sums (the correction did not help under leave-one-out)",
+               "plain_sum": plain, "corrected_loo": corrected, "rounds": rounds,
+               "repeatability": float(df["pass_spread"].median()),
+               "correction": {"scale": a, "offset_ms": b, "fitted_on": len(df), "used": use},
                "space": space.name, "granularity": gran, "input_shape": list(shape),
                "backend": backend.metadata().get("backend"), "device": backend.metadata().get("device"),
                "table": str(table_path) if table_path else None}
@@ -108,7 +128,7 @@ def _plot(df: pd.DataFrame, path: Path, s: dict) -> None:
     ax.plot(x, x, "k-", lw=1, label="predicted = measured")
     ax.fill_between(x, 0.9 * x, 1.1 * x, color="tab:green", alpha=0.15, label="±10%")
     ax.scatter(df["measured_ms"], df["sum_ms"], s=14, c="tab:gray", label="plain sum of keys")
-    ax.scatter(df["measured_ms"], df["predicted_ms"], s=16, c="tab:blue",
+    ax.scatter(df["measured_ms"], df["loo_corrected_ms"], s=16, c="tab:blue",
                label="corrected (leave-one-out)")
     ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", xlim=(lo, hi),
            ylim=(lo, hi), title=f"{s['space']} · {s['backend']} · {s['granularity']} keys\n"

@@ -31,7 +31,8 @@ def run(cfg: DictConfig, out=None) -> dict:
         table, path = resolve_table(space, shape, backend, lat.granularity,
                                     cfg.output or lat.table, lat.cache_dir, budget, cfg.progress)
         s = validate_table(space, table, backend, out, cfg.validate.n, cfg.validate.seed, budget,
-                           path, cfg.validate.store_correction, cfg.progress)
+                           path, cfg.validate.store_correction, cfg.progress,
+                           cfg.validate.rounds)
         print(f"validated {path} on {s['n']} networks: MAPE {100 * s['mape']:.2f}%, within ±10% "
               f"{100 * s['within_10pct']:.0f}%, Spearman {s['spearman']:.3f} (plain sums: MAPE "
               f"{100 * s['plain_sum']['mape']:.2f}%); wrote {out}/validation.csv, validation.png")

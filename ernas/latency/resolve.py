@@ -34,8 +34,10 @@ def default_table_path(space: SearchSpace, backend: Backend, input_shape, granul
                        folder: Path | None = None) -> Path:
     device = re.sub(r"[^A-Za-z0-9]+", "-", str(backend.metadata().get("device", "device"))).strip("-")
     shape = "x".join(str(int(s)) for s in input_shape)
+    threads = backend.metadata().get("threads")
+    suffix = f"_t{threads}" if threads else ""
     return (folder or CACHE / "latency_tables") / \
-        f"{space.name}_{backend.name}_{device[:40]}_{shape}_{granularity}.csv"
+        f"{space.name}_{backend.name}_{device[:40]}_{shape}_{granularity}{suffix}.csv"
 
 
 def _usable(path: Path, required: dict, keys: list[str]) -> LatencyTable | None:
