@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -35,15 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def find_space(ref):
-    """A shipped space by name or a space YAML by path (``ernas.space.find_space``; older
-    checkouts had it as ``ernas.cli.common.resolve_space``)."""
-    try:
-        from ernas.space import find_space as find
-    except ImportError:
-        from ernas.cli.common import resolve_space as find
-    return find(ref)
+from ernas.cli.search import prepare
+from ernas.latency.backends import machine_description
 
 
 
@@ -55,32 +46,6 @@ def compose(overrides):
 
     with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
         return hcompose(config_name="search", overrides=list(overrides))
-
-
-def setup(cfg):
-    """What ``ernas.cli.search.run`` builds before calling ``run_search``."""
-    from omegaconf import OmegaConf
-
-    from ernas.cli.search import search_data
-    from ernas.latency.backends import MeasureBudget, make_backend
-    from ernas.latency.predict import ExpectedLatency
-    from ernas.latency.resolve import profile_command, resolve_table
-    from ernas.search import SearchConfig, step_batches
-
-    space = find_space(cfg.space)
-    lat = cfg.latency
-    shape = [int(s) for s in cfg.input_shape]
-    backend = make_backend(lat.backend)
-    table, table_path = resolve_table(space, shape, backend, lat.granularity, lat.table,
-                                      lat.cache_dir, MeasureBudget.from_mapping(lat.budget),
-                                      cfg.progress)
-    expected = ExpectedLatency(space, table, shape, lat.granularity,
-                               profile_command(space, shape, backend, lat.granularity))
-    train, val = search_data(cfg.data, cfg.seed)
-    scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
-    return dict(space=space, shape=shape, table=table, table_path=table_path, expected=expected,
-                scfg=scfg, train_batch=step_batches(train, scfg.batch_size, cfg.seed),
-                val_batch=step_batches(val, scfg.batch_size, cfg.seed + 1))
 
 
 @torch.no_grad()
@@ -136,16 +101,6 @@ def evaluate_run(run_dir: Path, s: dict, eval_n: int):
     return res
 
 
-def machine() -> str:
-    name = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
-
-
 def short(v: dict) -> str:
     if not v.get("keep", True):
         return "skip"
@@ -183,7 +138,7 @@ def main() -> None:
         raise SystemExit("the 'on' arm(s) need entropy_max > 0")
     arms = [(f"H={h:g}", h) for h in ons] + [("H off", 0.0)]
     on = ",".join(f"{h:g}" for h in ons)
-    print(f"entropy ablation on the ernas-search default; machine: {machine()}; torch "
+    print(f"entropy ablation on the ernas-search default; machine: {machine_description()}; torch "
           f"{torch.__version__}")
     print(f"output: {out}")
     t_all = time.perf_counter()
@@ -193,7 +148,7 @@ def main() -> None:
     for seed in [int(x) for x in args.seeds.split(",")]:
         for arm, h in arms:
             cfg = compose(base + [f"seed={seed}", f"search.entropy_max={h}"])
-            s = setup(cfg)
+            s = prepare(cfg)
             if not results:
                 sc = s["scfg"]
                 print(f"settings: space {cfg.space}, data {cfg.data.source} "

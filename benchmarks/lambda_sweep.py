@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,15 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def machine() -> str:
-    name = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name}, {os.cpu_count()} logical cores"
+from ernas.latency.backends import machine_description
 
 
 def derived_psnr(run_dir: Path, overrides: list[str]) -> float:
@@ -81,7 +71,7 @@ def main() -> None:
     common = ["experiment=lambda_sweep", "search.device=cpu", "progress=false", *args.override]
     cmd = [sys.executable, "-m", "ernas.cli.search", "-m", *common, f"search.lam={args.lams}",
            f"hydra.sweep.dir={sweep}"]
-    print(f"λ sweep through ernas-search; machine: {machine()}, torch {torch.__version__} "
+    print(f"λ sweep through ernas-search; machine: {machine_description()}, torch {torch.__version__} "
           f"(threads: the CLI's default, {torch.get_num_threads()})")
     print("command: " + " ".join(cmd))
     t0 = time.perf_counter()

@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,17 +50,10 @@ from pathlib import Path
 
 import torch
 
+from ernas.latency.backends import machine_description
+from ernas.space import find_space
+
 VARIANTS = ("discrete", "shared", "darts")
-
-
-def find_space(ref):
-    """A shipped space by name or a space YAML by path (``ernas.space.find_space``; older
-    checkouts had it as ``ernas.cli.common.resolve_space``)."""
-    try:
-        from ernas.space import find_space as find
-    except ImportError:
-        from ernas.cli.common import resolve_space as find
-    return find(ref)
 
 
 
@@ -322,22 +313,6 @@ def run_timing(args, variants) -> dict:
     return {"times": times, "params": params}
 
 
-def machine() -> str:
-    name = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    s = f"CPU {name}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
-    if torch.cuda.is_available():
-        s += f"; GPU {torch.cuda.get_device_name(0)}"
-    return s + f"; torch {torch.__version__}"
-
-
 def mib(b):
     return b / 2**20
 
@@ -444,7 +419,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="ernas_step_cost_"))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"search step cost vs the largest discrete NAFNet; machine: {machine()}")
+    print(f"search step cost vs the largest discrete NAFNet; machine: {machine_description()}")
     shown = {k: v for k, v in vars(args).items()
              if not k.startswith("_") and k not in ("variant", "space")}
     print(f"settings: {json.dumps(shown)}")

@@ -19,14 +19,6 @@ LATENCY = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", "latency.budg
            "latency.budget.time_cap_s=0.2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A retrain run directory (arch.yaml + best.pt) of a tiny arch with a BatchNorm block."""

@@ -19,14 +19,6 @@ BUDGET = MeasureBudget(warmup=1, min_repeats=3, max_repeats=10, time_cap_s=0.3)
 SHAPE = (1, 3, 64, 64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A briefly trained tiny arch with BatchNorm blocks, a skipped block and kernel 5."""

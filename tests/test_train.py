@@ -19,15 +19,6 @@ CLI_FAST = ["steps=8", "batch_size=2", "crop=32", "val_every=4", "log_every=2", 
             "max_side=256", "threads=1", "progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast and immune to other processes on a 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _cli(tmp_path, run, *args):
     r = subprocess.run([sys.executable, "-m", "ernas.cli.retrain", *CLI_FAST,
                         f"hydra.run.dir={tmp_path / run}", *args],

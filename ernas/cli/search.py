@@ -47,7 +47,10 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
         D.cleanup()
 
 
-def _run(cfg: DictConfig, info, out: Path | None) -> dict:
+def prepare(cfg: DictConfig, rank: int = 0) -> dict:
+    """Everything ``run_search`` needs from a search config: the space, the latency table and
+    its differentiable expectation, the search config, and per-step batch functions (keyed by
+    seed and rank)."""
     space = find_space(cfg.space)
     if space.is_arch:
         raise ErnasError(f"space {space.source} has nothing to search (every decision has one "
@@ -60,19 +63,27 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
                                       cfg.progress)
     expected = ExpectedLatency(space, table, shape, lat.granularity,
                                profile_command(space, shape, backend, lat.granularity))
-    data_seed = cfg.seed + 1000 * info.rank
+    data_seed = cfg.seed + 1000 * rank
     train, val = search_data(cfg.data, data_seed)
     scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
+    return dict(space=space, shape=shape, table=table, table_path=table_path,
+                expected=expected, scfg=scfg,
+                train_batch=step_batches(train, scfg.batch_size, data_seed),
+                val_batch=step_batches(val, scfg.batch_size, data_seed + 1))
+
+
+def _run(cfg: DictConfig, info, out: Path | None) -> dict:
+    p = prepare(cfg, info.rank)
+    space, shape, table, scfg = p["space"], p["shape"], p["table"], p["scfg"]
     out = Path(cfg.resume) if cfg.resume else (out or output_dir())
     if cfg.resume and not (out / "checkpoint.pt").is_file():
         raise ErnasError(f"resume={cfg.resume}: no checkpoint.pt there; give the directory of "
                          f"an earlier ernas-search run.")
     if info.enabled:
         scfg.device = info.device
-    s = run_search(space, expected, step_batches(train, scfg.batch_size, data_seed),
-                   step_batches(val, scfg.batch_size, data_seed + 1), scfg, out,
+    s = run_search(space, p["expected"], p["train_batch"], p["val_batch"], scfg, out,
                    resume=bool(cfg.resume), progress=cfg.progress, input_shape=shape)
-    s["latency_table"] = str(table_path)
+    s["latency_table"] = str(p["table_path"])
     if info.enabled:
         print(f"rank {info.rank}/{info.world_size}: derived architecture {s['arch_digest']}",
               flush=True)

@@ -121,6 +121,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+def machine_description() -> str:
+    """One line for benchmark reports: CPU model, logical cores and torch's thread count."""
+    return f"CPU {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+
+
 def library_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"torch": torch.__version__, "numpy": np.__version__}
     for name in ("onnxruntime", "onnx"):
