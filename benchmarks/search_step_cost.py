@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from ernas.latency.backends import machine_description
+from ernas.search.loop import frozen
 from ernas.space import find_space
 
 VARIANTS = ("discrete", "shared", "darts")
@@ -142,15 +143,16 @@ class Variant:
         # == run_search, step 2 (architecture on a validation batch)
         net = self.net
         vn, vc = self.val_b
-        probs = net.probs()
-        with self.autocast:
-            vpred = net(vn, probs)
-        total, parts = self.objective(vpred.float(), vc, self.expected(probs),
-                                      normalized_entropy(net.probs(sample=False)), step)
-        if not math.isfinite(parts["total"]):
-            raise RuntimeError("objective not finite")
         alphas = net.arch_parameters()
-        grads = torch.autograd.grad(total, alphas, allow_unused=True)
+        with frozen(net.weight_parameters()):
+            probs = net.probs()
+            with self.autocast:
+                vpred = net(vn, probs)
+            total, parts = self.objective(vpred.float(), vc, self.expected(probs),
+                                          normalized_entropy(net.probs(sample=False)), step)
+            if not math.isfinite(parts["total"]):
+                raise RuntimeError("objective not finite")
+            grads = torch.autograd.grad(total, alphas, allow_unused=True)
         for a, g in zip(alphas, grads):
             a.grad = torch.zeros_like(a) if g is None else g
         self.opt_a.step()
@@ -204,7 +206,8 @@ class Variant:
             probs = self.net.probs()
         with self.autocast:
             w = measure(lambda: self.net(noisy, probs))
-            a = measure(lambda: self.net(self.val_b[0], self.net.probs()))
+            with frozen(self.net.weight_parameters()):
+                a = measure(lambda: self.net(self.val_b[0], self.net.probs()))
         return w, a
 
 

@@ -262,7 +262,7 @@ class _Run:
 
 
 @contextlib.contextmanager
-def _frozen(params):
+def frozen(params):
     """Weights without ``requires_grad`` for the α step (autograd then saves only what α needs)."""
     params = [p for p in params if p.requires_grad]
     for p in params:
@@ -331,7 +331,7 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
             if step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.alpha_every == 0:
                 vn, vc = (t.to(dev) for t in val_batch(step))
                 alphas = net.arch_parameters()
-                with _frozen(net.weight_parameters()):  # keep no tensors for weight gradients
+                with frozen(net.weight_parameters()):  # keep no tensors for weight gradients
                     probs = net.probs()
                     with autocast:
                         vpred = net(vn, probs)
