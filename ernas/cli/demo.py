@@ -31,7 +31,7 @@ def _table(ev: dict, ex: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     d, b = rows[0], rows[-1]
     lines.append(f"\nderived vs baseline: {b['measured_ms'] / d['measured_ms']:.2f}x lower measured "
-                 f"latency, {100 * (1 - d['params'] / b['params']):+.1f}% fewer parameters, PSNR "
+                 f"latency, parameters {100 * (d['params'] / b['params'] - 1):+.1f}%, PSNR "
                  f"σ25 {d['psnr_sigma25'] - b['psnr_sigma25']:+.2f} dB")
     lines.append(f"export: max |onnxruntime − torch| {ex['max_abs_diff']:.2e}"
                  + (f"; int8 PSNR {ex['psnr_int8']:.2f} dB ({ex['psnr_delta']:+.2f} vs fp32), "
