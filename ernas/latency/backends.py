@@ -11,6 +11,8 @@ All of them share one stopping rule, ``run_with_budget`` (see ``MeasureBudget``)
 """
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import inspect
 import os
@@ -160,7 +162,7 @@ def _check_dtype(dtype: str) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- base
-class Backend:
+class Backend(abc.ABC):
     """Base class: ``measure`` returns per-run latencies in ms; ``metadata`` describes the setup.
 
     ``measure`` may move/cast ``module`` in place (callers pass a freshly built module).
@@ -169,9 +171,10 @@ class Backend:
     name: str = ""
     dtype: str = "float32"
 
+    @abc.abstractmethod
     def measure(self, module: nn.Module, example_input: torch.Tensor,
                 budget: MeasureBudget | None = None) -> np.ndarray:
-        raise NotImplementedError
+        """Per-run latencies (ms) of ``module`` on ``example_input`` after warm-up."""
 
     def metadata(self) -> dict:
         return {
