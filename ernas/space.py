@@ -24,51 +24,12 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
 from ernas.errors import ErnasError
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """What a model family declares about its decisions and geometry.
-
-    ``decisions`` lists each decision's allowed values, ordered from cheapest to costliest (so the
-    smallest architecture takes the first candidate of every decision and the largest the last).
-    ``reference`` is the family's reference block (official NAFNet for ``nafnet``).
-    """
-
-    name: str
-    decisions: Mapping[str, tuple]
-    reference: Mapping[str, Any]
-    geometry_defaults: Mapping[str, Any]
-    validate_geometry: Callable[[dict, str], None]
-    positions: Callable[[dict], list[str]]
-    inactive: Callable[[dict], bool] = lambda choice: False
-    build: Callable | None = None  # Arch -> nn.Module
-    fixed_op_keys: Callable | None = None  # (geometry, input_shape, granularity) -> [key]
-    block_op_keys: Callable | None = None  # (geometry, position, choice, input_shape, granularity) -> [key]
-
-
-_FAMILIES: dict[str, FamilySpec] = {}
-
-
-def register_family(spec: FamilySpec) -> FamilySpec:
-    _FAMILIES[spec.name] = spec
-    return spec
-
-
-def family_spec(name: str, where: str = "<space>") -> FamilySpec:
-    import ernas.families  # noqa: F401  (registers the built-in families)
-
-    if name not in _FAMILIES:
-        raise ErnasError(
-            f"{where}: field 'family' is {name!r}, which is not a known model family; "
-            f"use one of {', '.join(sorted(_FAMILIES))}."
-        )
-    return _FAMILIES[name]
+from ernas.family import Family, get_family
 
 
 def _same(value, allowed) -> bool:
@@ -92,8 +53,9 @@ class SearchSpace:
     blocks: dict = field(default_factory=dict, repr=False)  # the file's `blocks` section
 
     @property
-    def spec(self) -> FamilySpec:
-        return family_spec(self.family, self.source)
+    def spec(self) -> Family:
+        """The family object (decisions, blocks, op keys) of this space."""
+        return get_family(self.family, self.source)
 
     @property
     def positions(self) -> list[str]:
@@ -160,13 +122,26 @@ class SearchSpace:
         return {"family": self.family, "name": self.name, "geometry": dict(self.geometry),
                 "blocks": self.blocks}
 
+    def order(self, decision: str) -> tuple:
+        """The family's values of ``decision``, cheapest first."""
+        return tuple(self.spec.decisions[decision])
+
+    def fixed_keys(self, input_shape, granularity: str = "block") -> list[str]:
+        """Op keys of everything outside the block positions (stem, down/up-sampling, head)."""
+        return list(self.spec.fixed_keys(self.geometry, tuple(input_shape), granularity))
+
+    def position_keys(self, position: str, choice: dict, input_shape,
+                      granularity: str = "block") -> list[str]:
+        """Op keys the block at ``position`` runs with ``choice`` (empty when it is skipped)."""
+        return list(self.spec.position_keys(self.geometry, position, choice, tuple(input_shape),
+                                            granularity))
+
     def op_keys(self, input_shape, granularity: str = "block") -> list[str]:
         """Every unique op key reachable in the space, in first-seen order."""
-        spec = self.spec
-        keys = list(spec.fixed_op_keys(self.geometry, tuple(input_shape), granularity))
+        keys = self.fixed_keys(input_shape, granularity)
         for p in self.positions:
             for combo in self.combos(p):
-                keys += spec.block_op_keys(self.geometry, p, combo, tuple(input_shape), granularity)
+                keys += self.position_keys(p, combo, input_shape, granularity)
         return list(dict.fromkeys(keys))
 
 
@@ -181,8 +156,8 @@ class Arch:
     source: str = "<memory>"
 
     @property
-    def spec(self) -> FamilySpec:
-        return family_spec(self.family, self.source)
+    def spec(self) -> Family:
+        return get_family(self.family, self.source)
 
     @property
     def positions(self) -> list[str]:
@@ -211,10 +186,10 @@ class Arch:
 
     def op_keys(self, input_shape, granularity: str = "block") -> list[str]:
         """The op keys this network runs, in execution-independent order, with repeats."""
-        spec = self.spec
-        keys = list(spec.fixed_op_keys(self.geometry, tuple(input_shape), granularity))
+        space = self.as_space()
+        keys = space.fixed_keys(input_shape, granularity)
         for p, choice in self.values.items():
-            keys += spec.block_op_keys(self.geometry, p, choice, tuple(input_shape), granularity)
+            keys += space.position_keys(p, choice, input_shape, granularity)
         return keys
 
     def save(self, path: str | Path) -> None:
@@ -246,7 +221,7 @@ def space_from_dict(data: dict, source: str = "<memory>", name: str | None = Non
     if unknown:
         raise ErnasError(f"{source}: unknown top-level field(s) {sorted(unknown)}; the allowed "
                          f"fields are family, name, description, geometry, blocks.")
-    spec = family_spec(data.get("family", "nafnet"), source)
+    spec = get_family(data.get("family", "nafnet"), source)
     geometry = dict(spec.geometry_defaults)
     given = data.get("geometry") or {}
     if not isinstance(given, dict):

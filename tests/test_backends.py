@@ -1,4 +1,5 @@
-"""Latency backends: real onnxruntime / torch / command timing on a tiny 1x1 conv."""
+"""Latency backends and the measurement primitive: real onnxruntime / torch / command timing on a
+tiny 1x1 conv, session options (spinning), runners, interleaved rounds and statistics."""
 import os
 import shlex
 import sys
@@ -11,6 +12,8 @@ import torch
 from ernas.errors import ErnasError
 from ernas.latency.backends import (
     CommandBackend, MeasureBudget, OnnxRuntimeBackend, TorchBackend, make_backend, run_with_budget)
+from ernas.latency.measure import MeasureProtocol, measure_interleaved, statistic, summarize
+from ernas.latency.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)
@@ -60,6 +63,86 @@ def test_onnxruntime_backend():
     assert meta["provider"] == "CPUExecutionProvider" and meta["graph_optimization"] == "basic"
     assert {"torch", "onnxruntime", "onnx", "numpy"} <= set(meta["versions"])
     assert meta["device"] and meta["hostname"] and meta["python"] and meta["dtype"] == "float32"
+    assert meta["spinning"] is False and meta["execution_mode"] == "sequential"
+    fp = meta["fingerprint"]
+    assert fp["runtime"] == {"runtime": "onnxruntime", "version": meta["versions"]["onnxruntime"],
+                             "provider": "CPUExecutionProvider", "graph_optimization": "basic",
+                             "opset": 17, "execution_mode": "sequential", "threads": 1,
+                             "spinning": False}
+    assert fp["hardware"]["cpu_model"] == meta["device"] and len(fp["digest"]) == 12
+    assert fp == b.fingerprint() and b.session_options() == fp["runtime"]
+    assert OnnxRuntimeBackend(threads=1, spinning=True).fingerprint()["digest"] != fp["digest"]
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnxruntime_spinning_is_a_session_option(tmp_path, spinning):
+    path = export_onnx(*tiny(), tmp_path / "m.onnx")
+    b = OnnxRuntimeBackend(threads=2, spinning=spinning)
+    opts = b.session(path).get_session_options()
+    want = "1" if spinning else "0"
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == want
+    assert opts.get_session_config_entry("session.inter_op.allow_spinning") == want
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    assert b.metadata()["spinning"] is spinning
+    assert OnnxRuntimeBackend().spinning is False  # off by default
+    with pytest.raises(ErnasError, match="spinning"):
+        OnnxRuntimeBackend(spinning="no")
+
+
+def test_runners(tmp_path):
+    """One measurement primitive: every backend's runner returns one latency per call; the
+    onnxruntime backend also runs already exported files (e.g. int8 models)."""
+    b = OnnxRuntimeBackend(threads=1)
+    for run in (b.runner(*tiny()), TorchBackend(threads=1).runner(*tiny()),
+                b.onnx_runner(export_onnx(*tiny(), tmp_path / "m.onnx"), (1, 8, 16, 16))):
+        values = [run() for _ in range(3)]
+        assert all(isinstance(v, float) and v > 0 for v in values)
+    dyn = export_onnx(*tiny(), tmp_path / "dyn.onnx", dynamic_hw=True)
+    assert b.onnx_runner(dyn, (1, 8, 40, 24))() > 0
+
+
+def test_measure_interleaved_rounds_and_order():
+    calls = []
+
+    def fake(name, value):
+        def run():
+            calls.append(name)
+            return value
+        return run
+
+    runners = {n: fake(n, v) for n, v in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0))}
+    res = measure_interleaved(runners, rounds=6, per_round=2, warmup=1, seed=3)
+    assert calls[:4] == ["a", "b", "c", "d"]  # warm-up: one call each
+    timed = calls[4:]
+    assert len(timed) == 6 * 4 * 2 and all(timed[i] == timed[i + 1] for i in range(0, 48, 2))
+    orders = [tuple(timed[r * 8:(r + 1) * 8:2]) for r in range(6)]
+    assert all(sorted(o) == ["a", "b", "c", "d"] for o in orders)  # every runner every round
+    assert len(set(orders)) > 1  # shuffled between rounds
+    for name, v in (("a", 1.0), ("d", 4.0)):
+        assert res[name]["ms"] == v and res[name]["n"] == 12 and res[name]["spread"] == 0.0
+    calls.clear()
+    measure_interleaved(runners, rounds=6, per_round=2, warmup=1, seed=3)
+    assert calls[4:] == timed  # seeded: the same orders again
+    with pytest.raises(ErnasError, match="rounds"):
+        measure_interleaved(runners, rounds=0)
+
+
+def test_statistics_and_protocol():
+    s = [1.0, 2.0, 3.0, 4.0, 100.0]
+    assert statistic(s, "p20") == pytest.approx(1.8) and statistic(s, "min") == 1.0
+    assert statistic(s, "median") == 3.0 and statistic(s, "mean") == 22.0
+    assert statistic(s, "p100") == 100.0
+    with pytest.raises(ErnasError, match="p20"):
+        statistic(s, "p200")
+    r = summarize([[1.0, 1.0], [2.0, 2.0], [1.0, 1.0]], "min")
+    # pass-to-pass: |1-2|, |1-1|, |2-1| -> mean 2/3, over the median pass 1
+    assert r["ms"] == 1.0 and r["n"] == 6 and r["spread"] == pytest.approx(2 / 3)
+    p = MeasureProtocol.from_mapping({"rounds": 4, "statistic": "median"})
+    assert p.rounds == 4 and p.to_dict()["statistic"] == "median"
+    with pytest.raises(ErnasError, match="roudns"):
+        MeasureProtocol.from_mapping({"roudns": 4})
+    with pytest.raises(ErnasError, match="per_round"):
+        MeasureProtocol(per_round=0)
 
 
 def test_onnxruntime_bad_settings():
@@ -114,6 +197,15 @@ def test_command_backend_pattern_mismatch(repo_on_path):
     assert "elapsed=([0-9.]+)" in str(e.value) and "latency_ms:" in str(e.value)
 
 
+def test_time_onnx_spinning_flag(tmp_path, capsys):
+    from ernas.latency import time_onnx
+
+    path = export_onnx(*tiny(), tmp_path / "m.onnx")
+    for extra in ([], ["--spinning"]):
+        assert time_onnx.main([str(path), "--repeats", "2", "--threads", "1", *extra]) == 0
+        assert capsys.readouterr().out.count("latency_ms: ") == 2
+
+
 def test_command_backend_units_and_shell():
     b = CommandBackend(f"{PY} -c \"print('avg=1500')\"", r"avg=(\d+)", unit="us")
     s = b.measure(*tiny(), MeasureBudget(warmup=0, min_repeats=2, max_repeats=2))
@@ -144,6 +236,8 @@ def test_make_backend():
     with pytest.raises(ErnasError, match="thread") as e:
         make_backend({"name": "onnxruntime", "thread": 2})
     assert "threads" in str(e.value) and "graph_optimization" in str(e.value)
+    assert "spinning" in str(e.value)
+    assert make_backend({"name": "onnxruntime", "spinning": True}).spinning is True
     with pytest.raises(ErnasError, match="template"):
         make_backend({"name": "command"})
     with pytest.raises(ErnasError, match="local_onnx"):

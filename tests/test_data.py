@@ -3,22 +3,18 @@ import pytest
 import skimage.io
 import torch
 
-from ernas.data import (
-    BUNDLED_SPLITS,
+from ernas.data import BUNDLED_SPLITS, bundled_images, bundled_names, load_bundled, read_image
+from ernas.tasks.denoise.data import (
     NoisyImageDataset,
     PairedImageDataset,
     SigmaSpec,
     add_gaussian_noise,
-    bundled_denoise_datasets,
-    bundled_images,
-    bundled_names,
     clean_folder,
-    load_bundled,
     paired_folders,
-    read_image,
     test_noise,
 )
 from ernas.errors import ErnasError
+from ernas.task import make_task
 
 
 def _photo(h=48, w=64, c=3, seed=0):
@@ -147,12 +143,12 @@ def test_train_samples_shape_and_determinism_by_seed():
     ds3 = NoisyImageDataset(_pool(), crop=32, sigma=[10, 50], train=True, length=10, seed=8)
     assert len(ds1) == 10
     s1, s2, s3 = ds1[3], ds2[3], ds3[3]
-    assert s1["clean"].shape == (3, 32, 32) and s1["clean"].dtype == torch.float32
+    assert s1["target"].shape == (3, 32, 32) and s1["target"].dtype == torch.float32
     assert s1["name"] == "b" and 10 <= s1["sigma"] <= 50
-    assert torch.equal(s1["clean"], s2["clean"]) and torch.equal(s1["noisy"], s2["noisy"])
-    assert not torch.equal(s1["noisy"], s3["noisy"])
+    assert torch.equal(s1["target"], s2["target"]) and torch.equal(s1["input"], s2["input"])
+    assert not torch.equal(s1["input"], s3["input"])
     # a second read of the same index is a fresh sample
-    assert not torch.equal(ds1[3]["noisy"], s1["noisy"])
+    assert not torch.equal(ds1[3]["input"], s1["input"])
 
 
 def test_train_augmentation_is_a_dihedral_crop_of_the_image():
@@ -162,9 +158,9 @@ def test_train_augmentation_is_a_dihedral_crop_of_the_image():
     seen = set()
     for i in range(len(ds)):
         s = ds[i]
-        out = s["clean"].numpy().transpose(1, 2, 0)
+        out = s["target"].numpy().transpose(1, 2, 0)
         assert out.tobytes() in variants
-        assert torch.equal(s["noisy"], s["clean"])  # sigma 0
+        assert torch.equal(s["input"], s["target"])  # sigma 0
         seen.add(out.tobytes())
     assert len(seen) >= 6
 
@@ -176,17 +172,17 @@ def test_eval_noise_reproducible_across_instances():
     ds3 = NoisyImageDataset(imgs, sigma=25, train=False, seed=1)
     assert len(ds1) == 2
     a, b, c = ds1[1], ds2[1], ds3[1]
-    assert a["clean"].shape == (3, 40, 40)
-    np.testing.assert_array_equal(a["clean"].numpy().transpose(1, 2, 0), imgs[1][1])
-    assert torch.equal(a["noisy"], b["noisy"]) and torch.equal(ds1[1]["noisy"], a["noisy"])
-    assert not torch.equal(a["noisy"], c["noisy"])
+    assert a["target"].shape == (3, 40, 40)
+    np.testing.assert_array_equal(a["target"].numpy().transpose(1, 2, 0), imgs[1][1])
+    assert torch.equal(a["input"], b["input"]) and torch.equal(ds1[1]["input"], a["input"])
+    assert not torch.equal(a["input"], c["input"])
     assert a["sigma"] == 25.0
 
 
 def test_eval_center_crop():
     img = _photo(48, 64)
     s = NoisyImageDataset([("a", img)], crop=32, sigma=15, train=False)[0]
-    np.testing.assert_array_equal(s["clean"].numpy().transpose(1, 2, 0), img[8:40, 16:48])
+    np.testing.assert_array_equal(s["target"].numpy().transpose(1, 2, 0), img[8:40, 16:48])
 
 
 def test_crop_larger_than_image_names_image():
@@ -197,17 +193,21 @@ def test_crop_larger_than_image_names_image():
 def test_dataloader_batches():
     ds = NoisyImageDataset(_pool(), crop=16, sigma={"choice": [15, 25]}, length=6)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
-    assert batch["noisy"].shape == (3, 3, 16, 16) and batch["sigma"].shape == (3,)
+    assert batch["input"].shape == (3, 3, 16, 16) and batch["sigma"].shape == (3,)
 
 
-def test_bundled_denoise_datasets():
-    ds = bundled_denoise_datasets(crop=32, sigma=25, train_length=8, seed=0, max_side=128)
-    assert len(ds["train"]) == 8 and not ds["val"].train and not ds["test"].train
-    assert {s["name"] for s in ds["test"]} == {"chelsea", "grace_hopper"}
-    assert ds["train"][0]["clean"].shape == (3, 32, 32)
-    grey = bundled_denoise_datasets(crop=32, sigma=25, train_length=2, seed=0, color=False,
-                                    max_side=128)
-    assert grey["val"][0]["clean"].shape[0] == 1
+def test_denoise_task_splits_and_eval_sets():
+    task = make_task({"name": "denoise", "max_side": 128})
+    train = task.dataset("train", 32, seed=0, random=True)
+    assert train.train and train[0]["target"].shape == (3, 32, 32)
+    assert not task.dataset("val", 32).train
+    sets = task.eval_sets()
+    assert list(sets) == ["sigma15", "sigma25", "sigma50"] and task.headline_set == "sigma25"
+    assert {it["name"] for it in sets["sigma25"]} == {"chelsea", "grace_hopper"}
+    # test images are whole (max_side applies to training photos only)
+    assert sets["sigma25"][0]["target"].shape[1:] == load_bundled("chelsea").shape[:2]
+    grey = make_task({"name": "denoise", "color": False, "max_side": 128})
+    assert grey.dataset("val", 32)[0]["target"].shape[0] == 1
 
 
 # --------------------------------------------------------------------------- folders
@@ -290,8 +290,8 @@ def test_paired_dataset_aligns_crops(tmp_path):
     ds = PairedImageDataset(pairs, crop=24, train=True, length=16, seed=0)
     for i in range(len(ds)):
         s = ds[i]
-        assert s["noisy"].shape == s["clean"].shape == (3, 24, 24)
-        torch.testing.assert_close(s["noisy"] - s["clean"], torch.full((3, 24, 24), 0.2),
+        assert s["input"].shape == s["target"].shape == (3, 24, 24)
+        torch.testing.assert_close(s["input"] - s["target"], torch.full((3, 24, 24), 0.2),
                                    atol=1.5 / 255, rtol=0)
     ev = PairedImageDataset(pairs, crop=None, train=False)[1]
-    assert ev["clean"].shape == (3, 40, 48) and ev["name"] == "im1"
+    assert ev["target"].shape == (3, 40, 48) and ev["name"] == "im1"

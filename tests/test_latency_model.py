@@ -10,14 +10,17 @@ import torch
 import ernas
 from ernas.paths import SEARCH_SPACES
 from ernas.errors import ErnasError
-from ernas.latency.backends import MeasureBudget, OnnxRuntimeBackend
+from ernas.latency.backends import OnnxRuntimeBackend
+from ernas.latency.measure import MeasureProtocol
 from ernas.latency.ops import build_op, parse_key
 from ernas.latency.predict import ExpectedLatency, predict_ms
 from ernas.latency.resolve import resolve_table
 from ernas.latency.table import LatencyTable, MissingKeysError
 
 SHAPE = (1, 3, 32, 32)
-FAST = MeasureBudget(warmup=1, min_repeats=3, max_repeats=5, time_cap_s=0.2)
+FAST = MeasureProtocol(rounds=2, per_round=2, warmup=1, min_seconds=0.2, recheck_rounds=2)
+FAST_CLI = ["latency.measure.rounds=2", "latency.measure.per_round=2", "latency.measure.warmup=1",
+            "latency.measure.min_seconds=0.2", "latency.measure.recheck_rounds=2"]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,9 @@ def tiny():
 def tiny_table(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("tables") / "tiny.csv"
     table, _ = resolve_table(tiny, SHAPE, {"name": "onnxruntime", "threads": 1}, "block",
-                             table="auto", cache_dir=path.parent, budget=FAST, progress=False,
+                             table="auto", cache_dir=path.parent, protocol=FAST, progress=False,
                              shipped_dir=path.parent / "none")
+    assert table.probe["action"] == "profiled"
     return table
 
 
@@ -78,10 +82,9 @@ def test_predict_and_expected_latency_agree(tiny, tiny_table):
               for p in tiny.searchable}
     probs = {p: {d: torch.softmax(a, 0) for d, a in ds.items()} for p, ds in logits.items()}
     e = exp(probs)
-    spec = tiny.spec
-    manual = float(tiny_table.lookup(spec.fixed_op_keys(tiny.geometry, SHAPE, "block")).sum())
+    manual = float(tiny_table.lookup(tiny.fixed_keys(SHAPE, "block")).sum())
     for p in tiny.positions:
-        lats = [float(tiny_table.lookup(spec.block_op_keys(tiny.geometry, p, c, SHAPE, "block")).sum())
+        lats = [float(tiny_table.lookup(tiny.position_keys(p, c, SHAPE, "block")).sum())
                 for c in tiny.combos(p)]
         manual += float(np.mean(lats))
     assert e.item() == pytest.approx(manual, rel=1e-6)
@@ -122,9 +125,14 @@ def test_auto_uses_a_matching_shipped_table_without_profiling(tiny, tiny_table, 
     shipped = tmp_path / "shipped"
     tiny_table.save(shipped / "tiny.csv")
     before = (shipped / "tiny.csv").read_text()
+    # the probe really runs; a huge tolerance keeps this test about selection, not speed
     table, path = resolve_table(tiny, SHAPE, OnnxRuntimeBackend(threads=1), "block",
-                                cache_dir=tmp_path / "cache", shipped_dir=shipped, progress=False)
+                                cache_dir=tmp_path / "cache", protocol=FAST, progress=False,
+                                shipped_dir=shipped, probe_tolerance=100, probe_cache_s=0)
     assert path == shipped / "tiny.csv" and len(table) == len(tiny_table)
+    assert table.probe["action"] == "used" and table.probe["accepted"]
+    assert table.probe["arch"] == "nafnet_tiny_reference" and table.probe["measured_ms"] > 0
+    assert table.source == path
     assert not (tmp_path / "cache").exists() and path.read_text() == before
 
 
@@ -138,21 +146,27 @@ def _cli(module, *args, cwd):
 def test_profile_and_validate_cli(tmp_path):
     out = tmp_path / "table.csv"
     common = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", f"output={out}",
-              "latency.budget.max_repeats=5", "latency.budget.min_repeats=3", "progress=false"]
+              "progress=false", *FAST_CLI]
     _cli("ernas.cli.profile", *common, f"hydra.run.dir={tmp_path}/p", cwd=tmp_path)
     table = LatencyTable.load(out)
     tiny = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
     assert set(table.keys()) == set(tiny.op_keys(SHAPE, "block"))
     assert table.metadata["input_shape"] == [1, 3, 32, 32] and table.metadata["threads"] == 1
     assert (table.to_frame()["p10_ms"] <= table.to_frame()["p90_ms"]).all()
+    assert table.metadata["consistency"]["pairs"] == 256 and table.metadata["statistic"] == "p20"
+    p = json.loads((tmp_path / "p/summary.json").read_text())
+    assert p["consistency"]["pairs"] == 256 and p["session_options"]["spinning"] is False
+    assert p["fingerprint"]["digest"] == table.metadata["fingerprint"]["digest"]
+    before = out.read_bytes()
     _cli("ernas.cli.profile", *common, "mode=validate", "validate.n=6",
          f"hydra.run.dir={tmp_path}/v", cwd=tmp_path)
     s = json.loads((tmp_path / "v/summary.json").read_text())
-    for k in ("mape", "within_5pct", "within_10pct", "spearman", "kendall"):
+    for k in ("mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_floor"):
         assert k in s
-    assert s["n"] == 9
+    assert s["n"] == 9 and s["plain_sum"]["n"] == 9 and s["corrected_loo"]["n"] == 9
+    assert s["table"] == str(out) and s["corrected_table"] is None
     assert (tmp_path / "v/validation.png").stat().st_size > 1000
-    assert "correction" in LatencyTable.load(out).metadata
+    assert out.read_bytes() == before  # validation never writes into the table
 
 
 def test_profile_cli_command_backend(tmp_path):
@@ -160,13 +174,14 @@ def test_profile_cli_command_backend(tmp_path):
     arch.save(tmp_path / "small.yaml")
     out = tmp_path / "cmd.csv"
     _cli("ernas.cli.profile", "latency=command_local", f"arch={tmp_path}/small.yaml",
-         "input_shape=[1,3,16,16]", f"output={out}", "latency.budget.max_repeats=3",
-         "latency.budget.min_repeats=1", "progress=false", f"hydra.run.dir={tmp_path}/c",
-         cwd=tmp_path)
+         "input_shape=[1,3,16,16]", f"output={out}", "latency.measure.rounds=2",
+         "latency.measure.per_round=2", "+latency.backend.runs_per_call=4", "progress=false",
+         f"hydra.run.dir={tmp_path}/c", cwd=tmp_path)
     table = LatencyTable.load(out)
     assert table.metadata["backend"] == "command" and len(table) == len(set(
         arch.op_keys((1, 3, 16, 16), "block")))
     assert (table.to_frame()["median_ms"] > 0).all()
+    assert table.metadata["fingerprint"]["runtime"]["runtime"] == "command"
 
 
 def test_bad_profile_request_is_one_paragraph(tmp_path):

@@ -8,7 +8,8 @@ from torch import nn
 
 from ernas.data import load_bundled
 from ernas.errors import ErnasError
-from ernas.metrics import count_macs, count_params, model_size_report, psnr, ssim
+from ernas.complexity import count_macs, count_params, model_size_report
+from ernas.tasks.denoise.metrics import psnr, ssim
 
 
 def _img(h=32, w=40, c=3, seed=0):

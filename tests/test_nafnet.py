@@ -7,7 +7,7 @@ from reference_nafnet import RefNAFNet
 
 import ernas
 from ernas.families.nafnet import NAFNet, official_arch
-from ernas.metrics import count_params
+from ernas.complexity import count_params
 
 OFFICIAL = {  # file -> (official parameter count, geometry)
     "nafnet_sidd_w32": 29_159_715,

@@ -17,12 +17,15 @@ import torch.nn.functional as F
 import yaml
 
 from ernas import ErnasError, load_arch, load_space
+from ernas.batches import step_batches
 from ernas.latency.ops import parse_key
 from ernas.latency.predict import ExpectedLatency
 from ernas.latency.table import LatencyTable
-from ernas.search import SearchConfig, run_search, step_batches
+from ernas.search import SearchConfig, run_search
+from ernas.task import make_task
 
 SHAPE = (1, 3, 16, 16)
+TASK = make_task({"name": "denoise"})
 
 
 def synthetic_table(space, shape=SHAPE) -> LatencyTable:
@@ -52,8 +55,8 @@ class SmoothImages:
         for _ in range(n):
             clean = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=16, mode="bilinear",
                                   align_corners=False)[0]
-            self.items.append({"noisy": clean + sigma * torch.randn(3, 16, 16, generator=g),
-                               "clean": clean})
+            self.items.append({"input": clean + sigma * torch.randn(3, 16, 16, generator=g),
+                               "target": clean})
 
     def __len__(self):
         return len(self.items)
@@ -84,7 +87,7 @@ def alphas_of(out_dir: Path) -> dict:
 
 def test_end_to_end_outputs(setup, tmp_path):
     space, expected, train, val = setup
-    s = run_search(space, expected, train, val, cfg(entropy_max=0.5), tmp_path, progress=False)
+    s = run_search(space, expected, train, val, cfg(entropy_max=0.5), tmp_path, task=TASK, progress=False)
     for name in ("arch.yaml", "log.csv", "alphas.csv", "probs.png", "curves.png",
                  "checkpoint.pt", "summary.json", "inherited.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -93,7 +96,8 @@ def test_end_to_end_outputs(setup, tmp_path):
     assert arch.values == load_arch(s["arch_path"]).values
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("predicted_latency_ms", "baseline_latency_ms", "params", "baseline_params",
-                "macs", "baseline_macs", "supernet_val_psnr", "decisiveness", "entropy",
+                "macs", "baseline_macs", "supernet_val_psnr", "inherited_val_psnr",
+                "discretisation_gap", "decisiveness", "entropy",
                 "search_seconds", "steps", "arch_name", "arch_path"):
         assert key in summary, key
     assert summary["steps"] == 16
@@ -121,12 +125,12 @@ def test_resume_matches_uninterrupted(setup, tmp_path, gumbel):
     space, expected, train, val = setup
     c = cfg(checkpoint_every=5, gumbel=gumbel, entropy_max=0.3)
     full, part = tmp_path / "full", tmp_path / "part"
-    run_search(space, expected, train, val, c, full, progress=False)
-    stopped = run_search(space, expected, train, val, c, part, progress=False, stop_after=12)
+    run_search(space, expected, train, val, c, full, task=TASK, progress=False)
+    stopped = run_search(space, expected, train, val, c, part, task=TASK, progress=False, stop_after=12)
     assert stopped["stopped_at"] == 12
     assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 10  # "killed" at 12
     assert not (part / "arch.yaml").exists()
-    run_search(space, expected, train, val, c, part, progress=False, resume=True)
+    run_search(space, expected, train, val, c, part, task=TASK, progress=False, resume=True)
     a, b = alphas_of(full), alphas_of(part)
     assert a.keys() == b.keys()
     for k in a:
@@ -140,12 +144,12 @@ def test_resume_matches_uninterrupted(setup, tmp_path, gumbel):
 def test_resume_refuses_changed_config_or_missing_checkpoint(setup, tmp_path):
     space, expected, train, val = setup
     with pytest.raises(ErnasError, match="does not exist"):
-        run_search(space, expected, train, val, cfg(), tmp_path, progress=False, resume=True)
-    run_search(space, expected, train, val, cfg(checkpoint_every=4), tmp_path, progress=False,
+        run_search(space, expected, train, val, cfg(), tmp_path, task=TASK, progress=False, resume=True)
+    run_search(space, expected, train, val, cfg(checkpoint_every=4), tmp_path, task=TASK, progress=False,
                stop_after=4)
     with pytest.raises(ErnasError, match="lam"):
         run_search(space, expected, train, val, cfg(checkpoint_every=4, lam=1.0), tmp_path,
-                   progress=False, resume=True)
+                   task=TASK, progress=False, resume=True)
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(setup, tmp_path):
@@ -157,7 +161,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(setup, tmp_path):
 
     with pytest.raises(ErnasError, match=r"step 7.*not finite.*lr") as err:
         run_search(space, expected, poisoned, val, cfg(checkpoint_every=3), tmp_path,
-                   progress=False)
+                   task=TASK, progress=False)
     assert "task" in str(err.value)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 6
@@ -169,7 +173,7 @@ def test_huge_learning_rate_raises(setup, tmp_path):
     space, expected, train, val = setup
     with pytest.raises(ErnasError, match="Lower"):
         run_search(space, expected, train, val, cfg(lr_w=1e30, checkpoint_every=1), tmp_path,
-                   progress=False)
+                   task=TASK, progress=False)
     if (tmp_path / "checkpoint.pt").exists():
         ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in ck["model"].values()
@@ -181,7 +185,7 @@ def test_larger_lambda_never_raises_predicted_latency(setup, tmp_path):
     lat = {}
     for lam in (0.0, 10.0):
         s = run_search(space, expected, train, val, cfg(lam=lam, entropy_max=0.0),
-                       tmp_path / str(lam), progress=False)
+                       tmp_path / str(lam), task=TASK, progress=False)
         lat[lam] = s["predicted_latency_ms"]
     assert lat[10.0] <= lat[0.0]
     assert lat[10.0] < expected.of_arch(space.reference())
@@ -193,14 +197,14 @@ def test_entropy_term_raises_decisiveness(setup, tmp_path):
     for w in (0.0, 1.0):
         s = run_search(space, expected, train, val,
                        cfg(lam=0.02, entropy_max=w, entropy_ramp=0), tmp_path / str(w),
-                       progress=False)
+                       task=TASK, progress=False)
         got[w] = (s["decisiveness"], s["entropy"])
     assert got[1.0][0] > got[0.0][0]
     assert got[1.0][1] < got[0.0][1]
 
 
 def test_step_batches_pure_and_keyed_datasets(setup):
-    from ernas.data import NoisyImageDataset
+    from ernas.tasks.denoise.data import NoisyImageDataset
 
     _, _, train, _ = setup
     torch.manual_seed(123)
@@ -227,6 +231,6 @@ def test_darts_mode_and_multiplicative_form_run(setup, tmp_path):
     space, expected, train, val = setup
     s = run_search(space, expected, train, val,
                    cfg(steps=6, warmup_steps=2, mode="darts", latency_form="multiplicative",
-                       gumbel=True), tmp_path, progress=False)
+                       gumbel=True), tmp_path, task=TASK, progress=False)
     assert s["mode"] == "darts" and s["steps"] == 6
     assert space.contains(load_arch(tmp_path / "arch.yaml"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ernas import ErnasError, build_model, load_space
-from ernas.metrics import count_params
+from ernas.complexity import count_params
 from ernas.supernet import SuperNet
 
 

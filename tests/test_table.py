@@ -1,4 +1,5 @@
-"""LatencyTable: CSV round trip, atomic save, lookup and compatibility errors."""
+"""LatencyTable: CSV round trip, atomic save, lookup (``ms``, else ``median_ms``), scaling,
+old-format tables and compatibility errors."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,11 +34,15 @@ def test_add_stats():
     row = t.get("a")
     assert row["median_ms"] == 3.0 and row["count"] == 5 and row["mean_ms"] == 22.0
     assert row["p10_ms"] == pytest.approx(1.4) and row["p90_ms"] == pytest.approx(61.6)
+    assert row["ms"] == pytest.approx(1.8)  # the default statistic: 20th percentile
+    assert t.lookup(["a"]).tolist() == [pytest.approx(1.8)]
     assert "a" in t and len(t) == 1 and t.keys() == ["a"]
     t.add("a", [2.0])  # replaces
     assert len(t) == 1 and t.get("a")["count"] == 1
     with pytest.raises(ErnasError):
         t.add("b", [])
+    t.add("m", [1.0, 2.0, 3.0, 4.0, 100.0], stat="median")
+    assert t.get("m")["ms"] == 3.0
 
 
 def test_round_trip(tmp_path):
@@ -45,6 +50,7 @@ def test_round_trip(tmp_path):
     path = tmp_path / "sub" / "table.csv"
     t.save(path)
     assert path.read_text().startswith(HEADER + "{")
+    assert path.read_text().splitlines()[1] == "key,ms,median_ms,p10_ms,p90_ms,mean_ms,count"
     u = LatencyTable.load(path)
     assert u.keys() == t.keys() and u.metadata == META
     pd.testing.assert_frame_equal(u.to_frame(), t.to_frame())  # exact floats, int counts
@@ -93,7 +99,7 @@ def test_lookup_missing():
     with pytest.raises(MissingKeysError, match="run ernas-profile"):
         t.lookup(["nope"])
     assert t.lookup([]).shape == (0,)
-    assert t.lookup([KEYS[0]] * 3).tolist() == [t.get(KEYS[0])["median_ms"]] * 3
+    assert t.lookup([KEYS[0]] * 3).tolist() == [t.get(KEYS[0])["ms"]] * 3
 
 
 def test_check_compatible():
@@ -131,3 +137,33 @@ def test_io_helpers(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_json(tmp_path / "e.json", {"x": object()})
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b.txt", "c.json", "d.pt"]
+
+
+def test_old_format_table_reads_medians(tmp_path):
+    """Tables written before ``ms`` and fingerprints existed load and predict from medians;
+    merged with new rows, each row uses what it has."""
+    old = tmp_path / "old.csv"
+    old.write_text(HEADER + '{"backend": "onnxruntime", "threads": 2}\n'
+                   "key,median_ms,p10_ms,p90_ms,mean_ms,count\n"
+                   '"a@1x1x1x1:float32",2.5,2.0,3.0,2.6,10\n')
+    t = LatencyTable.load(old)
+    assert t.lookup(["a@1x1x1x1:float32"]).tolist() == [2.5]
+    assert "fingerprint" not in t.metadata and t.probe is None and t.source == old
+    new = LatencyTable(metadata={"threads": 2})
+    new.add("b@1x1x1x1:float32", [1.0] * 5 + [9.0] * 5)
+    t.merge(new)
+    assert t.lookup(["a@1x1x1x1:float32", "b@1x1x1x1:float32"]).tolist() == [2.5, 1.0]
+    t.save(tmp_path / "mixed.csv")
+    u = LatencyTable.load(tmp_path / "mixed.csv")
+    assert u.lookup(["a@1x1x1x1:float32", "b@1x1x1x1:float32"]).tolist() == [2.5, 1.0]
+
+
+def test_scaled_copy():
+    t = make_table()
+    t.path = t.source = "x.csv"
+    s = t.scaled(3.0, {"why": "test"})
+    np.testing.assert_allclose(s.lookup(KEYS), 3 * t.lookup(KEYS))
+    np.testing.assert_allclose(s.to_frame()["p90_ms"], 3 * t.to_frame()["p90_ms"])
+    assert (s.to_frame()["count"] == t.to_frame()["count"]).all()
+    assert s.metadata["rescaled"] == {"factor": 3.0, "why": "test"} and "rescaled" not in t.metadata
+    assert s.path is None and s.source == "x.csv"

@@ -10,13 +10,17 @@ from ernas import build_model, load_arch, load_space
 from ernas.errors import ErnasError
 from ernas.families.nafnet import official_arch
 from ernas.paths import SEARCH_SPACES
-from ernas.train import (DistillConfig, Distiller, TrainConfig, _StepBatches, forward_with_features,
-                         init_model, load_weights, resume, retrain)
+from ernas.batches import StepBatches
+from ernas.checkpoint import init_model, load_weights
+from ernas.distill import DistillConfig, Distiller, forward_with_features
+from ernas.task import make_task
+from ernas.train import TrainConfig, resume, retrain
 
 TINY = dict(width=8, enc_blk_nums=[1, 1], middle_blk_num=1, dec_blk_nums=[1, 1])
-FAST = dict(steps=12, batch_size=2, crop=32, val_every=6, log_every=3, val_crop=64, max_side=256)
+FAST = dict(steps=12, batch_size=2, crop=32, val_every=6, log_every=3, val_crop=64)
+TASK = make_task({"name": "denoise", "max_side": 256})
 CLI_FAST = ["steps=8", "batch_size=2", "crop=32", "val_every=4", "log_every=2", "val_crop=64",
-            "max_side=256", "threads=1", "progress=false"]
+            "task.max_side=256", "threads=1", "progress=false"]
 
 
 def _cli(tmp_path, run, *args):
@@ -57,15 +61,17 @@ def test_cli_scratch_writes_all_outputs(tmp_path):
     assert log[0].startswith("step,lr,loss") and len(log) == 1 + 4
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["val_psnr"] == pytest.approx(s["best_val_psnr"])
-    assert "best val PSNR" in r.stdout
+    assert "best val psnr" in r.stdout
 
 
 # --------------------------------------------------------------------------- supernet init
 def test_supernet_init_extracts_the_searched_weights(tmp_path):
-    from ernas.data import NoisyImageDataset, bundled_images
+    from ernas.batches import step_batches
+    from ernas.data import bundled_images
     from ernas.latency.predict import ExpectedLatency
     from ernas.latency.table import LatencyTable
-    from ernas.search import SearchConfig, run_search, step_batches
+    from ernas.search import SearchConfig, run_search
+    from ernas.tasks.denoise.data import NoisyImageDataset
 
     space = load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
     shape = (1, 3, 32, 32)
@@ -76,7 +82,7 @@ def test_supernet_init_extracts_the_searched_weights(tmp_path):
     batch = step_batches(ds, 2, 0)
     cfg = SearchConfig(steps=3, warmup_steps=1, batch_size=2, eval_batches=1, log_every=1)
     run_search(space, ExpectedLatency(space, table), batch, batch, cfg, tmp_path / "search",
-               progress=False)
+               task=TASK, progress=False)
     arch = load_arch(tmp_path / "search" / "arch.yaml")
     model, report = init_model(arch, "supernet", tmp_path / "search")
     inherited = torch.load(tmp_path / "search" / "inherited.pt", weights_only=True)
@@ -148,17 +154,18 @@ def test_distillation_adds_a_feature_term(tmp_path):
     torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
     student_arch = _tiny_arch("student", encoders__0__0={"dw_expand": 1})
     cfg = DistillConfig(teacher_arch, str(tmp_path / "teacher.pt"), w_out=1.0, w_feat=0.5)
-    d = Distiller(student_arch, cfg)
+    d = Distiller(student_arch, cfg, TASK)
     assert all(isinstance(a, torch.nn.Conv2d) and a.out_channels == 2 * a.in_channels
                for a in d.adapters)  # 8->16, 16->32, 16->32, 8->16
     student = build_model(student_arch)
     x = torch.rand(2, 3, 32, 32)
-    y, feats = forward_with_features(student, x)
+    y, feats = forward_with_features(student, student_arch.spec, x)
     assert torch.equal(y, student(x))
     assert [f.shape for f in feats] == [f.shape for f in student.features(x)]
     out_l, feat_l = d.loss(x, y, [a(f) for a, f in zip(d.adapters, feats)])
     assert out_l > 0 and feat_l > 0
-    s = retrain(student_arch, tmp_path / "run", TrainConfig(**FAST), distill=cfg, progress=False)
+    s = retrain(student_arch, tmp_path / "run", TASK, TrainConfig(**FAST), distill=cfg,
+                progress=False)
     assert s["distill"] and s["best_val_psnr"] > 0
     import pandas as pd
     log = pd.read_csv(tmp_path / "run" / "log.csv")
@@ -170,8 +177,8 @@ def test_distillation_adds_a_feature_term(tmp_path):
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     arch = _tiny_arch("r", decoders__1__0={"norm": "batchnorm"})
     cfg = TrainConfig(**FAST)
-    full = retrain(arch, tmp_path / "full", cfg, progress=False)
-    part = retrain(arch, tmp_path / "part", cfg, progress=False, stop_at=5)
+    full = retrain(arch, tmp_path / "full", TASK, cfg, progress=False)
+    part = retrain(arch, tmp_path / "part", TASK, cfg, progress=False, stop_at=5)
     assert part["steps"] == 5 and not part["finished"]
     again = resume(tmp_path / "part", progress=False)
     assert again["steps"] == cfg.steps and again["finished"]
@@ -185,10 +192,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_worker_batches_equal_in_process_batches():
-    from ernas.data import NoisyImageDataset, bundled_images
+    from ernas.data import bundled_images
+    from ernas.tasks.denoise.data import NoisyImageDataset
 
     ds = NoisyImageDataset(bundled_images("train", max_side=128), 16, 25, seed=3)
-    batches = _StepBatches(ds, 2, 3)
+    batches = StepBatches(ds, 2, 3)
     direct = [batches[s] for s in range(4, 8)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(4, 8),
                                          num_workers=2)

@@ -14,7 +14,7 @@ def main(argv=None) -> None:
     ap.add_argument("files", nargs="+", help="search space or architecture YAML files")
     args = ap.parse_args(argv)
     from ernas import build_model
-    from ernas.metrics import count_params
+    from ernas.complexity import count_params
 
     for f in args.files:
         space = load_space(f)

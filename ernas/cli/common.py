@@ -24,6 +24,15 @@ def user_errors(fn):
     return wrapper
 
 
+def task_of(cfg):
+    """The task object of a command config's ``task`` group (``ernas.task.make_task``)."""
+    from omegaconf import OmegaConf
+
+    from ernas.task import make_task
+
+    return make_task(OmegaConf.to_container(cfg.task, resolve=True), "task")
+
+
 def output_dir():
     """The Hydra run directory (created), or the current directory outside Hydra."""
     try:

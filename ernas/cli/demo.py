@@ -1,69 +1,88 @@
-"""``ernas-demo``: search → retrain (derived and baseline) → evaluate → export, then the table."""
+"""``ernas-demo``: search → retrain (derived and baseline) → evaluate → export, then the table.
+
+The task (``task=...``) and its settings apply to every stage; ``stages.<name>=[...]`` adds
+overrides to one stage."""
 from __future__ import annotations
 
 import json
 
 import hydra
 from hydra import compose
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ernas.cli import evaluate, export, retrain, search
 from ernas.cli.common import output_dir, user_errors
-from ernas.io import atomic_write_json
+from ernas.io import atomic_write_json, atomic_write_text
 from ernas.paths import EXPERIMENTS
 
 
-def _stage(name: str, overrides: list[str]) -> DictConfig:
-    return compose(config_name=name, overrides=[str(o) for o in overrides])
+def _stage(name: str, overrides: list[str], task: DictConfig) -> DictConfig:
+    cfg = compose(config_name=name, overrides=[str(o) for o in overrides])
+    with open_dict(cfg):
+        cfg.task = OmegaConf.create(OmegaConf.to_container(task, resolve=True))
+    return cfg
 
 
-def _table(ev: dict, ex: dict) -> str:
-    rows = ev["models"]
-    sig = [k.removeprefix("psnr_sigma") for k in rows[0] if k.startswith("psnr_sigma")]
-    head = ["model", "params", "GMACs", "pred. ms", "meas. ms"] + [f"PSNR σ{s}" for s in sig] \
-        + [f"SSIM σ{s}" for s in sig]
+def _ratio(a: float, b: float, what: str) -> str:
+    """'1.58x faster' / '1.20x slower': how ``a`` compares with ``b`` (lower is better)."""
+    r = b / a
+    return f"{max(r, 1 / r):.2f}x {'lower' if r >= 1 else 'higher'} {what}"
+
+
+def table(ev: dict, ex: dict) -> str:
+    """The comparison table of the evaluate and export summaries, verdicts from the numbers."""
+    rows, cols, m = ev["models"], ev["columns"], ev["metric"]
+    head = ["model", "params", "GMACs", "pred. ms", "meas. ms"] + cols
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['params']:,}", f"{r['macs'] / 1e9:.3f}",
                  f"{r['predicted_ms']:.2f}", f"{r['measured_ms']:.2f}"]
-        cells += [f"{r[f'psnr_sigma{s}']:.2f}" for s in sig]
-        cells += [f"{r[f'ssim_sigma{s}']:.4f}" for s in sig]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells + [f"{r[c]:.4g}" for c in cols]) + " |")
     d, b = rows[0], rows[-1]
-    lines.append(f"\nderived vs baseline: {b['measured_ms'] / d['measured_ms']:.2f}x lower measured "
-                 f"latency, parameters {100 * (d['params'] / b['params'] - 1):+.1f}%, PSNR "
-                 f"σ25 {d['psnr_sigma25'] - b['psnr_sigma25']:+.2f} dB")
-    lines.append(f"export: max |onnxruntime − torch| {ex['max_abs_diff']:.2e}"
-                 + (f"; int8 PSNR {ex['psnr_int8']:.2f} dB ({ex['psnr_delta']:+.2f} vs fp32), "
-                    f"{ex['int8_ms']:.2f} ms vs {ex['fp32_ms']:.2f} ms fp32" if "psnr_int8" in ex
-                    else ""))
+    head_col = f"{m}_{ev['metric_set']}"
+    lines.append(f"\nderived vs baseline: {_ratio(d['measured_ms'], b['measured_ms'], 'measured latency')} "
+                 f"({_ratio(d['predicted_ms'], b['predicted_ms'], 'predicted')}), parameters "
+                 f"{100 * (d['params'] / b['params'] - 1):+.1f}%, {head_col} "
+                 f"{d[head_col] - b[head_col]:+.3f}")
+    lines.append(f"\nexport (whole test images, {ex['eval_set']}, tiles "
+                 f"{ex['eval_tile'][0]}x{ex['eval_tile'][1]}; max |onnxruntime − torch| "
+                 f"{ex['max_abs_diff']:.2e}):\n")
+    lines += ["| file | " + m + " | ms |", "|---|---|---|"]
+    for kind in ("fp32", "int8", "qat"):
+        if f"{kind}_ms" in ex:
+            note = "" if kind == "fp32" else \
+                f" ({_ratio(ex[f'{kind}_ms'], ex['fp32_ms'], 'latency than fp32')})"
+            lines.append(f"| {kind} | {ex[f'{m}_{kind}']:.4g} | {ex[f'{kind}_ms']:.2f}{note} |")
     return "\n".join(lines)
 
 
 @user_errors
 def run(cfg: DictConfig) -> dict:
     out = output_dir()
-    st = cfg.stages
-    s_cfg = _stage("search", [f"search.steps={cfg.search_steps}", f"seed={cfg.seed}", *st.search])
+    st, task = cfg.stages, cfg.task
+    s_cfg = _stage("search", [f"search.steps={cfg.search_steps}", f"seed={cfg.seed}", *st.search],
+                   task)
     s = search.run(s_cfg, out / "search")
     common = [f"steps={cfg.retrain_steps}", f"seed={cfg.seed}", "init=scratch", *st.retrain]
-    retrain.run(_stage("retrain", [f"arch={out / 'search'}", *common]), out / "retrain_derived")
-    retrain.run(_stage("retrain", [f"arch={s_cfg.space}", *common]), out / "retrain_baseline")
+    retrain.run(_stage("retrain", [f"arch={out / 'search'}", *common], task),
+                out / "retrain_derived")
+    retrain.run(_stage("retrain", [f"arch={s_cfg.space}", *common], task),
+                out / "retrain_baseline")
     ev = evaluate.run(_stage("evaluate", [
         f"checkpoint={out / 'retrain_derived'}", "name=derived", f"baseline.arch={s_cfg.space}",
-        f"baseline.checkpoint={out / 'retrain_baseline'}", "baseline.name=NAFNet-baseline",
-        *st.evaluate]), out / "evaluate")
-    ex = export.run(_stage("export", [f"checkpoint={out / 'retrain_derived'}", *st.export]),
+        f"baseline.checkpoint={out / 'retrain_baseline'}", "baseline.name=baseline",
+        *st.evaluate], task), out / "evaluate")
+    ex = export.run(_stage("export", [f"checkpoint={out / 'retrain_derived'}", *st.export], task),
                     out / "export")
-    table = _table(ev, ex)
-    print("\n" + table)
+    text = table(ev, ex)
+    print("\n" + text)
     summary = {"search": {k: s[k] for k in ("predicted_latency_ms", "baseline_latency_ms",
-                                             "decisiveness", "supernet_val_psnr")},
-               "models": ev["models"], "export": {k: ex.get(k) for k in (
-                   "onnx", "max_abs_diff", "psnr_fp32", "psnr_int8", "fp32_ms", "int8_ms")},
-               "table": table}
+                                             "decisiveness")},
+               "models": ev["models"], "metric": ev["metric"],
+               "export": {k: v for k, v in ex.items() if not isinstance(v, (dict, list))},
+               "table": text}
     atomic_write_json(out / "summary.json", summary)
-    (out / "report.md").write_text("# ernas demo\n\n" + table + "\n")
+    atomic_write_text(out / "report.md", "# ernas demo\n\n" + text + "\n")
     print(f"\nall outputs in {out} (summary.json, report.md, one folder per stage)")
     return json.loads(json.dumps(summary, default=str))
 

@@ -1,19 +1,20 @@
-"""``ernas-evaluate``: quality, size and latency of a model beside a baseline (``results.csv``,
-``per_image.csv``, ``report.md``, ``summary.json``), or with ``runs=[...]`` the latency–PSNR
-Pareto plot of several runs (``pareto.png``, ``pareto.csv``)."""
+"""``ernas-evaluate``: the task's metrics, size and latency of a model beside a baseline
+(``results.csv``, ``per_image.csv``, ``report.md``, ``summary.json``), or with ``runs=[...]`` the
+latency–quality Pareto plot of several runs (``pareto.png``, ``pareto.csv``)."""
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ernas.cli.common import arch_for, output_dir, resolve_arch, user_errors
+from ernas.cli.common import arch_for, output_dir, resolve_arch, task_of, user_errors
 from ernas.io import atomic_write_json
 from ernas.paths import EXPERIMENTS
 
 
 @user_errors
 def run(cfg: DictConfig, out=None) -> dict:
-    from ernas.evaluate import ModelEntry, evaluate, pareto
+    from ernas.evaluate import ModelEntry, evaluate
+    from ernas.pareto import pareto
 
     if cfg.threads:
         import torch
@@ -44,15 +45,26 @@ def run(cfg: DictConfig, out=None) -> dict:
             entries.append(ModelEntry(b.name or b_arch.name, b_arch,
                                       str(b.checkpoint) if b.checkpoint else None))
     latency = OmegaConf.to_container(cfg.latency, resolve=True) if cfg.get("latency") else None
-    summary = evaluate(entries, out, [s for s in cfg.sigmas], cfg.data, cfg.clean_dir,
-                       cfg.noisy_dir, cfg.seed, cfg.color, cfg.max_side, cfg.crop, latency,
-                       tuple(cfg.input_shape), cfg.predict_latency, cfg.measure_latency,
-                       cfg.device, cfg.progress)
-    lat = summary["latency_ms"]
-    print(f"{summary['name']}: PSNR {summary['psnr']:.2f} dB / SSIM {summary['ssim']:.4f} at "
-          f"sigma={summary['psnr_sigma']}, latency "
-          f"{'n/a' if lat is None else f'{lat:.2f} ms'}; wrote {out}/report.md, results.csv")
+    summary = evaluate(entries, out, task_of(cfg), cfg.seed, latency, tuple(cfg.input_shape),
+                       cfg.predict_latency, cfg.measure_latency, cfg.device, cfg.progress)
+    print(_line(summary) + f"; wrote {out}/report.md, results.csv")
     return summary
+
+
+def _line(s: dict) -> str:
+    """One line: the headline metric and latency, and the comparison with the baseline stated
+    from the numbers (faster or slower)."""
+    m = s["metric"]
+    lat = s["measured_ms"] if s["measured_ms"] is not None else s["predicted_ms"]
+    kind = "measured" if s["measured_ms"] is not None else "predicted"
+    line = (f"{s['name']}: {m} {s[m]:.3f} on {s['metric_set']}, {kind} latency "
+            f"{'n/a' if lat is None else f'{lat:.2f} ms'}")
+    b = s.get("baseline")
+    if b and lat is not None and b.get(f"{kind}_ms"):
+        r = b[f"{kind}_ms"] / lat
+        line += (f"; {max(r, 1 / r):.2f}x {'faster' if r >= 1 else 'slower'} than "
+                 f"{b['name']} ({kind})")
+    return line
 
 
 @hydra.main(config_path=str(EXPERIMENTS), config_name="evaluate", version_base="1.3")

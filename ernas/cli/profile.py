@@ -1,60 +1,91 @@
-"""``ernas-profile``: profile a latency table for a space on a backend, or validate one."""
+"""``ernas-profile``: profile a latency table for a space on a backend, or validate one.
+
+mode=profile: measure every op key (interleaved rounds, ``latency.measure``), then check
+single-decision consistency and re-measure suspicious pairs (``ernas.latency.consistency``) and
+record the probe baseline (``ernas.latency.resolve``); ``arch=`` profiles only its keys.
+mode=validate: measure sampled networks end to end against the table (``output=`` or the table
+``latency.table`` resolves to); the table is never modified, ``validate.write_corrected=true``
+writes a corrected copy into the run directory.
+"""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ernas.cli.common import output_dir, user_errors
-from ernas.space import find_space
+from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.latency.backends import MeasureBudget, make_backend
-from ernas.latency.ops import build_op
-from ernas.latency.profile import profile_keys
-from ernas.latency.resolve import default_table_path, resolve_table
+from ernas.latency.backends import make_backend
+from ernas.latency.measure import MeasureProtocol
+from ernas.latency.resolve import default_table_path, profile_table, resolve_from_config
 from ernas.paths import EXPERIMENTS
-from ernas.space import load_arch
+from ernas.space import find_space, load_arch
+
+
+def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
+    from ernas.latency.validation import validate_table
+
+    lat = cfg.latency
+    # an explicit table is validated as it is (validation is the stronger test); `auto` resolves
+    # the table a search would use, probe included
+    explicit = cfg.output or (lat.table if lat.table not in (None, "auto") else None)
+    table, path = resolve_from_config(space, shape, {**lat, "trust_table": True}
+                                      if explicit else lat, cfg.progress, explicit)
+    backend = make_backend(lat.backend)
+    s = validate_table(space, table, backend, out, cfg.validate.n, cfg.validate.seed, protocol,
+                       path, cfg.validate.write_corrected, cfg.progress)
+    c = s["corrected_loo"]
+    print(f"validated {path} on {s['n']} networks: MAPE {100 * s['mape']:.2f}%, within ±10% "
+          f"{100 * s['within_10pct']:.0f}%, Spearman {s['spearman']:.3f}, noise floor "
+          f"{100 * s['noise_floor']:.1f}% (leave-one-out corrected: MAPE {100 * c['mape']:.2f}%)"
+          f"; wrote {out}/validation.csv, validation.png"
+          + (f", {s['corrected_table']}" if s["corrected_table"] else ""))
+    return s
 
 
 @user_errors
 def run(cfg: DictConfig, out=None) -> dict:
     space = find_space(cfg.space)
     lat = cfg.latency
-    backend = make_backend(lat.backend)
-    budget = MeasureBudget.from_mapping(lat.budget)
+    protocol = MeasureProtocol.from_mapping(lat.measure)
     shape = [int(s) for s in cfg.input_shape]
-    out = out or output_dir()
+    out = Path(out or output_dir())
     if cfg.mode == "validate":
-        from ernas.table_validation import validate_table
-
-        table, path = resolve_table(space, shape, backend, lat.granularity,
-                                    cfg.output or lat.table, lat.cache_dir, budget, cfg.progress)
-        s = validate_table(space, table, backend, out, cfg.validate.n, cfg.validate.seed, budget,
-                           path, cfg.validate.store_correction, cfg.progress,
-                           cfg.validate.rounds)
-        print(f"validated {path} on {s['n']} networks: MAPE {100 * s['mape']:.2f}%, within ±10% "
-              f"{100 * s['within_10pct']:.0f}%, Spearman {s['spearman']:.3f} (plain sums: MAPE "
-              f"{100 * s['plain_sum']['mape']:.2f}%); wrote {out}/validation.csv, validation.png")
-        return s
+        return _validate(cfg, space, shape, protocol, out)
     if cfg.mode != "profile":
-        from ernas.errors import ErnasError
-
         raise ErnasError(f"field 'mode' is {cfg.mode!r}; use mode=profile or mode=validate.")
-    unit = load_arch(cfg.arch) if cfg.arch else space
-    keys = unit.op_keys(shape, lat.granularity)
-    keys = list(dict.fromkeys(keys))
+    backend = make_backend(lat.backend)
+    arch_keys = list(dict.fromkeys(load_arch(cfg.arch).op_keys(shape, lat.granularity))) \
+        if cfg.arch else None
     path = Path(cfg.output) if cfg.output else default_table_path(
         space, backend, shape, lat.granularity, Path(lat.cache_dir) if lat.cache_dir else None)
-    table = profile_keys(keys, build_op, backend, path,
-                         {"space": space.name, "input_shape": shape,
-                          "granularity": lat.granularity}, budget, progress=cfg.progress)
+    t0 = time.perf_counter()
+    table = profile_table(space, shape, backend, lat.granularity, path, protocol,
+                          lat.consistency_tolerance, cfg.progress, arch_keys)
+    keys = space.op_keys(shape, lat.granularity) if arch_keys is None else arch_keys
+    consistency = table.metadata.get("consistency") if not cfg.arch else None
     summary = {"table": str(path), "keys": len(keys), "rows": len(table),
-               "total_ms_of_medians": float(table.lookup(keys).sum()),
-               "device": table.metadata.get("device"), "backend": backend.name}
+               "profile_seconds": time.perf_counter() - t0,
+               "total_ms": float(table.lookup(keys).sum()),
+               "statistic": table.metadata.get("statistic"),
+               "device": table.metadata.get("device"), "backend": backend.name,
+               "fingerprint": backend.fingerprint(), "session_options": backend.session_options(),
+               "protocol": protocol.to_dict(), "consistency": consistency,
+               "probe_baseline": table.metadata.get("probe_baseline")}
     atomic_write_json(out / "summary.json", summary)
     print(f"latency table with {len(table)} keys for {space.name} at {shape} on {backend.name} "
-          f"({table.metadata.get('device')}): {path}")
+          f"({table.metadata.get('device')}, {backend.session_options()}): {path}")
+    if consistency:
+        print(f"single-decision pairs: {consistency['pairs']}, cheaper choice >"
+              f"{100 * consistency['tolerance']:.0f}% slower: {consistency['before']} before the "
+              f"re-check, {consistency['after']} after")
+        for q in consistency["inconsistent"][:10]:
+            print(f"  still inconsistent: {q['decision']} {q['cheaper']} ({q['cheaper_ms']:.3f} ms)"
+                  f" vs {q['costlier']} ({q['costlier_ms']:.3f} ms) at {q['positions'][0]} "
+                  f"{q['choice']}")
     return summary
 
 

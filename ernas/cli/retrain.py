@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ernas import distributed as D
-from ernas.cli.common import output_dir, resolve_arch, user_errors
+from ernas.cli.common import output_dir, resolve_arch, task_of, user_errors
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.paths import EXPERIMENTS
@@ -34,7 +34,8 @@ def _train_config(cfg: DictConfig):
 
 @user_errors
 def run(cfg: DictConfig, out: Path | None = None) -> dict | None:
-    from ernas.train import DistillConfig, resume, retrain
+    from ernas.distill import DistillConfig
+    from ernas.train import resume, retrain
 
     if cfg.threads:
         import torch
@@ -65,12 +66,13 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict | None:
                                      f"teacher.arch=<arch.yaml or shipped name>.")
                 t_arch = resolve_arch(d)
             distill = DistillConfig(t_arch, str(t.checkpoint), float(t.w_out), float(t.w_feat))
-        summary = retrain(arch, out, _train_config(cfg), cfg.init, cfg.source, distill,
-                          cfg.progress, cfg.stop_at, cfg.space)
+        summary = retrain(arch, out, task_of(cfg), _train_config(cfg), cfg.init, cfg.source,
+                          distill, cfg.progress, cfg.stop_at, cfg.space)
     if summary is not None:
-        best = summary["best_val_psnr"]
+        m = summary["metric"]
+        best = summary[f"best_val_{m}"]
         print(f"retrained {summary['arch']} for {summary['steps']}/{summary['target_steps']} "
-              f"steps: best val PSNR {best if best is None else round(best, 2)} dB "
+              f"steps: best val {m} {best if best is None else round(best, 3)} "
               f"(step {summary['best_step']}), {summary['throughput_img_s'] or 0:.1f} img/s; "
               f"outputs in {Path(summary['last']).parent}")
     D.cleanup()

@@ -7,33 +7,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ernas import distributed as D
-from ernas.cli.common import output_dir, user_errors
-from ernas.space import find_space
-from ernas.data import NoisyImageDataset, bundled_images, clean_folder
+from ernas.batches import step_batches
+from ernas.cli.common import output_dir, task_of, user_errors
 from ernas.errors import ErnasError
 from ernas.latency.backends import MeasureBudget, make_backend
 from ernas.latency.predict import ExpectedLatency
 from ernas.latency.resolve import profile_command, resolve_table
 from ernas.paths import EXPERIMENTS
-from ernas.search import SearchConfig, run_search, step_batches
-
-
-def search_data(d: DictConfig, seed: int):
-    """Training and held-out (α) datasets of random noisy crops."""
-    if d.source == "bundled":
-        train = bundled_images("train", d.color, d.max_side)
-        val = bundled_images("val", d.color, d.max_side)
-    elif d.source == "folder":
-        if not d.train_folder or not d.val_folder:
-            raise ErnasError("data.source=folder needs data.train_folder and data.val_folder "
-                             "(folders of clean images; noise is added on the fly).")
-        train = clean_folder(d.train_folder, d.color, min_size=d.crop)
-        val = clean_folder(d.val_folder, d.color, min_size=d.crop)
-    else:
-        raise ErnasError(f"field 'data.source' is {d.source!r}; use bundled or folder.")
-    sigma = OmegaConf.to_container(d.sigma) if OmegaConf.is_config(d.sigma) else d.sigma
-    return (NoisyImageDataset(train, d.crop, sigma, train=True, seed=seed),
-            NoisyImageDataset(val, d.crop, sigma, train=True, seed=seed + 1))
+from ernas.search import SearchConfig, run_search
+from ernas.space import find_space
 
 
 @user_errors
@@ -48,10 +30,12 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
 
 
 def prepare(cfg: DictConfig, rank: int = 0) -> dict:
-    """Everything ``run_search`` needs from a search config: the space, the latency table and
-    its differentiable expectation, the search config, and per-step batch functions (keyed by
-    seed and rank)."""
+    """Everything ``run_search`` needs from a search config: the space, the task, the latency
+    table and its differentiable expectation, the search config, and per-step batch functions
+    (keyed by seed and rank)."""
     space = find_space(cfg.space)
+    task = task_of(cfg)
+    task.check_arch(space.reference())
     if space.is_arch:
         raise ErnasError(f"space {space.source} has nothing to search (every decision has one "
                          f"value); give a search space such as nafnet_tiny.")
@@ -64,9 +48,10 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     expected = ExpectedLatency(space, table, shape, lat.granularity,
                                profile_command(space, shape, backend, lat.granularity))
     data_seed = cfg.seed + 1000 * rank
-    train, val = search_data(cfg.data, data_seed)
     scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
-    return dict(space=space, shape=shape, table=table, table_path=table_path,
+    train = task.dataset("train", scfg.crop, data_seed, random=True)
+    val = task.dataset("val", scfg.crop, data_seed + 1, random=True)
+    return dict(space=space, task=task, shape=shape, table=table, table_path=table_path,
                 expected=expected, scfg=scfg,
                 train_batch=step_batches(train, scfg.batch_size, data_seed),
                 val_batch=step_batches(val, scfg.batch_size, data_seed + 1))
@@ -81,9 +66,10 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
                          f"an earlier ernas-search run.")
     if info.enabled:
         scfg.device = info.device
-    s = run_search(space, p["expected"], p["train_batch"], p["val_batch"], scfg, out,
+    s = run_search(space, p["expected"], p["train_batch"], p["val_batch"], scfg, out, p["task"],
                    resume=bool(cfg.resume), progress=cfg.progress, input_shape=shape)
     s["latency_table"] = str(p["table_path"])
+    s["table_probe"] = getattr(table, "probe", None)
     if info.enabled:
         print(f"rank {info.rank}/{info.world_size}: derived architecture {s['arch_digest']}",
               flush=True)
@@ -99,7 +85,8 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
           + (f" vs baseline {base:.2f} ms ({base / s['predicted_latency_ms']:.2f}x faster)"
              if base else "")
           + f"; params {s['params']:,} vs {s['baseline_params']:,}; decisiveness "
-            f"{s['decisiveness']:.3f}; supernet val PSNR {s['supernet_val_psnr']:.2f} dB "
+            f"{s['decisiveness']:.3f}; supernet val {s['metric']} "
+            f"{s['supernet_val_' + s['metric']]:.3f} "
             f"({table.metadata.get('backend')}, {table.metadata.get('device')}, input {shape})")
     return s
 

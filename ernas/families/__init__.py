@@ -1,2 +1,1 @@
-"""Model families. Importing this package registers each family's FamilySpec."""
-from ernas.families import nafnet  # noqa: F401
+"""Built-in network families; each module exposes ``FAMILY`` (see ``ernas.family``)."""

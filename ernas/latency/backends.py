@@ -1,19 +1,20 @@
-"""Latency backends: a backend is a profiler (how to run a model) plus its metadata.
+"""Latency backends: a backend is a way to run a model plus the metadata of how it ran.
 
-Adding a device means adding one small class with ``name``, ``measure`` and ``metadata``:
+Adding a device means adding one small class with ``name``, ``runner`` and ``fingerprint``:
 
 - ``OnnxRuntimeBackend``: export to ONNX, time ``InferenceSession.run`` on this host.
 - ``TorchBackend``: PyTorch eager (or ``torch.compile``) on CPU or CUDA.
 - ``CommandBackend``: export to ONNX and run an external benchmark command (adb, ssh, a local
   tool), parsing its output with a regex.
 
-All of them share one stopping rule, ``run_with_budget`` (see ``MeasureBudget``).
+``runner(module, example_input)`` prepares once (export, session, compilation) and returns a
+callable giving one latency in ms per call; ``ernas.latency.measure`` turns runners into figures
+(interleaved rounds, one statistic). ``measure(module, x, budget)`` times one model on its own
+with the older stopping rule (``MeasureBudget``).
 """
 from __future__ import annotations
 
 import abc
-
-import dataclasses
 import inspect
 import os
 import platform
@@ -24,8 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,98 +34,16 @@ import torch
 from torch import nn
 
 from ernas.errors import ErnasError
+from ernas.latency.fingerprint import cpu_name, fingerprint, host_hardware, machine_description
+from ernas.latency.measure import MeasureBudget, Runner, plain_mapping, run_with_budget
 from ernas.latency.onnx_export import export_onnx
 
 __all__ = ["BACKENDS", "COMMAND_PRESETS", "Backend", "CommandBackend", "MeasureBudget",
-           "OnnxRuntimeBackend", "TorchBackend", "make_backend", "run_with_budget"]
+           "OnnxRuntimeBackend", "TorchBackend", "cpu_name", "library_versions",
+           "machine_description", "make_backend", "run_with_budget"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
-
-
-# --------------------------------------------------------------------------- budget
-@dataclass
-class MeasureBudget:
-    """How long to measure one op.
-
-    Stopping rule: run ``warmup`` untimed calls, then timed calls. Once at least ``min_repeats``
-    samples exist, stop as soon as the median of all samples and the median of the first half of
-    them differ by less than ``rel_tol`` (relative to the overall median), i.e. the estimate has
-    settled; stop anyway at ``max_repeats`` samples or when the timed runs have used ``time_cap_s``
-    seconds (the time cap is only checked after ``min_repeats``, so every row has at least
-    ``min(min_repeats, max_repeats)`` samples).
-    """
-
-    warmup: int = 3
-    min_repeats: int = 10
-    max_repeats: int = 200
-    rel_tol: float = 0.02
-    time_cap_s: float = 2.0
-
-    def __post_init__(self):
-        problems = []
-        if self.warmup < 0:
-            problems.append(f"warmup={self.warmup} (must be >= 0)")
-        if self.min_repeats < 1:
-            problems.append(f"min_repeats={self.min_repeats} (must be >= 1)")
-        if self.max_repeats < max(self.min_repeats, 1):
-            problems.append(f"max_repeats={self.max_repeats} (must be >= min_repeats)")
-        if self.rel_tol < 0:
-            problems.append(f"rel_tol={self.rel_tol} (must be >= 0)")
-        if self.time_cap_s <= 0:
-            problems.append(f"time_cap_s={self.time_cap_s} (must be > 0)")
-        if problems:
-            raise ErnasError("Invalid measurement budget: " + "; ".join(problems)
-                             + ". Fix these fields of the latency budget config.")
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MeasureBudget:
-        """Build from a config mapping, with an ErnasError naming unknown fields."""
-        cfg = _plain(cfg or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(cfg) - set(valid))
-        if unknown:
-            raise ErnasError(f"Unknown measurement budget field(s) {unknown}; valid fields are "
-                             f"{valid}. Fix the latency budget config.")
-        return cls(**cfg)
-
-
-def run_with_budget(run_once: Callable[[], float], budget: MeasureBudget) -> np.ndarray:
-    """Call ``run_once() -> ms`` under ``budget`` (see ``MeasureBudget``); return samples in ms."""
-    for _ in range(budget.warmup):
-        run_once()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < budget.max_repeats:
-        samples.append(float(run_once()))
-        n = len(samples)
-        if n < budget.min_repeats:
-            continue
-        if time.perf_counter() - start >= budget.time_cap_s:
-            break
-        med = float(np.median(samples))
-        half = float(np.median(samples[: max(n // 2, 1)]))
-        if med > 0 and abs(med - half) / med < budget.rel_tol:
-            break
-    return np.asarray(samples, dtype=np.float64)
-
-
-# --------------------------------------------------------------------------- metadata helpers
-def cpu_name() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def machine_description() -> str:
-    """One line for benchmark reports: CPU model, logical cores and torch's thread count."""
-    return f"CPU {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
 
 
 def library_versions() -> dict[str, str | None]:
@@ -138,22 +56,6 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def _plain(cfg: Any) -> dict:
-    """A plain dict from a dict or an OmegaConf DictConfig."""
-    if cfg is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        DictConfig = None
-    if DictConfig is not None and isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if not isinstance(cfg, Mapping):
-        raise ErnasError(f"Expected a mapping for the latency config, got {type(cfg).__name__}: "
-                         f"{cfg!r}. Fix: write it as `name: onnxruntime, threads: 2, ...`.")
-    return dict(cfg)
-
-
 def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ErnasError(f"Unknown dtype {dtype!r} for the latency backend; valid values are "
@@ -163,31 +65,42 @@ def _check_dtype(dtype: str) -> torch.dtype:
 
 # --------------------------------------------------------------------------- base
 class Backend(abc.ABC):
-    """Base class: ``measure`` returns per-run latencies in ms; ``metadata`` describes the setup.
-
-    ``measure`` may move/cast ``module`` in place (callers pass a freshly built module).
-    """
+    """Base class: ``runner`` prepares a model for timing; ``fingerprint`` and ``metadata``
+    describe the setup. ``runner`` may move/cast ``module`` in place (pass a fresh module)."""
 
     name: str = ""
     dtype: str = "float32"
 
     @abc.abstractmethod
+    def runner(self, module: nn.Module, example_input: torch.Tensor) -> Runner:
+        """Prepare ``module`` once; each call of the result runs it once and returns ms."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict:
+        """What the timings depend on (``ernas.latency.fingerprint``)."""
+
     def measure(self, module: nn.Module, example_input: torch.Tensor,
                 budget: MeasureBudget | None = None) -> np.ndarray:
-        """Per-run latencies (ms) of ``module`` on ``example_input`` after warm-up."""
+        """Per-run latencies (ms) of ``module`` on ``example_input`` after warm-up, timed on its
+        own under ``budget`` (to compare models, use ``measure.measure_interleaved``)."""
+        return run_with_budget(self.runner(module, example_input), budget or MeasureBudget())
+
+    def session_options(self) -> dict:
+        """The runtime settings that shape a measurement (the fingerprint's runtime part)."""
+        return dict(self.fingerprint()["runtime"])
 
     def metadata(self) -> dict:
         return {
             "backend": self.name, "device": cpu_name(), "provider": None, "threads": None,
             "graph_optimization": None, "dtype": self.dtype, "versions": library_versions(),
             "platform": platform.platform(), "hostname": socket.gethostname(),
-            "python": platform.python_version(),
+            "python": platform.python_version(), "fingerprint": self.fingerprint(),
         }
 
     def __repr__(self) -> str:
-        meta = {k: v for k, v in self.metadata().items()
-                if k in ("provider", "threads", "graph_optimization", "dtype") and v is not None}
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in meta.items())})"
+        opts = {k: v for k, v in self.session_options().items()
+                if k in ("provider", "threads", "spinning", "graph_optimization") and v is not None}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
 
     def _prepare(self, module: nn.Module, example_input: torch.Tensor, device="cpu"):
         dt = DTYPES[self.dtype]
@@ -198,20 +111,30 @@ class Backend(abc.ABC):
 
 
 class _ExportingBackend(Backend):
-    """Shared by backends that export the module to an ONNX file first."""
+    """Shared by backends that run an ONNX file: ``runner`` exports, then ``onnx_runner``."""
 
     opset: int = 17
     workdir: str | None = None
     _count = 0
 
-    def _export(self, module, example_input, tmpdir: str) -> Path:
+    @abc.abstractmethod
+    def onnx_runner(self, path: str | os.PathLike, input_shape=None) -> Runner:
+        """A runner for an already exported ONNX file (e.g. an int8 model); ``input_shape``
+        fixes the first input's shape where the file leaves it symbolic."""
+
+    def runner(self, module, example_input):
         module, x = self._prepare(module, example_input)
+        tmp = None
         if self.workdir:
             _ExportingBackend._count += 1
             path = Path(self.workdir) / f"{self.name}_{os.getpid()}_{_ExportingBackend._count}.onnx"
         else:
-            path = Path(tmpdir) / "model.onnx"
-        return export_onnx(module, x, path, opset=self.opset)
+            tmp = tempfile.TemporaryDirectory(prefix=f"ernas_{self.name}_")
+            path = Path(tmp.name) / "model.onnx"
+        export_onnx(module, x, path, opset=self.opset)
+        run = self.onnx_runner(path, tuple(example_input.shape))
+        run.workdir = tmp  # the exported file lives as long as the runner
+        return run
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -221,14 +144,17 @@ GRAPH_OPTIMIZATION = ("all", "extended", "basic", "disable")
 class OnnxRuntimeBackend(_ExportingBackend):
     """Export to ONNX and time ``InferenceSession.run`` on this host (perf_counter, fixed input).
 
-    ``workdir``: keep the exported ONNX files there (default: a temporary directory, deleted).
+    Sessions: sequential execution, ``threads`` intra-op threads, one inter-op thread and
+    ``spinning`` (default off: idle workers sleep instead of busy-waiting, which on a shared
+    2-core machine keeps whole-network timings close to the sum of their parts; see
+    ``ernas.latency.time_onnx``). ``workdir``: keep the exported ONNX files there.
     """
 
     name = "onnxruntime"
 
     def __init__(self, threads: int = 2, provider: str = "CPUExecutionProvider",
                  graph_optimization: str = "all", opset: int = 17, workdir: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", spinning: bool = False):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -242,54 +168,52 @@ class OnnxRuntimeBackend(_ExportingBackend):
                              f"valid values are {list(GRAPH_OPTIMIZATION)}.")
         if int(threads) < 1:
             raise ErnasError(f"onnxruntime backend threads={threads} must be >= 1.")
+        if not isinstance(spinning, bool):
+            raise ErnasError(f"onnxruntime backend spinning={spinning!r} must be true or false.")
         _check_dtype(dtype)
-        self.threads, self.provider = int(threads), provider
+        self.threads, self.provider, self.spinning = int(threads), provider, spinning
         self.graph_optimization, self.opset = graph_optimization, int(opset)
         self.workdir, self.dtype = workdir, dtype
 
     def session(self, onnx_path: str | os.PathLike):
-        """An ``InferenceSession`` configured like the measurements (threads, provider, level)."""
-        import onnxruntime as ort
+        """An ``InferenceSession`` configured like the measurements (threads, provider, level,
+        spinning). Every onnxruntime session ernas times should come from here."""
+        from ernas.latency.time_onnx import make_session
 
-        level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                 "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                 "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[self.graph_optimization]
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = level
-        so.log_severity_level = 3
-        return ort.InferenceSession(str(onnx_path), sess_options=so, providers=[self.provider])
+        return make_session(onnx_path, self.threads, self.provider, self.graph_optimization,
+                            self.spinning)
 
-    def measure(self, module, example_input, budget=None):
-        budget = budget or MeasureBudget()
-        with tempfile.TemporaryDirectory(prefix="ernas_ort_") as tmp:
-            path = self._export(module, example_input, tmp)
-            sess = self.session(path)
-        rng = np.random.default_rng(0)
-        feeds = {}
-        for i, arg in enumerate(sess.get_inputs()):
-            shape = tuple(example_input.shape) if i == 0 else tuple(
-                d if isinstance(d, int) else 1 for d in arg.shape)
-            np_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                        "tensor(double)": np.float64}.get(arg.type, np.float32)
-            feeds[arg.name] = rng.standard_normal(shape).astype(np_dtype)
+    def onnx_runner(self, path, input_shape=None):
+        from ernas.latency.time_onnx import make_inputs
 
-        def run_once() -> float:
+        sess = self.session(path)
+        feeds = make_inputs(sess, 0, input_shape)
+
+        def run() -> float:
             t0 = time.perf_counter()
             sess.run(None, feeds)
             return (time.perf_counter() - t0) * 1e3
 
-        return run_with_budget(run_once, budget)
+        return run
+
+    def fingerprint(self):
+        import onnxruntime as ort
+
+        hardware = dict(host_hardware())
+        if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") \
+                and torch.cuda.is_available():
+            hardware["gpu"] = torch.cuda.get_device_name(0)
+        return fingerprint(hardware, {
+            "runtime": "onnxruntime", "version": ort.__version__, "provider": self.provider,
+            "graph_optimization": self.graph_optimization, "opset": self.opset,
+            "execution_mode": "sequential", "threads": self.threads, "spinning": self.spinning})
 
     def metadata(self):
         meta = {**super().metadata(), "provider": self.provider, "threads": self.threads,
-                "graph_optimization": self.graph_optimization, "opset": self.opset}
-        if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") \
-                and torch.cuda.is_available():
-            meta["device"] = torch.cuda.get_device_name(0)
+                "graph_optimization": self.graph_optimization, "opset": self.opset,
+                "spinning": self.spinning, "execution_mode": "sequential"}
+        if "gpu" in meta["fingerprint"]["hardware"]:
+            meta["device"] = meta["fingerprint"]["hardware"]["gpu"]
         return meta
 
 
@@ -297,8 +221,8 @@ class OnnxRuntimeBackend(_ExportingBackend):
 class TorchBackend(Backend):
     """PyTorch eager (or ``torch.compile``) under ``torch.inference_mode``.
 
-    CPU: perf_counter around each call, ``torch.set_num_threads(threads)`` while measuring.
-    CUDA: CUDA events around each call, then ``torch.cuda.synchronize``.
+    CPU: perf_counter around each call, ``torch.set_num_threads(threads)`` during each call
+    (restored after it). CUDA: CUDA events around each call, then ``torch.cuda.synchronize``.
     """
 
     name = "torch"
@@ -323,33 +247,46 @@ class TorchBackend(Backend):
     def _cuda(self) -> bool:
         return self.device.startswith("cuda")
 
-    def measure(self, module, example_input, budget=None):
-        budget = budget or MeasureBudget()
+    def runner(self, module, example_input):
         module, x = self._prepare(module, example_input, self.device)
         fn = torch.compile(module) if self.compile else module
-        old_threads = torch.get_num_threads()
-        if not self._cuda:
-            torch.set_num_threads(self.threads)
-        try:
-            with torch.inference_mode():
-                if self._cuda:
-                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        if self._cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
 
-                    def run_once() -> float:
-                        start.record()
-                        fn(x)
-                        end.record()
-                        torch.cuda.synchronize()
-                        return start.elapsed_time(end)
-                else:
-                    def run_once() -> float:
-                        t0 = time.perf_counter()
-                        fn(x)
-                        return (time.perf_counter() - t0) * 1e3
+            def run() -> float:
+                with torch.inference_mode():
+                    start.record()
+                    fn(x)
+                    end.record()
+                torch.cuda.synchronize()
+                return start.elapsed_time(end)
 
-                return run_with_budget(run_once, budget)
-        finally:
-            torch.set_num_threads(old_threads)
+            return run
+
+        def run() -> float:
+            old = torch.get_num_threads()
+            if old != self.threads:
+                torch.set_num_threads(self.threads)
+            try:
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    fn(x)
+                    return (time.perf_counter() - t0) * 1e3
+            finally:
+                if old != self.threads:
+                    torch.set_num_threads(old)
+
+        return run
+
+    def fingerprint(self):
+        runtime = {"runtime": "torch", "version": torch.__version__,
+                   "provider": "inductor" if self.compile else "eager"}
+        if self._cuda:
+            props = torch.cuda.get_device_properties(torch.device(self.device))
+            return fingerprint({"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
+                                "gpu_memory_mib": props.total_memory // 2 ** 20},
+                               {**runtime, "cuda": torch.version.cuda})
+        return fingerprint(host_hardware(), {**runtime, "threads": self.threads})
 
     def metadata(self):
         meta = super().metadata()
@@ -396,6 +333,7 @@ COMMAND_PRESETS: dict[str, dict[str, Any]] = {
 UNITS = {"ms": 1.0, "us": 1e-3, "s": 1e3}
 
 
+
 class CommandBackend(_ExportingBackend):
     """Export to ONNX and run an external benchmark command (a phone over adb, a board over ssh).
 
@@ -406,7 +344,7 @@ class CommandBackend(_ExportingBackend):
     in stdout+stderr is one sample; its first group is the number, in ``unit`` (ms | us | s).
     A tool that prints one line per run yields ``runs_per_call`` samples per call; one that prints
     an average yields one. The command is called again until the budget's stopping rule is met;
-    warm-up discards the first samples. The model is exported once per ``measure``.
+    warm-up discards the first samples. The model is exported once per runner.
     ``device``/``threads`` only label the metadata (the command decides what actually runs).
     """
 
@@ -477,18 +415,22 @@ class CommandBackend(_ExportingBackend):
                              f"backend's `pattern` (first group = the number) or its `template`.")
         return values
 
-    def measure(self, module, example_input, budget=None):
-        budget = budget or MeasureBudget()
-        with tempfile.TemporaryDirectory(prefix="ernas_cmd_") as tmp:
-            path = self._export(module, example_input, tmp)
-            pending: list[float] = []
+    def onnx_runner(self, path, input_shape=None):
+        pending: list[float] = []
 
-            def run_once() -> float:
-                if not pending:
-                    pending.extend(self.run_command(path))
-                return pending.pop(0)
+        def run() -> float:
+            if not pending:
+                pending.extend(self.run_command(path))
+            return pending.pop(0)
 
-            return run_with_budget(run_once, budget)
+        return run
+
+    def fingerprint(self):
+        return fingerprint({"device": self.device or f"command: {self.template}"},
+                           {"runtime": "command", "command": self.template,
+                            "pattern": self.pattern, "unit": self.unit,
+                            "runs_per_call": self.runs_per_call, "opset": self.opset,
+                            "threads": self.threads})
 
     def metadata(self):
         return {**super().metadata(), "device": self.device or f"command: {self.template}",
@@ -508,7 +450,7 @@ def make_backend(cfg: Mapping[str, Any]) -> Backend:
     The command backend also takes ``preset: <COMMAND_PRESETS key>``; explicit fields override
     the preset's.
     """
-    cfg = _plain(cfg)
+    cfg = plain_mapping(cfg, "latency backend")
     name = cfg.pop("name", None)
     if name not in BACKENDS:
         raise ErnasError(f"Unknown latency backend name {name!r}; valid names are "

@@ -6,7 +6,8 @@ A key names one measurable op instance at one input shape::
 
 Attributes are sorted by name, so equal ops always print the same key. ``build_op(key)`` returns
 the module that runs exactly this op (the deployed implementation: BatchNorm already folded) and
-an input of the key's shape.
+an input of the key's shape. Generic ops (conv, depthwise conv, adds) live here; each family
+registers builders for its own op names (``Family.ops``), so the vocabulary is open.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ernas.blocks import ChannelAttention, LayerNorm2d, NAFBlock, SimpleGate, UpSample
 from ernas.errors import ErnasError
 
 _KEY = re.compile(r"^(?P<op>[a-z0-9_]+)(\[(?P<attrs>[^\]]*)\])?@(?P<shape>\d+(x\d+)*):(?P<dtype>\w+)$")
@@ -53,52 +53,80 @@ def parse_key(key: str) -> OpKey:
     return OpKey(m["op"], attrs, tuple(int(s) for s in m["shape"].split("x")), m["dtype"])
 
 
-class _ScaleAdd(nn.Module):
-    """y = a + x·β (a block's residual branch), measured with two inputs of the same shape."""
+class Add(nn.Module):
+    """A two-tensor addition a + b (a skip or residual add), measured as x + B with B a constant
+    tensor of the same shape: one Add node reading two full tensors, as in the network."""
 
-    def __init__(self, c):
+    def __init__(self, shape):
         super().__init__()
-        self.beta = nn.Parameter(torch.full((1, c, 1, 1), 0.5))
+        self.register_buffer("other", torch.randn(shape))
 
     def forward(self, x):
-        return x + x.flip(1) * self.beta
+        return x + self.other
 
 
-class _Add(nn.Module):
-    """A skip addition a + b (measured as x + flip(x) to keep one input)."""
+class ScaleAdd(nn.Module):
+    """A residual add with a per-channel layer scale, a + x·β (Mul then Add), measured with the
+    shortcut a a constant tensor of the input's shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.register_buffer("other", torch.randn(shape))
+        self.beta = nn.Parameter(torch.full((1, shape[1], 1, 1), 0.5))
 
     def forward(self, x):
-        return x + x.flip(1)
+        return self.other + x * self.beta
 
 
-def _conv(a: dict, c: int) -> nn.Module:
+def _conv(a: dict, shape) -> nn.Module:
     k, s = int(a["k"]), int(a.get("s", 1))
-    return nn.Conv2d(c, int(a["cout"]), k, stride=s, padding=k // 2 if s == 1 else 0,
+    return nn.Conv2d(shape[1], int(a["cout"]), k, stride=s, padding=k // 2 if s == 1 else 0,
                      bias=a.get("bias", "1") == "1")
 
 
-_BUILDERS = {
+def _dwconv(a: dict, shape) -> nn.Module:
+    k, c = int(a["k"]), shape[1]
+    return nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=a.get("bias", "1") == "1")
+
+
+# Generic ops; a family registers builders for its own op names (``Family.ops``). A builder
+# takes the key's attributes (dict of strings) and its input shape (N, C, H, W).
+_BUILDERS: dict[str, object] = {
     "conv2d": _conv,
-    "dwconv2d": lambda a, c: nn.Conv2d(c, c, int(a["k"]), padding=int(a["k"]) // 2, groups=c),
-    "layernorm2d": lambda a, c: LayerNorm2d(c),
-    "simplegate": lambda a, c: SimpleGate(),
-    "sca": lambda a, c: ChannelAttention(c),
-    "scale_add": lambda a, c: _ScaleAdd(c),
-    "add": lambda a, c: _Add(),
-    "upsample": lambda a, c: UpSample(c),
-    "nafblock": lambda a, c: NAFBlock(c, a["norm"], a["attention"], int(a["kernel"]),
-                                      int(a["dw_expand"]), int(a["ffn_expand"])),
+    "dwconv2d": _dwconv,
+    "add": lambda a, shape: Add(shape),
+    "scale_add": lambda a, shape: ScaleAdd(shape),
 }
+_OWNERS: dict[str, str] = {name: "ernas" for name in _BUILDERS}
+
+
+def register_ops(builders: dict, owner: str) -> None:
+    """Add op builders (``name -> builder(attrs, shape)``) of a family; a name already owned by
+    someone else is an error (two families must not give one op key two meanings)."""
+    for name, fn in builders.items():
+        if _OWNERS.get(name, owner) != owner:
+            raise ErnasError(f"op {name!r} of {owner!r} is already registered by "
+                             f"{_OWNERS[name]!r}; rename one of them.")
+        _BUILDERS[name], _OWNERS[name] = fn, owner
+
+
+def known_ops() -> list[str]:
+    return sorted(_BUILDERS)
 
 
 def build_op(key: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """Module and example input for one op key (random but seeded weights, eval mode)."""
     k = parse_key(key)
     if k.op not in _BUILDERS:
-        raise ErnasError(f"op key {key!r}: unknown op {k.op!r}; known ops are {', '.join(_BUILDERS)}.")
+        from ernas.family import all_families  # registers every findable family's builders
+
+        all_families()
+    if k.op not in _BUILDERS:
+        raise ErnasError(f"op key {key!r}: unknown op {k.op!r}; known ops are "
+                         f"{', '.join(known_ops())}. A family registers its ops in Family.ops.")
     torch.manual_seed(seed)
-    module = _BUILDERS[k.op](k.attr, k.shape[1])
-    for p in module.parameters():  # non-zero β/γ so no branch is optimised away
+    module = _BUILDERS[k.op](k.attr, k.shape)
+    for p in module.parameters():  # non-zero layer scales so no branch is optimised away
         if p.dim() == 4 and p.shape[2:] == (1, 1) and p.shape[0] == 1:
             nn.init.uniform_(p, 0.1, 1.0)
     dtype = getattr(torch, k.dtype)

@@ -43,17 +43,15 @@ class ExpectedLatency(torch.nn.Module):
         self.space = space
         self.input_shape = tuple(input_shape or table.metadata["input_shape"])
         self.granularity = granularity or table.metadata.get("granularity", "block")
-        spec, g = space.spec, space.geometry
         missing = [k for k in space.op_keys(self.input_shape, self.granularity) if k not in table]
         if missing:
             table.lookup(missing, fill_command=fill_command)  # raises MissingKeysError
         self.scale, self.offset = correction(table)
-        const = float(table.lookup(spec.fixed_op_keys(g, self.input_shape, self.granularity)).sum())
+        const = float(table.lookup(space.fixed_keys(self.input_shape, self.granularity)).sum())
         self.searchable = space.searchable
         for p in space.positions:
-            lat = [float(table.lookup(spec.block_op_keys(g, p, c, self.input_shape,
-                                                         self.granularity)).sum())
-                   if spec.block_op_keys(g, p, c, self.input_shape, self.granularity) else 0.0
+            lat = [float(table.lookup(space.position_keys(p, c, self.input_shape,
+                                                          self.granularity)).sum())
                    for c in space.combos(p)]
             if p in self.searchable:
                 shape = [len(v) for v in space.choices[p].values()]

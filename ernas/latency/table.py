@@ -3,11 +3,19 @@
 On disk, one CSV file whose first line carries the metadata as one-line JSON::
 
     # ernas-latency-table v1 {"backend": "onnxruntime", "threads": 2, ...}
-    key,median_ms,p10_ms,p90_ms,mean_ms,count
-    "dwconv2d[k=3]@1x64x256x256:float32",1.234,1.2,1.3,1.25,57
+    key,ms,median_ms,p10_ms,p90_ms,mean_ms,count
+    "dwconv2d[k=3]@1x64x256x256:float32",1.21,1.234,1.2,1.3,1.25,30
 
-Never pickled. ``metadata`` is free-form JSON: device, backend, provider, threads, dtype,
-input_shape [N,C,H,W], versions, date, space, granularity and an optional ``correction`` dict.
+Never pickled. Columns: ``ms`` is the value predictions use — the statistic named by the
+metadata's ``statistic`` (the 20th percentile of interleaved samples by default, see
+``ernas.latency.measure``); ``median_ms``, ``p10_ms``, ``p90_ms``, ``mean_ms`` and ``count``
+describe the samples. ``lookup`` returns ``ms`` and falls back to ``median_ms`` for rows without
+it (tables written before ``ms`` existed), so old tables read and predict as before.
+
+``metadata`` is free-form JSON: device, backend, provider, threads, dtype, input_shape [N,C,H,W],
+versions, date, space, granularity, ``fingerprint`` (``ernas.latency.fingerprint``),
+``statistic``, ``measure`` (the protocol), ``consistency`` (the profiler's check) and an optional
+``correction`` dict.
 """
 from __future__ import annotations
 
@@ -24,12 +32,14 @@ import pandas as pd
 
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_text, json_default
+from ernas.latency.measure import DEFAULT_STATISTIC, statistic
 
 __all__ = ["COMPAT_FIELDS", "HEADER", "LatencyTable", "MissingKeysError"]
 
 HEADER = "# ernas-latency-table v1 "
 STAT_COLUMNS = ("median_ms", "p10_ms", "p90_ms", "count")  # required
-OPTIONAL_COLUMNS = ("mean_ms",)
+OPTIONAL_COLUMNS = ("mean_ms", "ms")
+LATENCY_COLUMNS = ("ms", "median_ms", "p10_ms", "p90_ms", "mean_ms")
 # Metadata fields that must agree for two measurements to belong to one table.
 COMPAT_FIELDS = ("backend", "provider", "threads", "device", "input_shape", "dtype", "granularity")
 DEFAULT_FILL = "run ernas-profile for this space/backend"
@@ -64,14 +74,17 @@ def _empty_frame() -> pd.DataFrame:
 
 
 class LatencyTable:
-    """Latency statistics indexed by op key (columns median_ms, p10_ms, p90_ms, mean_ms, count)."""
+    """Latency statistics indexed by op key (columns ms, median_ms, p10_ms, p90_ms, mean_ms,
+    count; ``lookup`` returns ``ms``, else ``median_ms``)."""
 
     def __init__(self, frame: pd.DataFrame | None = None, metadata: dict | None = None,
                  path: str | os.PathLike | None = None):
         self._frame = _empty_frame() if frame is None else frame
         self.metadata: dict = dict(metadata or {})
         self.path = Path(path) if path is not None else None
-        self._medians: dict[str, float] | None = None
+        self.source = self.path  # the file it came from (kept by in-memory copies)
+        self.probe: dict | None = None  # set by ernas.latency.resolve: how it was accepted
+        self._values: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ basics
     def __contains__(self, key: object) -> bool:
@@ -102,17 +115,25 @@ class LatencyTable:
         return frame
 
     # ------------------------------------------------------------------ edit
-    def add(self, key: str, samples_ms: Iterable[float]) -> None:
-        """Add (or replace) the row of ``key`` from raw per-run latencies in ms."""
+    def add(self, key: str, samples_ms: Iterable[float], stat: str = DEFAULT_STATISTIC) -> None:
+        """Add (or replace) the row of ``key`` from raw per-run latencies in ms; ``ms`` is the
+        statistic ``stat`` of them (``ernas.latency.measure.statistic``)."""
         s = np.asarray(samples_ms, dtype=np.float64).ravel()
         if s.size == 0 or not np.all(np.isfinite(s)):
             raise ErnasError(f"Latency samples for op key {key!r} are empty or not finite "
                              f"({s[:5].tolist()}...); the backend produced no usable timing. "
                              f"Check the backend's output for this op.")
         p10, med, p90 = np.percentile(s, [10, 50, 90])
-        row = pd.DataFrame({"median_ms": [float(med)], "p10_ms": [float(p10)],
-                            "p90_ms": [float(p90)], "mean_ms": [float(s.mean())],
-                            "count": np.array([s.size], dtype=np.int64)},
+        self.add_summary(key, {"ms": statistic(s, stat), "median": float(med), "p10": float(p10),
+                               "p90": float(p90), "mean": float(s.mean()), "n": int(s.size)})
+
+    def add_summary(self, key: str, summary: dict) -> None:
+        """Add (or replace) the row of ``key`` from ``ernas.latency.measure.summarize`` output
+        (``ms``, ``median``, ``p10``, ``p90``, ``mean``, ``n``)."""
+        row = pd.DataFrame({"ms": [float(summary["ms"])], "median_ms": [float(summary["median"])],
+                            "p10_ms": [float(summary["p10"])], "p90_ms": [float(summary["p90"])],
+                            "mean_ms": [float(summary["mean"])],
+                            "count": np.array([summary["n"]], dtype=np.int64)},
                            index=pd.Index([str(key)], dtype=str, name="key"))
         self._set_rows(row)
 
@@ -121,7 +142,7 @@ class LatencyTable:
         frame = rows if len(base) == 0 else pd.concat([base, rows])
         frame.index.name = "key"
         self._frame = frame.astype({"count": "int64"})
-        self._medians = None
+        self._values = None
 
     def merge(self, other: LatencyTable, overwrite: bool = False) -> LatencyTable:
         """Add ``other``'s rows (in place; returns self). Keys in both keep this table's row
@@ -141,15 +162,31 @@ class LatencyTable:
 
     # ------------------------------------------------------------------ query
     def lookup(self, keys: list[str], fill_command: str | None = None) -> np.ndarray:
-        """Median latency (ms) per key, float64; ``MissingKeysError`` if any key is absent."""
-        if self._medians is None:
-            self._medians = dict(zip(self._frame.index, self._frame["median_ms"].to_numpy(float)))
-        med = self._medians
+        """Latency (ms) per key, float64: the ``ms`` column, or ``median_ms`` where a row has no
+        ``ms`` (older tables); ``MissingKeysError`` if any key is absent."""
+        if self._values is None:
+            col = self._frame["median_ms"]
+            if "ms" in self._frame.columns:
+                col = self._frame["ms"].fillna(col)
+            self._values = dict(zip(self._frame.index, col.to_numpy(float)))
+        values = self._values
         try:
-            return np.fromiter((med[k] for k in keys), dtype=np.float64, count=len(keys))
+            return np.fromiter((values[k] for k in keys), dtype=np.float64, count=len(keys))
         except KeyError:
-            missing = list(dict.fromkeys(k for k in keys if k not in med))
+            missing = list(dict.fromkeys(k for k in keys if k not in values))
             raise MissingKeysError(missing, self._where, fill_command) from None
+
+    def scaled(self, factor: float, note: dict | None = None) -> LatencyTable:
+        """A copy (in memory, no path) with every latency column times ``factor``; ``note`` is
+        recorded in the copy's metadata as ``rescaled``."""
+        frame = self._frame.copy()
+        cols = [c for c in LATENCY_COLUMNS if c in frame.columns]
+        frame[cols] = frame[cols] * float(factor)
+        meta = copy.deepcopy(self.metadata)
+        meta["rescaled"] = {"factor": float(factor), **(note or {})}
+        out = LatencyTable(frame, meta)
+        out.source = self.source
+        return out
 
     def check_compatible(self, required: dict, path: str | os.PathLike | None = None,
                          fix: str | None = None) -> None:
@@ -177,8 +214,8 @@ class LatencyTable:
         if path is None:
             raise ValueError("LatencyTable.save needs a path (the table has none yet)")
         meta = json.dumps(self.metadata, sort_keys=True, default=json_default)
-        cols = list(STAT_COLUMNS[:3]) + [c for c in self._frame.columns
-                                         if c not in STAT_COLUMNS] + ["count"]
+        lead = [c for c in ("ms",) if c in self._frame.columns] + list(STAT_COLUMNS[:3])
+        cols = lead + [c for c in self._frame.columns if c not in lead + ["count"]] + ["count"]
         body = self._frame[cols].to_csv(lineterminator="\n")
         atomic_write_text(path, HEADER + meta + "\n" + body)
         self.path = path

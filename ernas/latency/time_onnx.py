@@ -7,6 +7,12 @@ The local stand-in for a device benchmark tool (what ``CommandBackend`` runs in 
 
 Inputs are seeded random tensors of the model's input shapes; a symbolic dimension becomes 1 for
 the batch axis and 64 for every other axis. Needs only onnxruntime and numpy (no torch).
+
+Session options are the project's measurement settings, made in one place (``make_session``,
+also used by ``OnnxRuntimeBackend.session``): sequential execution, one inter-op thread,
+``threads`` intra-op threads and intra-/inter-op **spinning off** unless ``--spinning``. Spinning
+worker threads busy-wait for work; on a shared 2-core machine they fight the other processes and
+each other, which made whole networks 1.15-1.57x the sum of their parts at 2 threads here.
 """
 from __future__ import annotations
 
@@ -23,16 +29,40 @@ NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 LEVELS = ("all", "extended", "basic", "disable")
 
 
-def make_inputs(session, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every session input (symbolic dims: batch -> 1, others -> 64)."""
+def make_session(path, threads: int = 2, provider: str = "CPUExecutionProvider",
+                 graph_optimization: str = "all", spinning: bool = False):
+    """An ``InferenceSession`` with the measurement settings (see the module docstring)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[graph_optimization]
+    spin = "1" if spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return ort.InferenceSession(str(path), sess_options=so, providers=[provider])
+
+
+def make_inputs(session, seed: int = 0, first_shape=None) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every session input. ``first_shape`` fixes the first input's
+    shape; other symbolic dims become 1 on the batch axis and 64 elsewhere."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for arg in session.get_inputs():
+    for n, arg in enumerate(session.get_inputs()):
         shape = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else 64)
                  for i, d in enumerate(arg.shape)]
+        if n == 0 and first_shape is not None:
+            shape = [int(s) for s in first_shape]
         dtype = NP_TYPES.get(arg.type)
         if dtype is None:
-            raise SystemExit(f"time_onnx: input {arg.name!r} has unsupported type {arg.type}")
+            raise ValueError(f"input {arg.name!r} has unsupported type {arg.type}")
         if np.issubdtype(dtype, np.floating):
             feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         else:
@@ -49,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     ap.add_argument("--provider", default="CPUExecutionProvider")
     ap.add_argument("--graph-optimization", choices=LEVELS, default="all")
+    ap.add_argument("--spinning", action="store_true",
+                    help="let idle worker threads spin (default off: see the module docstring)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -64,18 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"time_onnx: provider {args.provider!r} not available; available: "
               f"{ort.get_available_providers()}", file=sys.stderr)
         return 2
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[args.graph_optimization]
-    sess = ort.InferenceSession(args.model, sess_options=so, providers=[args.provider])
-    feeds = make_inputs(sess, args.seed)
+    sess = make_session(args.model, args.threads, args.provider, args.graph_optimization,
+                        args.spinning)
+    try:
+        feeds = make_inputs(sess, args.seed)
+    except ValueError as e:
+        print(f"time_onnx: {e}", file=sys.stderr)
+        return 2
     for _ in range(args.warmup):
         sess.run(None, feeds)
     for _ in range(args.repeats):

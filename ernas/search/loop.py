@@ -7,7 +7,7 @@ Each step s:
   2. after ``warmup_steps``, every ``alpha_every`` steps: α ← Adam step on the full objective
      task + latency + w_H(s)·H̄ of a validation batch (``SearchObjective``).
 
-Batches are pure functions of (seed, step) (``step_batches``), and the checkpoint holds the model,
+Batches are pure functions of (seed, step) (``ernas.batches``), and the checkpoint holds the model,
 α, both optimisers, the LR schedule, the log so far and every RNG state, so a run killed at any
 point and resumed gives the same α as an uninterrupted run (on CPU).
 """
@@ -22,61 +22,18 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ernas import distributed as D
+from ernas.batches import Batch
 from ernas.errors import ErnasError
 from ernas.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from ernas.search.objective import (EntropySchedule, LatencyLoss, SearchObjective, batch_psnr,
+from ernas.search.objective import (EntropySchedule, LatencyLoss, SearchObjective,
                                     normalized_entropy)
 from ernas.space import Arch, SearchSpace
 from ernas.supernet import SuperNet
-
-Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def step_batches(dataset, batch_size: int, seed: int) -> Batch:
-    """``batch(step) -> (noisy, clean)``, a pure function of (seed, step).
-
-    Python ``random``, numpy and torch are seeded from (seed, step) inside saved-and-restored RNG
-    state, indices are drawn uniformly with replacement and ``dataset[i]["noisy"/"clean"]`` are
-    stacked. Keyed ernas datasets (``set_epoch``/draw counter) are re-keyed with epoch = step and
-    a zero draw count for the call and restored afterwards, so their crops and noise depend on
-    (step, index) only."""
-    if batch_size < 1:
-        raise ErnasError(f"batch_size={batch_size!r} must be a positive integer.")
-    n = len(dataset)
-
-    def batch(step: int):
-        key = int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1)[0])
-        py_state, np_state = random.getstate(), np.random.get_state()
-        epoch, draw = getattr(dataset, "epoch", None), getattr(dataset, "_draw", None)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                random.seed(key)
-                np.random.seed(key)
-                torch.manual_seed(key)
-                idx = torch.randint(n, (batch_size,)).tolist()
-                if epoch is not None and hasattr(dataset, "set_epoch"):
-                    dataset.set_epoch(step)
-                if draw is not None:
-                    dataset._draw = 0
-                items = [dataset[i] for i in idx]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            if epoch is not None and hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            if draw is not None:
-                dataset._draw = draw
-        return (torch.stack([it["noisy"] for it in items]),
-                torch.stack([it["clean"] for it in items]))
-
-    return batch
-
 
 @dataclass
 class SearchConfig:
@@ -85,6 +42,7 @@ class SearchConfig:
     steps: int = 1000
     warmup_steps: int = 100          # weight-only steps before α is trained
     batch_size: int = 8
+    crop: int = 64                   # training and α crops
     lr_w: float = 1e-3               # AdamW, cosine to lr_min over `steps`
     lr_min: float = 1e-6
     weight_decay: float = 0.0
@@ -93,7 +51,6 @@ class SearchConfig:
     temperature: float = 1.0
     gumbel: bool = False
     mode: str = "shared"
-    task: str = "psnr"               # psnr | l1
     latency_form: str = "additive"   # additive | multiplicative | hinge
     lam: float = 0.1
     target_ms: float | None = None   # None: the baseline arch's predicted latency
@@ -165,8 +122,9 @@ def _choice_str(v) -> str:
 class _Run:
     """State of one search run (model, optimisers, logs) and its file outputs."""
 
-    def __init__(self, space, expected_latency, cfg: SearchConfig, out_dir: Path, baseline: Arch):
-        self.space, self.cfg, self.out = space, cfg, out_dir
+    def __init__(self, space, expected_latency, cfg: SearchConfig, out_dir: Path, baseline: Arch,
+                 task):
+        self.space, self.cfg, self.out, self.task = space, cfg, out_dir, task
         self.device = _device(cfg.device)
         self.expected = expected_latency.to(self.device)
         torch.manual_seed(cfg.seed)
@@ -183,7 +141,7 @@ class _Run:
                             else None)
         target = cfg.target_ms or self.baseline_ms or float(self.expected(self.net.probs(False)))
         self.target_ms = float(target)
-        self.objective = SearchObjective(cfg.task, LatencyLoss(cfg.latency_form, cfg.lam,
+        self.objective = SearchObjective(task.loss, LatencyLoss(cfg.latency_form, cfg.lam,
                                                                self.target_ms, cfg.beta),
                                          cfg.entropy_schedule())
         self.step = 0
@@ -229,7 +187,7 @@ class _Run:
         _set_rng_state(ck["rng"])
 
     # -------------------------------------------------------------- logging
-    def log(self, step: int, parts: dict, train_psnr: float, alpha_updated: bool) -> None:
+    def log(self, step: int, parts: dict, train_metric: float, alpha_updated: bool) -> None:
         """One row of log.csv (loss parts of the α step, or of the objective on the training
         batch when α was not updated) and the current probabilities for alphas.csv."""
         with torch.no_grad():
@@ -238,7 +196,8 @@ class _Run:
         self.log_rows.append({"step": step, "alpha_updated": int(alpha_updated),
                               **{k: parts[k] for k in ("total", "task", "latency",
                                                        "entropy_weight")},
-                              "train_psnr": train_psnr, "expected_ms": expected_ms,
+                              f"train_{self.task.metric}": train_metric,
+                              "expected_ms": expected_ms,
                               "entropy": self.net.entropy(),
                               "decisiveness": self.net.decisiveness(),
                               "lr_w": self.opt_w.param_groups[0]["lr"],
@@ -284,12 +243,13 @@ def _fail(step: int, phase: str, parts: dict, ckpt: Path) -> ErnasError:
 
 
 def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_batch: Batch,
-               cfg: SearchConfig, out_dir, resume: bool = False, progress: bool = True,
+               cfg: SearchConfig, out_dir, task, resume: bool = False, progress: bool = True,
                baseline_arch: Arch | None = None, input_shape=None,
                stop_after: int | None = None) -> dict:
-    """Search ``space``; write logs, ``arch.yaml``, plots, checkpoint and ``summary.json`` to
-    ``out_dir`` and return the summary. ``stop_after=k`` returns after step k (without final
-    outputs) to simulate an interruption; ``resume=True`` continues from ``checkpoint.pt``."""
+    """Search ``space`` for ``task`` (an ``ernas.task.Task``: its loss and metric); write logs,
+    ``arch.yaml``, plots, checkpoint and ``summary.json`` to ``out_dir`` and return the summary.
+    ``stop_after=k`` returns after step k (without final outputs) to simulate an interruption;
+    ``resume=True`` continues from ``checkpoint.pt``."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -298,7 +258,7 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
     det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        run = _Run(space, expected_latency, cfg, out, baseline)
+        run = _Run(space, expected_latency, cfg, out, baseline, task)
         if resume:
             run.load()
         net, dev = run.net, run.device
@@ -311,31 +271,31 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
             step = run.step
             net.train()
             # 1. weights on a training batch
-            noisy, clean = (t.to(dev) for t in train_batch(step))
+            x, y = (t.to(dev) for t in train_batch(step))
             with torch.no_grad():
                 probs = net.probs()
             with autocast:
-                pred = net(noisy, probs)
-            task = run.objective.task(pred.float(), clean)
-            if not math.isfinite(D.all_reduce_mean(float(task.detach()))):  # same on every rank
+                pred = net(x, probs)
+            loss = run.objective.task(pred.float(), y)
+            if not math.isfinite(D.all_reduce_mean(float(loss.detach()))):  # same on every rank
                 run.write_logs()
-                raise _fail(step, "weight (task)", {"task": float(task.detach())}, run.ckpt)
+                raise _fail(step, "weight (task)", {"task": float(loss.detach())}, run.ckpt)
             run.opt_w.zero_grad(set_to_none=True)
-            task.backward()
+            loss.backward()
             D.average_gradients(net.weight_parameters())
             run.opt_w.step()
             run.sched.step()
-            train_psnr = batch_psnr(pred, clean)
+            train_metric = task.batch_metric(pred, y)
             parts = None
             # 2. architecture on a validation batch
             if step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.alpha_every == 0:
-                vn, vc = (t.to(dev) for t in val_batch(step))
+                vx, vy = (t.to(dev) for t in val_batch(step))
                 alphas = net.arch_parameters()
                 with frozen(net.weight_parameters()):  # keep no tensors for weight gradients
                     probs = net.probs()
                     with autocast:
-                        vpred = net(vn, probs)
-                    total, parts = run.objective(vpred.float(), vc, run.expected(probs),
+                        vpred = net(vx, probs)
+                    total, parts = run.objective(vpred.float(), vy, run.expected(probs),
                                                  normalized_entropy(net.probs(sample=False)),
                                                  step)
                     if not math.isfinite(D.all_reduce_mean(parts["total"])):
@@ -351,12 +311,12 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
                 alpha_updated = parts is not None
                 if parts is None:  # weight-only step: the objective's parts on the train batch
                     with torch.no_grad():
-                        _, parts = run.objective(pred.detach().float(), clean,
+                        _, parts = run.objective(pred.detach().float(), y,
                                                  run.expected(net.probs(sample=False)),
                                                  net.entropy(), step)
-                run.log(step, parts, train_psnr, alpha_updated)
+                run.log(step, parts, train_metric, alpha_updated)
                 bar.set_postfix(loss=f"{parts['total']:.3f}",
-                                psnr=f"{train_psnr:.2f}",
+                                **{task.metric: f"{train_metric:.3f}"},
                                 lat=f"{run.log_rows[-1]['expected_ms']:.2f}ms",
                                 H=f"{run.log_rows[-1]['entropy']:.3f}")
             bar.update(1)
@@ -378,24 +338,24 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
 
 
 @torch.no_grad()
-def _val_psnr(net: torch.nn.Module, val_batch: Batch, n: int, device) -> float:
-    """Mean PSNR of ``net`` (supernet or extracted network) on the first ``n`` val batches."""
-    from ernas.metrics import psnr
-
+def val_metric(net: torch.nn.Module, val_batch: Batch, n: int, device, task) -> float:
+    """The task's headline metric of ``net`` (supernet or extracted network) over the first
+    ``n`` validation batches, accumulated by one evaluator."""
     net.eval()
-    vals = []
+    ev = task.evaluator()
     for i in range(n):
-        noisy, clean = val_batch(i)
-        pred = net(noisy.to(device)).float().cpu()
-        vals += [psnr(p, c) for p, c in zip(pred, clean)]
-    return float(np.mean(vals))
+        x, y = val_batch(i)
+        ev.update(net(x.to(device)).float().cpu(), y, f"val{i}")
+    return float(ev.compute()[task.metric])
 
 
 def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
     from ernas import build_model
-    from ernas.metrics import count_macs, count_params
+    from ernas.complexity import count_macs, count_params
+    from ernas.plots import plot_probs, plot_search_curves
 
-    net, out, space = run.net, run.out, run.space
+    net, out, space, task = run.net, run.out, run.space, run.task
+    m = task.metric
     derived = net.derive(name=f"{space.name}_searched")
     per_rank = D.all_gather_object(derived.to_dict())
     arch_path = out / "arch.yaml"
@@ -414,9 +374,10 @@ def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
         "params": count_params(inherited), "baseline_params": count_params(base_model),
         "macs": count_macs(inherited, shape), "baseline_macs": count_macs(base_model, shape),
         "input_shape": list(shape),
-        "supernet_val_psnr": _val_psnr(net, val_batch, run.cfg.eval_batches, run.device),
-        "inherited_val_psnr": _val_psnr(inherited.to(run.device), val_batch,
-                                        run.cfg.eval_batches, run.device),
+        "task": task.name, "metric": m,
+        f"supernet_val_{m}": val_metric(net, val_batch, run.cfg.eval_batches, run.device, task),
+        f"inherited_val_{m}": val_metric(inherited.to(run.device), val_batch,
+                                         run.cfg.eval_batches, run.device, task),
         "decisiveness": net.decisiveness(), "entropy": net.entropy(),
         "search_seconds": run.elapsed, "steps": run.step, "mode": run.cfg.mode,
         "world_size": D.world_size(), "ranks_agree": all(a == per_rank[0] for a in per_rank),
@@ -424,72 +385,11 @@ def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
                                                  default=str).encode()).hexdigest()[:16],
         "space": space.name, "config": run.cfg.to_dict(),
     }
-    summary["discretisation_gap_db"] = summary["supernet_val_psnr"] - summary["inherited_val_psnr"]
+    summary["discretisation_gap"] = summary[f"supernet_val_{m}"] - summary[f"inherited_val_{m}"]
     if summary["baseline_latency_ms"]:
         summary["speedup"] = summary["baseline_latency_ms"] / summary["predicted_latency_ms"]
     if D.is_main():
-        _plot_probs(run.alpha_rows, out / "probs.png")
-        _plot_curves(run.log_rows, out / "curves.png")
+        plot_probs(run.alpha_rows, out / "probs.png")
+        plot_search_curves(run.log_rows, out / "curves.png", m, task.metric_label)
         atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-def _plot_probs(rows: list[dict], path: Path) -> None:
-    """Small multiples: one panel per (position, decision), one line per candidate."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from ernas.io import atomic_write_bytes
-
-    df = pd.DataFrame(rows, columns=["step", "position", "decision", "choice", "probability"])
-    positions = list(dict.fromkeys(df["position"])) or ["-"]
-    decisions = list(dict.fromkeys(df["decision"])) or ["-"]
-    size = (2.2 * len(decisions), 1.4 * len(positions) + 0.6)
-    fig, axes = plt.subplots(len(positions), len(decisions), squeeze=False, sharex=True,
-                             sharey=True, figsize=size)
-    for i, pos in enumerate(positions):
-        for j, dec in enumerate(decisions):
-            ax = axes[i][j]
-            sub = df[(df["position"] == pos) & (df["decision"] == dec)]
-            for choice, g in sub.groupby("choice", sort=False):
-                ax.plot(g["step"], g["probability"], label=str(choice))
-            if len(sub):
-                ax.legend(fontsize=5, loc="upper left")
-            ax.set_ylim(0, 1)
-            ax.tick_params(labelsize=6)
-            if i == 0:
-                ax.set_title(dec, fontsize=8)
-            if j == 0:
-                ax.set_ylabel(pos, fontsize=7)
-    fig.tight_layout()
-    _save_fig(fig, path, atomic_write_bytes)
-    plt.close(fig)
-
-
-def _plot_curves(rows: list[dict], path: Path) -> None:
-    """Expected latency (ms) and training PSNR (dB) over the steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ernas.io import atomic_write_bytes
-
-    steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(steps, [r["expected_ms"] for r in rows])
-    a.set(xlabel="step", ylabel="E[latency] (ms)", title="expected latency")
-    b.plot(steps, [r["train_psnr"] for r in rows])
-    b.set(xlabel="step", ylabel="PSNR (dB)", title="training PSNR")
-    fig.tight_layout()
-    _save_fig(fig, path, atomic_write_bytes)
-    plt.close(fig)
-
-
-def _save_fig(fig, path: Path, write) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write(path, buf.getvalue())

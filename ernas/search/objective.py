@@ -12,40 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ernas.errors import ErnasError
-
-_PSNR_SCALE = 10.0 / math.log(10.0)
-
-
-def psnr_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """NAFNet's PSNR loss: (10/ln 10)·mean_i log(MSE_i + 1e-8), MSE_i over the pixels of image i.
-
-    Equal to −mean_i PSNR_i (dB, data range 1) up to the 1e-8; minimising it maximises PSNR."""
-    mse = (pred - target).pow(2).flatten(1).mean(1)
-    return _PSNR_SCALE * torch.log(mse + 1e-8).mean()
-
-
-def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error: mean |pred − target|."""
-    return F.l1_loss(pred, target)
-
-
-TASK_LOSSES = {"psnr": psnr_loss, "l1": l1}
-
-
-def batch_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean over the batch of 10·log10(1/MSE_i), pred clipped to [0, 1] (data range 1), as
-    ``ernas.metrics.psnr`` on each image; for logging."""
-    mse = (pred.detach().float().clamp(0, 1) - target.float()).pow(2).flatten(1).mean(1)
-    return float((-10.0 * torch.log10(mse.clamp_min(1e-12))).mean())
-
-
-def task_loss(name: str):
-    if name not in TASK_LOSSES:
-        raise ErnasError(f"task loss {name!r} is not known; use one of {', '.join(TASK_LOSSES)}.")
-    return TASK_LOSSES[name]
 
 
 class LatencyLoss:
@@ -124,12 +92,12 @@ class EntropySchedule:
 
 
 class SearchObjective:
-    """total = task' + latency_term + w_H(step)·entropy (see the module docstring)."""
+    """total = task' + latency_term + w_H(step)·entropy (see the module docstring);
+    ``task(pred, target)`` is the task's training loss (``Task.loss``)."""
 
-    def __init__(self, task: str = "psnr", latency: LatencyLoss | None = None,
+    def __init__(self, task, latency: LatencyLoss | None = None,
                  entropy_schedule: EntropySchedule | None = None):
-        self.task_name = task
-        self.task = task_loss(task)
+        self.task = task
         self.latency = latency
         self.entropy_schedule = entropy_schedule or EntropySchedule()
 

@@ -3,17 +3,12 @@
 Noise convention (KAIR / Restormer test scripts): ``noisy = clean + N(0, sigma/255)`` with the
 clean image in [0, 1] and sigma in 0..255 units; the noisy image is **not** clipped.
 
-Randomness is keyed, never global: a training sample draws from
-``numpy.random.default_rng([seed, epoch, index, draw])`` (``draw`` counts this dataset object's
-``__getitem__`` calls, so a second pass gives fresh crops and noise), and an evaluation sample from
-``default_rng([seed, index])``. Two datasets built with the same seed and read in the same order
-give identical samples, whatever else the program does with torch or numpy RNGs. With
-``DataLoader(num_workers > 0)`` each worker starts from a copy of the dataset, so call
-``dataset.set_epoch(epoch)`` at the start of every epoch (as with ``DistributedSampler``) to get
-fresh samples each epoch.
+Randomness is keyed, never global (``ernas.data.keyed``): a training sample draws from
+``numpy.random.default_rng([seed, epoch, index, draw])``, an evaluation sample's noise from
+``default_rng([seed, index])``.
 
-Every item is a dict: ``noisy`` and ``clean`` (float32 C x H x W tensors), ``name`` (str) and,
-for synthetic noise, ``sigma`` (float, 0..255 units).
+Every item is a dict: ``input`` (the noisy image) and ``target`` (the clean one), float32
+C x H x W tensors, ``name`` (str) and, for synthetic noise, ``sigma`` (float, 0..255 units).
 """
 
 from __future__ import annotations
@@ -26,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from ernas.data.images import IMAGE_EXTENSIONS, bundled_images, read_image
+from ernas.data.images import IMAGE_EXTENSIONS, read_image
+from ernas.data.keyed import KeyedDataset, check_crop, check_seed
 from ernas.errors import ErnasError
 
 ArrayOrTensor = np.ndarray | torch.Tensor
@@ -74,7 +69,7 @@ def test_noise(clean: ArrayOrTensor, sigma: float, seed: int, index: int) -> Arr
 
     z is drawn in the layout of ``clean`` (the datasets apply it to the C x H x W tensor).
     """
-    _check_seed(seed)
+    check_seed(seed)
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ErnasError(f"test_noise: index={index!r} must be a non-negative integer "
                          f"(the position of the image in its dataset).")
@@ -84,12 +79,6 @@ def test_noise(clean: ArrayOrTensor, sigma: float, seed: int, index: int) -> Arr
 
 
 test_noise.__test__ = False  # not a pytest test despite its name
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ErnasError(f"seed={seed!r} is not valid: use a non-negative integer such as 0.")
-    return int(seed)
 
 
 def _check_sigma_value(value, where: str) -> float:
@@ -166,14 +155,6 @@ class SigmaSpec:
 # --------------------------------------------------------------------------- crops and augments
 
 
-def _check_crop(crop) -> int | None:
-    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, np.integer))
-                             or crop < 1):
-        raise ErnasError(f"crop={crop!r} is not valid: use a positive integer patch size "
-                         f"(e.g. 128) or None for whole images.")
-    return None if crop is None else int(crop)
-
-
 def _check_fits(name: str, shape, crop: int | None, where: str = "") -> None:
     if crop is not None and (shape[0] < crop or shape[1] < crop):
         raise ErnasError(
@@ -190,15 +171,6 @@ def _as_hwc(name: str, img) -> np.ndarray:
         raise ErnasError(f"Image {name!r} has shape {arr.shape}; datasets expect H x W x C "
                          f"numpy arrays (as returned by read_image / load_bundled).")
     return arr
-
-
-def _check_length(length, n: int) -> int:
-    if length is None:
-        return n
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
-        raise ErnasError(f"length={length!r} is not valid: use a positive number of samples "
-                         f"per epoch, or None for one sample per image.")
-    return int(length)
 
 
 def _random_crop_augment(arr: np.ndarray, crop: int | None, rng: np.random.Generator
@@ -225,38 +197,7 @@ def _to_chw(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # always a private copy
 
 
-class _KeyedDataset(Dataset):
-    """Shared bookkeeping: length, seed, epoch and the per-sample RNG key."""
-
-    def __init__(self, n: int, crop, train: bool, length, seed: int):
-        if n == 0:
-            raise ErnasError("The dataset got no images. Pass at least one image (check the "
-                             "folder or split you loaded).")
-        self.crop = _check_crop(crop)
-        self.train = bool(train)
-        self.length = _check_length(length, n)
-        self.seed = _check_seed(seed)
-        self.epoch = 0
-        self._draw = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Mix the epoch into training randomness (needed with DataLoader workers)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def _index(self, index: int) -> int:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for dataset of length {self.length}")
-        return int(index)
-
-    def _train_rng(self, index: int) -> np.random.Generator:
-        self._draw += 1
-        return np.random.default_rng([self.seed, self.epoch, index, self._draw])
-
-
-class NoisyImageDataset(_KeyedDataset):
+class NoisyImageDataset(KeyedDataset):
     """Clean images plus synthetic Gaussian noise.
 
     Training: random ``crop`` x ``crop`` patch, random dihedral transform, fresh sigma and noise
@@ -285,10 +226,10 @@ class NoisyImageDataset(_KeyedDataset):
             clean = _to_chw(_center_crop(img, self.crop))
             sigma = self.sigma.sample(np.random.default_rng([self.seed, index, 1]))
             noisy = test_noise(clean, sigma, self.seed, index)
-        return {"noisy": noisy, "clean": clean, "name": name, "sigma": sigma}
+        return {"input": noisy, "target": clean, "name": name, "sigma": sigma}
 
 
-class PairedImageDataset(_KeyedDataset):
+class PairedImageDataset(KeyedDataset):
     """Real noisy/clean pairs ``[(name, noisy, clean)]``; the same crop and dihedral transform
     are applied to both images of a pair. Items have no ``sigma`` key."""
 
@@ -312,7 +253,7 @@ class PairedImageDataset(_KeyedDataset):
             both = _center_crop(both, self.crop)
         both = _to_chw(both)
         c = both.shape[0] // 2
-        return {"noisy": both[:c], "clean": both[c:], "name": name}
+        return {"input": both[:c], "target": both[c:], "name": name}
 
 
 def _check_pair_shapes(name: str, noisy_shape, clean_shape, paths: str = "") -> None:
@@ -360,7 +301,7 @@ def clean_folder(path, color: bool = True, min_size: int | None = None
     out = []
     for stem, p in _image_files(path, "image").items():
         img = read_image(p, color)
-        _check_fits(str(p), img.shape, _check_crop(min_size))
+        _check_fits(str(p), img.shape, check_crop(min_size))
         out.append((stem, img))
     return out
 
@@ -382,26 +323,6 @@ def paired_folders(noisy_dir, clean_dir, color: bool = True, min_size: int | Non
     for stem in sorted(noisy):
         n_img, c_img = read_image(noisy[stem], color), read_image(clean[stem], color)
         _check_pair_shapes(stem, n_img.shape, c_img.shape, f" ({noisy[stem]}, {clean[stem]})")
-        _check_fits(str(clean[stem]), c_img.shape, _check_crop(min_size))
+        _check_fits(str(clean[stem]), c_img.shape, check_crop(min_size))
         out.append((stem, n_img, c_img))
     return out
-
-
-# --------------------------------------------------------------------------- bundled split
-
-
-def bundled_denoise_datasets(crop: int | None, sigma=25.0, train_length: int | None = None,
-                             seed: int = 0, color: bool = True, max_side: int | None = None,
-                             eval_crop: int | None = None) -> dict[str, NoisyImageDataset]:
-    """``{"train", "val", "test"}`` datasets on the bundled split (see :mod:`ernas.data.images`).
-
-    Train uses random ``crop`` patches and ``train_length`` samples per epoch; val and test are in
-    evaluation mode (whole images, or centre ``eval_crop`` patches) with seeded noise.
-    """
-    return {
-        split: NoisyImageDataset(bundled_images(split, color, max_side),
-                                 crop if split == "train" else eval_crop, sigma,
-                                 train=split == "train",
-                                 length=train_length if split == "train" else None, seed=seed)
-        for split in ("train", "val", "test")
-    }

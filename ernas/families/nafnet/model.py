@@ -1,12 +1,15 @@
-"""NAFNet building blocks, each configurable by one position's choices.
+"""NAFNet (Chen et al., "Simple Baselines for Image Restoration", 2022) with searchable blocks.
 
 With the reference choices (layernorm, sca, kernel 3, dw_expand 2, ffn_expand 2) a ``NAFBlock``
-has exactly the official parameter names and shapes: ``norm1, conv1..conv5, sca.1, norm2,
-beta, gamma``.
+has exactly the official parameter names and shapes (``norm1, conv1..conv5, sca.1, norm2, beta,
+gamma``) and the network the official module layout (``intro``, ``encoders.i.j``, ``downs.i``,
+``middle_blks.j``, ``ups.i``, ``decoders.i.j``, ``ending``), so an official ``.pth`` loads with
+``strict=True``.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -122,3 +125,96 @@ class UpSample(nn.Sequential):
 
     def __init__(self, c: int):
         super().__init__(nn.Conv2d(c, c * 2, 1, bias=False), nn.PixelShuffle(2))
+
+
+def level_of(position: str, geometry: dict) -> int:
+    """Resolution level of a position: ``encoders.i`` at level i, the middle at the bottom (L) and
+    ``decoders.k`` (official order, deepest first) at level L-1-k."""
+    group, *rest = position.split(".")
+    levels = len(geometry["enc_blk_nums"])
+    if group == "middle_blks":
+        return levels
+    return int(rest[0]) if group == "encoders" else levels - 1 - int(rest[0])
+
+
+def channels_at(geometry: dict, position: str) -> int:
+    """Channels of the blocks at ``position``: width·2^level."""
+    return geometry["width"] * 2 ** level_of(position, geometry)
+
+
+def make_block(c: int, choice: dict) -> nn.Module:
+    if not choice.get("keep", True):
+        return nn.Identity()
+    return NAFBlock(c, choice["norm"], choice["attention"], choice["kernel"],
+                    choice["dw_expand"], choice["ffn_expand"])
+
+
+class NAFNet(nn.Module):
+    """NAFNet built from an Arch; pads inputs to a multiple of 2^levels and crops back.
+
+    ``block(position, value)`` makes the block at each position (the supernet passes its
+    super-blocks); by default ``make_block(channels, value)``."""
+
+    def __init__(self, arch, block=None):
+        super().__init__()
+        g = arch.geometry
+        self.arch = arch
+        width, levels = g["width"], len(g["enc_blk_nums"])
+        self.intro = nn.Conv2d(g["img_channel"], width, 3, padding=1)
+        self.ending = nn.Conv2d(width, g["img_channel"], 3, padding=1)
+        self.encoders, self.decoders = nn.ModuleList(), nn.ModuleList()
+        self.downs, self.ups = nn.ModuleList(), nn.ModuleList()
+        v = arch.values
+        make = block or (lambda position, value: make_block(channels_at(g, position), value))
+        chan = width
+        for i, n in enumerate(g["enc_blk_nums"]):
+            self.encoders.append(nn.Sequential(
+                *[make(f"encoders.{i}.{j}", v[f"encoders.{i}.{j}"]) for j in range(n)]))
+            self.downs.append(nn.Conv2d(chan, 2 * chan, 2, 2))
+            chan *= 2
+        self.middle_blks = nn.Sequential(
+            *[make(f"middle_blks.{j}", v[f"middle_blks.{j}"]) for j in range(g["middle_blk_num"])])
+        for k, n in enumerate(g["dec_blk_nums"]):  # deepest first, as in the official code
+            self.ups.append(UpSample(chan))
+            chan //= 2
+            self.decoders.append(nn.Sequential(
+                *[make(f"decoders.{k}.{j}", v[f"decoders.{k}.{j}"]) for j in range(n)]))
+        self.padder_size = 2 ** levels
+
+    def forward(self, inp):
+        h, w = inp.shape[-2:]
+        x = self.pad(inp)
+        return (self.ending(self._trunk(self.intro(x))) + x)[..., :h, :w]
+
+    def features(self, inp) -> list[torch.Tensor]:
+        """Encoder and decoder outputs (for feature distillation), in execution order."""
+        feats: list[torch.Tensor] = []
+        self._trunk(self.intro(self.pad(inp)), feats)
+        return feats
+
+    def _trunk(self, x, feats: list | None = None):
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            x = encoder(x)
+            skips.append(x)
+            x = down(x)
+        if feats is not None:
+            feats.extend(skips)
+        x = self.middle_blks(x)
+        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
+            x = decoder(up(x) + skip)
+            if feats is not None:
+                feats.append(x)
+        return x
+
+    def pad(self, x):
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.padder_size, (-w) % self.padder_size
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def fuse(self) -> "NAFNet":
+        """Fold BatchNorm into neighbouring 1x1 convs (inference/export); outputs unchanged."""
+        for m in self.modules():
+            if isinstance(m, NAFBlock):
+                m.fuse()
+        return self

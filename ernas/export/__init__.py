@@ -1,0 +1,73 @@
+"""Deployment: fp32 ONNX with parity (``onnx``), int8 post-training quantisation (``ptq``) and
+quantisation-aware fine-tuning exported as QDQ ONNX (``qat``), judged side by side.
+
+:func:`export_all` writes ``model.onnx`` (fp32), ``model_int8.onnx`` (PTQ) and, with QAT steps,
+``model_qat.onnx`` (the fine-tuned model's own QDQ graph, its learned ranges included), then
+reports for each file the task's metrics on whole test images (``onnx.onnx_quality``) and its
+latency, all files timed interleaved in shuffled rounds on the onnxruntime backend.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ernas.export.onnx import export_model, onnx_quality, static_hw
+from ernas.export.ptq import quantize_int8
+from ernas.export.qat import qat_finetune
+from ernas.latency.onnx_export import export_onnx
+
+__all__ = ["export_all", "export_model", "onnx_quality", "qat_finetune", "quantize_int8"]
+
+
+def file_latencies(paths: dict[str, str], input_shape, threads: int, measure_cfg: dict | None
+                   ) -> dict[str, dict]:
+    """Latency statistics of ONNX files, interleaved (``ernas.latency.measure``)."""
+    from ernas.latency.backends import OnnxRuntimeBackend
+    from ernas.latency.measure import measure_interleaved
+
+    backend = OnnxRuntimeBackend(threads=threads)
+    runners = {k: backend.onnx_runner(p, input_shape) for k, p in paths.items()}
+    return measure_interleaved(runners, **(measure_cfg or {}))
+
+
+def export_all(arch, model, task, out_dir, opset: int = 17, dynamic_hw: bool = False,
+               input_shape=(1, 3, 256, 256), threads: int = 2, int8: bool = True,
+               calibration: dict | None = None, qat: dict | None = None, seed: int = 0,
+               measure_cfg: dict | None = None, progress: bool = False) -> dict:
+    """Export, quantise and judge (see the module docstring); returns the summary."""
+    out = Path(out_dir)
+    summary = {"arch": arch.name, "task": task.name, "metric": task.metric,
+               **export_model(arch, model, task, out, opset, dynamic_hw, input_shape, threads)}
+    files = {"fp32": summary["onnx"]}
+    if int8:
+        c = calibration or {}
+        summary.update(quantize_int8(summary["onnx"], task, out / "model_int8.onnx",
+                                     c.get("inputs", 16), seed, c.get("per_channel", True),
+                                     c.get("method", "MinMax"), c.get("op_types")))
+        files["int8"] = summary["int8_onnx"]
+    if qat and qat.get("steps", 0) > 0:
+        qmodel = qat_finetune(model, task, qat["steps"], qat.get("batch_size", 8),
+                              qat.get("crop", 64), qat.get("lr", 1e-4), seed,
+                              qat.get("calibration_batches", 4), progress)
+        path = export_onnx(qmodel, torch.zeros(1, *input_shape[1:]), out / "model_qat.onnx",
+                           opset=opset)
+        summary.update(qat_steps=qat["steps"], qat_onnx=str(path))
+        files["qat"] = str(path)
+    hw = static_hw(files["fp32"], tuple(input_shape[2:]))
+    for kind, path in files.items():
+        for k, v in onnx_quality(path, task, hw, seed, threads).items():
+            summary[f"{k}_{kind}"] = v
+    m = task.metric
+    for kind in files:
+        if kind != "fp32":
+            summary[f"{m}_delta_{kind}"] = summary[f"{m}_{kind}"] - summary[f"{m}_fp32"]
+    lat = file_latencies(files, [1, *input_shape[1:]], threads, measure_cfg)
+    for kind, st in lat.items():
+        summary[f"{kind}_ms"] = st["ms"]
+    for kind in files:
+        if kind != "fp32":
+            summary[f"{kind}_speedup"] = summary["fp32_ms"] / summary[f"{kind}_ms"]
+    summary.update(eval_set=task.headline_set, eval_tile=list(hw), threads=threads,
+                   latency_statistic=next(iter(lat.values())).get("statistic"))
+    return summary

@@ -1,0 +1,295 @@
+"""One way to time things: runners measured in interleaved, shuffled rounds, summarised by a low
+percentile.
+
+A **runner** is a zero-argument callable that runs a prepared model once and returns its latency
+in ms (``Backend.runner(module, x)``, ``OnnxRuntimeBackend.onnx_runner(path, shape)``). Everything
+that turns runners into figures goes through this module: the profiler (op keys), the probe and
+validation (whole networks), and evaluation and export (derived vs baseline).
+
+Protocol (``measure_interleaved``): every runner gets ``warmup`` untimed calls, then ``rounds``
+rounds; in each round the runners are visited in a freshly shuffled order (seeded by
+``(seed, round)``) and each is called ``per_round`` times back to back. A slow period of the
+machine therefore lands on all runners alike instead of inflating whichever one was being timed.
+Rounds continue past ``rounds`` until the rounds have lasted ``min_seconds`` (at most
+``MAX_ROUNDS``): samples of fast models are spread over a window longer than a typical burst of
+contention, so one burst cannot shift every sample (a 1 ms network timed 30 times in 30 ms read
+0.65 or 1.4 ms depending on the moment on a busy 2-core VM).
+
+Statistic (``DEFAULT_STATISTIC = "p20"``): the 20th percentile of all ``rounds·per_round``
+samples. Contention on a shared machine only ever adds time, so the noise is one-sided; the
+median moves with the fraction of samples hit by contention, the minimum falls as samples are
+added and rewards rare lucky runs, while a low percentile estimates the uncontended cost and is
+stable from ~15 samples on. The same statistic is used for op keys and for whole networks, so a
+prediction (a sum of key statistics) and a measurement are comparable. ``min``, ``median``,
+``mean`` and ``pNN`` (0 ≤ NN ≤ 100) are accepted too.
+
+Noise floor (``spread``): the statistic is also taken per round (``s_r``), and
+``spread = mean_{r≠r'} |s_r − s_r'| / median_r s_r`` — how much one pass over the runners
+disagrees with another, on average (it does not grow with the number of rounds, unlike the
+range). Prediction errors below it cannot be told apart from single-pass noise; the final
+figure, a statistic over all rounds, is steadier than one pass.
+
+``MeasureBudget``/``run_with_budget`` are the older stopping rule for timing one thing at a time
+(``Backend.measure``); kept for callers that time a single model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ernas.errors import ErnasError
+
+__all__ = ["DEFAULT_STATISTIC", "MeasureBudget", "MeasureProtocol", "Runner", "check_statistic",
+           "interleaved_rounds", "measure_interleaved", "plain_mapping", "round_order", "rounds_left",
+           "run_with_budget", "statistic", "summarize", "warm_up"]
+
+Runner = Callable[[], float]
+DEFAULT_STATISTIC = "p20"
+MAX_ROUNDS = 1000
+_PCT = re.compile(r"^p(\d{1,3}(\.\d+)?)$")
+
+
+def plain_mapping(cfg: Any, what: str) -> dict:
+    """A plain dict from a dict or an OmegaConf DictConfig."""
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(cfg, Mapping):
+        raise ErnasError(f"Expected a mapping for the {what} config, got {type(cfg).__name__}: "
+                         f"{cfg!r}. Fix: write it as `field: value, ...`.")
+    return dict(cfg)
+
+
+def _from_mapping(cls, cfg, what: str):
+    cfg = plain_mapping(cfg, what)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(cfg) - set(valid))
+    if unknown:
+        raise ErnasError(f"Unknown {what} field(s) {unknown}; valid fields are {valid}. Fix the "
+                         f"latency `{what}` config.")
+    return cls(**cfg)
+
+
+def check_statistic(stat: str) -> str:
+    """``stat`` if it names a statistic (min | median | mean | pNN), else ErnasError."""
+    m = _PCT.match(str(stat))
+    if stat in ("min", "median", "mean") or (m and 0 <= float(m[1]) <= 100):
+        return str(stat)
+    raise ErnasError(f"Unknown latency statistic {stat!r}; use min, median, mean or pNN with "
+                     f"0 <= NN <= 100 (e.g. p20, the default). Fix the latency `measure."
+                     f"statistic` field.")
+
+
+def statistic(samples, stat: str = DEFAULT_STATISTIC) -> float:
+    """The statistic ``stat`` (min | median | mean | pNN, linear interpolation) of ``samples``."""
+    s = np.asarray(samples, dtype=np.float64).ravel()
+    if stat == "min":
+        return float(s.min())
+    if stat == "mean":
+        return float(s.mean())
+    if stat == "median":
+        return float(np.median(s))
+    return float(np.percentile(s, float(check_statistic(stat)[1:])))
+
+
+def summarize(rounds: list[list[float]], stat: str = DEFAULT_STATISTIC) -> dict:
+    """Figures of one runner from its samples grouped by round (see the module docstring):
+    ``ms`` (the statistic of all samples), ``p10``, ``median``, ``p90``, ``mean``, ``n`` and
+    ``spread`` (mean pass-to-pass difference of the per-round statistic over its median; 0 for
+    one round)."""
+    flat = np.asarray([v for r in rounds for v in r], dtype=np.float64)
+    if flat.size == 0 or not np.all(np.isfinite(flat)):
+        raise ErnasError(f"Latency samples are empty or not finite ({flat[:5].tolist()}...); the "
+                         f"backend produced no usable timing. Check the backend's output.")
+    per_round = np.array([statistic(r, stat) for r in rounds if len(r)])
+    p10, med, p90 = np.percentile(flat, [10, 50, 90])
+    mid, k = float(np.median(per_round)), len(per_round)
+    pairs = np.abs(per_round[:, None] - per_round[None, :]).sum() / (k * (k - 1)) if k > 1 else 0.0
+    return {"ms": statistic(flat, stat), "p10": float(p10), "median": float(med),
+            "p90": float(p90), "mean": float(flat.mean()), "n": int(flat.size),
+            "spread": float(pairs / mid) if mid > 0 else 0.0}
+
+
+def round_order(names: list[str], seed: int, round_index: int) -> list[str]:
+    """The shuffled visiting order of round ``round_index`` (deterministic in seed and round,
+    so a resumed run continues with the orders it would have used)."""
+    rng = np.random.default_rng([int(seed), int(round_index)])
+    return [names[i] for i in rng.permutation(len(names))]
+
+
+def warm_up(runners: Mapping[str, Runner], warmup: int) -> None:
+    """``warmup`` untimed calls of every runner."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+
+
+def interleaved_rounds(runners: Mapping[str, Runner], rounds: range, per_round: int,
+                       seed: int = 0) -> Iterator[dict[str, list[float]]]:
+    """Yield, round by round, ``{name: per_round samples}`` with runners in shuffled order."""
+    names = list(runners)
+    for r in rounds:
+        out: dict[str, list[float]] = {}
+        for name in round_order(names, seed, r):
+            run = runners[name]
+            out[name] = [float(run()) for _ in range(per_round)]
+        yield out
+
+
+def rounds_left(done: int, rounds: int, started: float, min_seconds: float) -> bool:
+    """Whether another round is due: fewer than ``rounds`` done, or fewer than ``min_seconds``
+    elapsed since ``started`` (``time.perf_counter``) and fewer than ``MAX_ROUNDS`` done."""
+    return done < rounds or (done < MAX_ROUNDS and time.perf_counter() - started < min_seconds)
+
+
+def measure_interleaved(runners: Mapping[str, Runner], rounds: int = 10, per_round: int = 3,
+                        warmup: int = 2, stat: str = DEFAULT_STATISTIC, seed: int = 0,
+                        progress: bool = False, desc: str = "measuring",
+                        min_seconds: float = 0.0) -> dict[str, dict]:
+    """Time every runner in interleaved shuffled rounds; ``{name: summarize(...)}``.
+
+    Each result holds ``ms`` (the statistic ``stat`` of all samples: what to report and compare),
+    ``p10``, ``median``, ``p90``, ``mean``, ``n`` and ``spread`` (the pass-to-pass noise floor).
+    """
+    check_statistic(stat)
+    if rounds < 1 or per_round < 1 or warmup < 0:
+        raise ErnasError(f"measure_interleaved needs rounds >= 1, per_round >= 1 and warmup >= 0; "
+                         f"got rounds={rounds}, per_round={per_round}, warmup={warmup}. Fix the "
+                         f"latency `measure` config.")
+    warm_up(runners, warmup)
+    samples: dict[str, list[list[float]]] = {name: [] for name in runners}
+    bar = tqdm(total=rounds, desc=desc, unit="round", disable=None if progress else True,
+               dynamic_ncols=True)
+    done, started = 0, time.perf_counter()
+    while rounds_left(done, rounds, started, min_seconds):
+        for name, s in next(interleaved_rounds(runners, range(done, done + 1), per_round, seed)
+                            ).items():
+            samples[name].append(s)
+        done += 1
+        bar.total = max(bar.total, done)
+        bar.update(1)
+    bar.close()
+    return {name: summarize(s, stat) for name, s in samples.items()}
+
+
+@dataclass(frozen=True)
+class MeasureProtocol:
+    """The measurement protocol shared by profiling, probing, validation and evaluation.
+
+    ``rounds``/``per_round``/``warmup``/``seed``/``statistic``/``min_seconds``: see
+    ``measure_interleaved`` (the profiler applies ``min_seconds`` to each group).
+    ``group``: the profiler measures op keys in groups of at most this many (every key of a group
+    keeps a live session; a 256x256 block session holds ~50 MB). ``recheck_rounds``: rounds used
+    when the consistency check re-measures suspicious keys.
+    """
+
+    rounds: int = 10
+    per_round: int = 3
+    warmup: int = 2
+    statistic: str = DEFAULT_STATISTIC
+    seed: int = 0
+    min_seconds: float = 2.0
+    group: int = 64
+    recheck_rounds: int = 20
+
+    def __post_init__(self):
+        check_statistic(self.statistic)
+        bad = [f"{f}={getattr(self, f)}" for f, lo in (("rounds", 1), ("per_round", 1),
+                                                        ("warmup", 0), ("group", 1),
+                                                        ("recheck_rounds", 1))
+               if int(getattr(self, f)) < lo]
+        if self.min_seconds < 0:
+            bad.append(f"min_seconds={self.min_seconds}")
+        if bad:
+            raise ErnasError(f"Invalid latency measure protocol: {', '.join(bad)} (rounds, "
+                             f"per_round, group and recheck_rounds must be >= 1, warmup and "
+                             f"min_seconds >= 0). "
+                             f"Fix the latency `measure` config.")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MeasureProtocol:
+        """Build from a config mapping, with an ErnasError naming unknown fields."""
+        return _from_mapping(cls, cfg, "measure")
+
+    def measure(self, runners: Mapping[str, Runner], progress: bool = False,
+                desc: str = "measuring", rounds: int | None = None) -> dict[str, dict]:
+        """``measure_interleaved`` under this protocol (``rounds`` overrides its rounds)."""
+        return measure_interleaved(runners, rounds or self.rounds, self.per_round, self.warmup,
+                                   self.statistic, self.seed, progress, desc, self.min_seconds)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- one at a time
+@dataclass
+class MeasureBudget:
+    """How long ``run_with_budget`` times one thing.
+
+    Stopping rule: run ``warmup`` untimed calls, then timed calls. Once at least ``min_repeats``
+    samples exist, stop as soon as the median of all samples and the median of the first half of
+    them differ by less than ``rel_tol`` (relative to the overall median), i.e. the estimate has
+    settled; stop anyway at ``max_repeats`` samples or when the timed runs have used ``time_cap_s``
+    seconds (the time cap is only checked after ``min_repeats``, so every run has at least
+    ``min(min_repeats, max_repeats)`` samples).
+    """
+
+    warmup: int = 3
+    min_repeats: int = 10
+    max_repeats: int = 200
+    rel_tol: float = 0.02
+    time_cap_s: float = 2.0
+
+    def __post_init__(self):
+        problems = []
+        if self.warmup < 0:
+            problems.append(f"warmup={self.warmup} (must be >= 0)")
+        if self.min_repeats < 1:
+            problems.append(f"min_repeats={self.min_repeats} (must be >= 1)")
+        if self.max_repeats < max(self.min_repeats, 1):
+            problems.append(f"max_repeats={self.max_repeats} (must be >= min_repeats)")
+        if self.rel_tol < 0:
+            problems.append(f"rel_tol={self.rel_tol} (must be >= 0)")
+        if self.time_cap_s <= 0:
+            problems.append(f"time_cap_s={self.time_cap_s} (must be > 0)")
+        if problems:
+            raise ErnasError("Invalid measurement budget: " + "; ".join(problems)
+                             + ". Fix these fields of the latency budget config.")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MeasureBudget:
+        """Build from a config mapping, with an ErnasError naming unknown fields."""
+        return _from_mapping(cls, cfg, "budget")
+
+
+def run_with_budget(run_once: Runner, budget: MeasureBudget) -> np.ndarray:
+    """Call ``run_once() -> ms`` under ``budget`` (see ``MeasureBudget``); return samples in ms."""
+    for _ in range(budget.warmup):
+        run_once()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < budget.max_repeats:
+        samples.append(float(run_once()))
+        n = len(samples)
+        if n < budget.min_repeats:
+            continue
+        if time.perf_counter() - start >= budget.time_cap_s:
+            break
+        med = float(np.median(samples))
+        half = float(np.median(samples[: max(n // 2, 1)]))
+        if med > 0 and abs(med - half) / med < budget.rel_tol:
+            break
+    return np.asarray(samples, dtype=np.float64)

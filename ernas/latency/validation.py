@@ -1,0 +1,172 @@
+"""Prove a latency table against end-to-end measurement of whole networks.
+
+For N sampled architectures (plus the smallest, the largest and the reference) the fused network
+is measured on the table's backend, all networks together in interleaved shuffled rounds with
+the table's statistic (``ernas.latency.measure``), and compared with the table's prediction.
+
+Figures, for predictions ``p`` and measurements ``m`` over the networks:
+MAPE = mean |p − m| / m; ``within_5pct``/``within_10pct`` = fraction with |p − m| / m ≤ 5% / 10%;
+Spearman ρ and Kendall τ between p and m. They are given for
+
+- ``as_predicted``: what ernas predicts, ``predict_ms`` (the plain sum of key latencies, times a
+  stored correction if the table has one) — the headline figures;
+- ``plain_sum``: Σ_k t(k) over the network's keys;
+- ``corrected_loo``: the linear correction ``m ≈ a·Σ t + b`` fitted by least squares, judged out
+  of sample by leave-one-out (each network predicted by a fit on the others).
+
+``noise_floor`` is the median over networks of their pass-to-pass spread (mean difference of
+the per-round statistic between two rounds, over its median; ``ernas.latency.measure``): errors
+below it cannot be told from the noise of a single pass. All networks are live at once so that
+they can be interleaved (~300 MB each for the ERN space at 256x256).
+
+Validation never changes its input: not the table object, not its file. The fitted correction is
+written only when asked (``write_corrected``), as a new table ``<out_dir>/<stem>_corrected.csv``.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from ernas import build_model
+from ernas.errors import ErnasError
+from ernas.io import atomic_write_json
+from ernas.latency.backends import Backend
+from ernas.latency.measure import MeasureProtocol
+from ernas.latency.predict import predict_ms
+from ernas.latency.table import LatencyTable
+from ernas.paths import LATENCY_TABLES
+
+__all__ = ["accuracy", "fit_correction", "loo_predictions", "validate_table", "validation_archs"]
+
+
+def accuracy(pred: np.ndarray, meas: np.ndarray) -> dict:
+    rel = np.abs(pred - meas) / meas
+    return {"mape": float(rel.mean()), "within_5pct": float((rel <= 0.05).mean()),
+            "within_10pct": float((rel <= 0.10).mean()),
+            "spearman": float(stats.spearmanr(pred, meas).statistic),
+            "kendall": float(stats.kendalltau(pred, meas).statistic), "n": int(len(pred))}
+
+
+def fit_correction(raw: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
+    """Least-squares (a, b) of meas ≈ a·raw + b."""
+    a, b = np.polyfit(raw, meas, 1)
+    return float(a), float(b)
+
+
+def loo_predictions(raw: np.ndarray, meas: np.ndarray) -> np.ndarray:
+    out = np.empty_like(raw)
+    for i in range(len(raw)):
+        keep = np.arange(len(raw)) != i
+        a, b = fit_correction(raw[keep], meas[keep])
+        out[i] = a * raw[i] + b
+    return out
+
+
+def validation_archs(space, n: int, seed: int):
+    rng = random.Random(seed)
+    named = [("smallest", space.smallest()), ("largest", space.largest()),
+             ("reference", space.reference())]
+    return named + [(f"sample_{i:03d}", space.sample(rng)) for i in range(n)]
+
+
+def _protected(path: Path) -> bool:
+    """Whether ``path`` lies under the shipped tables or the installed package."""
+    import ernas
+
+    path = path.resolve()
+    roots = (LATENCY_TABLES.resolve(), Path(ernas.__file__).resolve().parent)
+    return any(path == r or r in path.parents for r in roots)
+
+
+def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | Path,
+                   n: int = 30, seed: int = 0, protocol: MeasureProtocol | None = None,
+                   table_path: str | Path | None = None, write_corrected: bool = False,
+                   progress: bool = True) -> dict:
+    """Measure sampled networks end to end; write validation.csv, validation.png and
+    summary.json in ``out_dir``; return the summary (see the module docstring)."""
+    protocol = protocol or MeasureProtocol()
+    out = Path(out_dir)
+    if _protected(out):
+        raise ErnasError(f"Validation would write its results into {out}, under the shipped "
+                         f"tables or the installed package; ernas never writes there. Give it a "
+                         f"run directory (ernas-profile writes into its Hydra run dir).")
+    out.mkdir(parents=True, exist_ok=True)
+    table_path = Path(table_path) if table_path else table.path
+    shape = tuple(table.metadata["input_shape"])
+    gran = table.metadata.get("granularity", "block")
+    if n < 0:
+        raise ErnasError(f"validate.n={n} must be >= 0.")
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    archs = validation_archs(space, n, seed)
+    runners = {name: backend.runner(build_model(arch).eval().fuse(), x) for name, arch in archs}
+    measured = protocol.measure(runners, progress=progress, desc="validating")
+    del runners
+    rows = []
+    for name, arch in archs:
+        m = measured[name]
+        rows.append({"arch": name,
+                     "sum_ms": float(table.lookup(arch.op_keys(shape, gran)).sum()),
+                     "predicted_ms": predict_ms(table, arch, shape, gran),
+                     "measured_ms": m["ms"], "median_ms": m["median"], "p10_ms": m["p10"],
+                     "p90_ms": m["p90"], "pass_spread": m["spread"], "samples": m["n"]})
+    df = pd.DataFrame(rows)
+    raw, pred, meas = (df[c].to_numpy() for c in ("sum_ms", "predicted_ms", "measured_ms"))
+    loo = loo_predictions(raw, meas) if len(df) >= 3 else raw.copy()
+    a, b = fit_correction(raw, meas)
+    df["loo_corrected_ms"] = loo
+    df["rel_error"] = (pred - meas) / meas
+    as_pred = accuracy(pred, meas)
+    summary = {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
+               "corrected_loo": accuracy(loo, meas), "noise_floor": float(df["pass_spread"].median()),
+               "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(df)},
+               "table_correction": copy.deepcopy(table.metadata.get("correction")),
+               "space": space.name, "granularity": gran, "input_shape": list(shape),
+               "table": str(table_path) if table_path else None,
+               "table_fingerprint": (table.metadata.get("fingerprint") or {}).get("digest"),
+               "probe": getattr(table, "probe", None),
+               "backend": backend.name, "device": backend.metadata().get("device"),
+               "session_options": backend.session_options(), "protocol": protocol.to_dict(),
+               "corrected_table": None}
+    if write_corrected:
+        stem = table_path.stem if table_path else f"{space.name}_table"
+        dest = out / f"{stem}_corrected.csv"
+        meta = {**copy.deepcopy(table.metadata), "correction": {
+            **summary["fitted_correction"], "validated_on": len(df),
+            "source_table": str(table_path) if table_path else None}}
+        LatencyTable(table.to_frame(), meta).save(dest)
+        summary["corrected_table"] = str(dest)
+    df.to_csv(out / "validation.csv", index=False)
+    _plot(df, out / "validation.png", summary)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _plot(df: pd.DataFrame, path: Path, s: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    lo, hi = df["measured_ms"].min() * 0.8, df["measured_ms"].max() * 1.2
+    x = np.linspace(lo, hi, 10)
+    ax.plot(x, x, "k-", lw=1, label="predicted = measured")
+    ax.fill_between(x, 0.9 * x, 1.1 * x, color="tab:green", alpha=0.15, label="±10%")
+    ax.scatter(df["measured_ms"], df["predicted_ms"], s=14, c="tab:gray", label="predicted")
+    ax.scatter(df["measured_ms"], df["loo_corrected_ms"], s=16, c="tab:blue",
+               label="corrected (leave-one-out)")
+    ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", xlim=(lo, hi),
+           ylim=(lo, hi), title=f"{s['space']} · {s['backend']} · {s['granularity']} keys\n"
+           f"MAPE {100 * s['mape']:.1f}%, ±10% {100 * s['within_10pct']:.0f}%, "
+           f"ρ {s['spearman']:.3f}, noise floor {100 * s['noise_floor']:.1f}%")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Built-in tasks; each module exposes ``TASK`` (see ``ernas.task``)."""

@@ -1,0 +1,331 @@
+"""Latency fidelity (issue 9): a table is used only on the machine it describes.
+
+Fingerprints and probes refuse foreign or wrong tables (with the field or the ratio named),
+single-decision pairs are monotone, E[LAT] equals a Monte Carlo estimate, validation never
+mutates its input, and (slow) a table profiled here predicts whole networks measured here.
+
+No assertion depends on this machine's speed: the resolve logic runs on ``CostBackend``, whose
+"latency" is a deterministic count of parameters (additive, so a network costs exactly the sum
+of its keys); the real-backend probe test asserts an order-of-magnitude fact (a table scaled
+3x is refused at a ±25% tolerance even if the machine's speed drifts 1.7x between profiling and
+probing, as it does on this VM under load).
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ernas
+from ernas.errors import ErnasError
+from ernas.latency.backends import Backend, OnnxRuntimeBackend
+from ernas.latency.consistency import (check_consistency, inconsistent_pairs,
+                                       single_decision_pairs)
+from ernas.latency.fingerprint import digest, fingerprint, fingerprint_differences, host_hardware
+from ernas.latency.measure import MeasureProtocol
+from ernas.latency.predict import ExpectedLatency, predict_ms
+from ernas.latency.resolve import resolve_table
+from ernas.latency.table import LatencyTable
+from ernas.latency.validation import validate_table
+from ernas.paths import LATENCY_TABLES, SEARCH_SPACES
+from ernas.space import find_space
+
+SHAPE = (1, 3, 32, 32)
+QUICK = MeasureProtocol(rounds=2, per_round=1, warmup=0, min_seconds=0, recheck_rounds=2)
+
+
+class CostBackend(Backend):
+    """A deterministic stand-in device: one run of a module "takes" 1e-3 ms per parameter."""
+    name = "cost"
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+
+    def runner(self, module, example_input):
+        ms = 1e-3 * sum(p.numel() for p in module.parameters())
+        return lambda: ms
+
+    def fingerprint(self):
+        return fingerprint(host_hardware(), {"runtime": "cost", "threads": self.threads})
+
+    def metadata(self):
+        return {**super().metadata(), "provider": "cost", "threads": self.threads}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def cost_table(tiny, tmp_path_factory):
+    """A correct CostBackend table of the tiny space, profiled by resolve_table."""
+    cache = tmp_path_factory.mktemp("cost_cache")
+    table, path = resolve_table(tiny, SHAPE, CostBackend(), "block", "auto", cache, QUICK,
+                                False, cache / "none")
+    assert table.probe["action"] == "profiled" and path.parent == cache
+    assert table.metadata["probe_baseline"]["ratio"] == pytest.approx(1.0)
+    return path
+
+
+def _resolve(tiny, **kw):
+    kw.setdefault("protocol", QUICK)
+    kw.setdefault("progress", False)
+    return resolve_table(tiny, SHAPE, CostBackend(), "block", **kw)
+
+
+def _edit_metadata(src, dest, fn):
+    t = LatencyTable.load(src)
+    fn(t.metadata)
+    t.save(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- fingerprints
+def test_fingerprint_fields_and_digest():
+    hw = host_hardware()
+    for field in ("cpu_vendor", "cpu_model", "cpu_family", "cpu_model_number", "cpu_stepping",
+                  "logical_cores", "physical_cores", "l2_cache_kib", "l3_cache_kib", "isa"):
+        assert field in hw
+    b = OnnxRuntimeBackend(threads=1)
+    fp = b.fingerprint()
+    assert fp == b.fingerprint() and fp["digest"] == digest(fp)
+    assert "hostname" not in json.dumps(fp) and "date" not in fp["runtime"]
+    other = fingerprint({**fp["hardware"], "isa": ["avx2"]}, fp["runtime"])
+    assert other["digest"] != fp["digest"]
+    assert fingerprint_differences(other, fp) == [
+        f'hardware.isa: table has ["avx2"], this machine has {json.dumps(fp["hardware"]["isa"])}']
+    assert fingerprint_differences(fp, fp) == []
+    assert "unknown host" in fingerprint_differences(None, fp)[0]
+
+
+def test_explicit_table_from_another_fingerprint_is_refused(tiny, cost_table, tmp_path):
+    def other_host(meta):
+        meta["fingerprint"]["hardware"]["l3_cache_kib"] = 1234
+        meta["fingerprint"]["runtime"]["version"] = "0.9"
+
+    path = _edit_metadata(cost_table, tmp_path / "other.csv", other_host)
+    with pytest.raises(ErnasError) as e:
+        _resolve(tiny, table=path)
+    msg = str(e.value)
+    assert str(path) in msg and "hardware.l3_cache_kib: table has 1234" in msg
+    assert "runtime.version" in msg and "trust_table" in msg
+    with pytest.warns(UserWarning, match="l3_cache_kib"):
+        t, p = _resolve(tiny, table=path, trust_table=True)
+    assert p == path and t.probe["action"] == "trusted"
+
+
+def test_auto_refuses_unknown_and_foreign_hosts(tiny, cost_table, tmp_path, capsys):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    _edit_metadata(cost_table, shipped / "a_unknown.csv", lambda m: m.pop("fingerprint"))
+    _edit_metadata(cost_table, shipped / "b_foreign.csv",
+                   lambda m: m["fingerprint"]["hardware"].update(cpu_stepping="99"))
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    t, path = _resolve(tiny, cache_dir=tmp_path / "cache", shipped_dir=shipped)
+    assert path.parent == tmp_path / "cache" and t.probe["action"] == "profiled"
+    reasons = [r["reason"] for r in t.probe["refused"]]
+    assert len(reasons) == 2 and "unknown host" in reasons[0]
+    assert "hardware.cpu_stepping" in reasons[1]
+    err = capsys.readouterr().err
+    assert "a_unknown.csv not used" in err and "cpu_stepping" in err
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+
+
+# --------------------------------------------------------------------------- probe
+def test_probe_accepts_a_correct_table_and_caches(tiny, cost_table, tmp_path):
+    shipped = tmp_path / "shipped"
+    shutil.copytree(cost_table.parent, shipped, ignore=shutil.ignore_patterns("probes.json"))
+    cache = tmp_path / "cache"
+    t, path = _resolve(tiny, cache_dir=cache, shipped_dir=shipped)
+    rec = t.probe
+    assert path == shipped / cost_table.name and rec["action"] == "used" and rec["accepted"]
+    assert rec["ratio"] == pytest.approx(1.0) and rec["cached"] is False
+    assert rec["arch"] == "nafnet_tiny_reference" and rec["tolerance"] == 0.25
+    t, _ = _resolve(tiny, cache_dir=cache, shipped_dir=shipped)
+    assert t.probe["cached"] is True and t.probe["ratio"] == rec["ratio"]
+    t, _ = _resolve(tiny, cache_dir=cache, shipped_dir=shipped, probe_cache_s=0)
+    assert t.probe["cached"] is False
+
+
+def test_probe_mismatch_rescale_and_error(tiny, cost_table, tmp_path):
+    scaled = LatencyTable.load(cost_table).scaled(3.0)
+    scaled.metadata.pop("rescaled")
+    shipped = tmp_path / "shipped"
+    scaled.save(shipped / "scaled.csv")
+    kw = dict(cache_dir=tmp_path / "cache", shipped_dir=shipped)
+    with pytest.raises(ErnasError, match="ratio 0.33"):
+        _resolve(tiny, on_mismatch="error", **kw)
+    with pytest.warns(UserWarning, match="scaled by 0.333"):
+        t, path = _resolve(tiny, on_mismatch="rescale", **kw)
+    assert path == shipped / "scaled.csv" and t.probe["action"] == "rescaled"
+    original = LatencyTable.load(cost_table)
+    keys = tiny.op_keys(SHAPE, "block")
+    np.testing.assert_allclose(t.lookup(keys), original.lookup(keys), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ErnasError, match="does not hold on this machine") as e:
+        _resolve(tiny, table=shipped / "scaled.csv", cache_dir=tmp_path / "cache")
+    assert "ratio 0.33" in str(e.value) and "on_mismatch=rescale" in str(e.value)
+    t, path = _resolve(tiny, **kw)  # default: profile a table for this machine
+    assert t.probe["action"] == "profiled" and path.parent == tmp_path / "cache"
+    assert "ratio 0.33" in t.probe["refused"][0]["reason"]
+
+
+def test_probe_refuses_a_scaled_table_on_the_real_backend(tmp_path):
+    """Real onnxruntime timing: a correct table (with the baseline probe recorded when it was
+    profiled) is copied with every row scaled 3x; the probe refuses the copy."""
+    (tmp_path / "s.yaml").write_text(
+        "family: nafnet\nname: tiny_k\ngeometry: {img_channel: 3, width: 8, enc_blk_nums: [1, 1],"
+        " middle_blk_num: 1, dec_blk_nums: [1, 1]}\nblocks:\n  all: {kernel: [3, 5]}\n")
+    space = ernas.load_space(tmp_path / "s.yaml")
+    proto = MeasureProtocol(rounds=3, per_round=2, warmup=1, min_seconds=0.3, recheck_rounds=2)
+    backend = OnnxRuntimeBackend(threads=1)
+    good, path = resolve_table(space, SHAPE, backend, "block", "auto", tmp_path / "cache", proto,
+                               False, tmp_path / "none")
+    bad = good.scaled(3.0)
+    bad.save(tmp_path / "scaled.csv")
+    with pytest.raises(ErnasError, match="does not hold on this machine"):
+        resolve_table(space, SHAPE, backend, "block", tmp_path / "scaled.csv",
+                      tmp_path / "cache", proto, False, probe_cache_s=0)
+
+
+# --------------------------------------------------------------------------- consistency
+def test_single_decision_pair_counts():
+    """Adjacent values in the family's order, identical or empty key lists skipped, equal
+    pairs at several positions counted once (the counts issue 9 reported)."""
+    shape = (1, 3, 256, 256)
+    assert len(single_decision_pairs(find_space("nafnet_tiny"), shape)) == 256
+    assert len(single_decision_pairs(find_space("nafnet_ern"), shape)) == 512
+
+
+def test_consistency_check_rechecks_and_reports(tiny, cost_table):
+    table = LatencyTable.load(cost_table)
+    pairs = single_decision_pairs(tiny, SHAPE, "block")
+    assert inconsistent_pairs(table, pairs) == []  # parameter counts are monotone
+    k3 = next(k for k in table.keys() if "kernel=3" in k and "attention=sca" in k)
+    k5 = k3.replace("kernel=3", "kernel=5")
+    row = table.get(k5)
+    table.add_summary(k3, {"ms": 2 * row["ms"], "median": 2 * row["median_ms"], "p10": 1.0,
+                           "p90": 1.0, "mean": 1.0, "n": 1})
+    rec = check_consistency(tiny, table, None, tolerance=0.05, progress=False)
+    assert rec["before"] == rec["after"] >= 1 and rec["rechecked_keys"] == 0
+    bad = rec["inconsistent"][0]
+    assert bad["decision"] == "kernel" and (bad["cheaper"], bad["costlier"]) == (3, 5)
+    assert bad["ratio"] == pytest.approx(2.0) and table.metadata["consistency"] == rec
+    rec = check_consistency(tiny, table, CostBackend(), protocol=QUICK, progress=False)
+    assert rec["before"] >= 1 and rec["after"] == 0 and rec["rechecked_keys"] >= 2
+    assert table.get(k3)["ms"] < table.get(k5)["ms"]
+
+
+SHIPPED = sorted(LATENCY_TABLES.glob("*.csv"))
+
+
+def _shipped_param(path):
+    meta = LatencyTable.load(path).metadata
+    marks = [] if meta.get("fingerprint") else [pytest.mark.xfail(
+        strict=False, reason="re-profile pending (table made before issue 9's protocol)")]
+    return pytest.param(path, id=path.name, marks=marks)
+
+
+@pytest.mark.parametrize("path", [_shipped_param(p) for p in SHIPPED])
+def test_shipped_tables_are_monotone(path):
+    """No single-decision pair of a shipped table lists the cheaper choice >5% slower."""
+    table = LatencyTable.load(path)
+    meta = table.metadata
+    pairs = single_decision_pairs(find_space(meta["space"]), meta["input_shape"],
+                                  meta.get("granularity", "block"))
+    bad = [q.describe(table) for q in inconsistent_pairs(table, pairs, 0.05)]
+    assert not bad, f"{len(bad)}/{len(pairs)} inconsistent pairs in {path.name}: {bad[:3]}"
+
+
+# --------------------------------------------------------------------------- E[LAT]
+def test_expected_latency_matches_monte_carlo(tiny, cost_table):
+    """E[LAT] at non-uniform probabilities equals the mean of predict_ms over architectures
+    sampled from those probabilities (within 4 standard errors)."""
+    table = LatencyTable.load(cost_table)
+    rng = np.random.default_rng(0)
+    probs = {p: {d: torch.tensor(rng.dirichlet(np.full(len(c), 0.7)))
+                 for d, c in tiny.choices[p].items()} for p in tiny.searchable}
+    exact = float(ExpectedLatency(tiny, table, SHAPE, "block")(probs))
+    samples = []
+    for _ in range(3000):
+        arch = tiny.smallest()
+        for p, ds in probs.items():
+            for d, pr in ds.items():
+                cands = tiny.choices[p][d]
+                arch.values[p][d] = cands[rng.choice(len(cands), p=pr.numpy())]
+        samples.append(predict_ms(table, arch, SHAPE, "block"))
+    mc, se = float(np.mean(samples)), float(np.std(samples) / np.sqrt(len(samples)))
+    uniform = {p: {d: torch.full((len(c),), 1 / len(c), dtype=torch.float64)
+                   for d, c in ds.items()} for p, ds in tiny.choices.items() if p in probs}
+    assert abs(mc - exact) <= 4 * se + 1e-9
+    # the probabilities matter: the uniform expectation is far from this one
+    assert abs(float(ExpectedLatency(tiny, table, SHAPE, "block")(uniform)) - exact) > 4 * se
+
+
+# --------------------------------------------------------------------------- validation
+def test_validate_never_writes_into_the_shipped_table(tmp_path):
+    """ernas-profile mode=validate on a shipped table (tiny n) leaves the file byte-identical;
+    the fitted correction goes to a new file in the run directory, and only when asked."""
+    path = next(p for p in SHIPPED if p.name.startswith("nafnet_tiny"))
+    meta = LatencyTable.load(path).metadata
+    before = path.read_bytes()
+    shape = ",".join(map(str, meta["input_shape"]))
+    args = [sys.executable, "-m", "ernas.cli.profile", f"space={meta['space']}", "mode=validate",
+            f"output={path}", f"input_shape=[{shape}]", f"latency.backend.threads={meta['threads']}",
+            "validate.n=0", "latency.measure.rounds=2", "latency.measure.per_round=1",
+            "latency.measure.warmup=0", "latency.measure.min_seconds=0", "progress=false"]
+    run = tmp_path / "run"
+    r = subprocess.run(args + ["validate.write_corrected=true", f"hydra.run.dir={run}"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in LATENCY_TABLES.iterdir()) == sorted(p.name for p in SHIPPED)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["n"] == 3 and "noise_floor" in s and s["table"] == str(path)
+    corrected = run / f"{path.stem}_corrected.csv"
+    assert s["corrected_table"] == str(corrected)
+    c = LatencyTable.load(corrected)
+    assert c.metadata["correction"]["source_table"] == str(path)
+    assert c.keys() == LatencyTable.load(path).keys()
+
+
+def test_validate_refuses_to_write_under_shipped_tables(tiny, cost_table):
+    table = LatencyTable.load(cost_table)
+    with pytest.raises(ErnasError, match="never writes there"):
+        validate_table(tiny, table, CostBackend(), LATENCY_TABLES / "x", n=0, protocol=QUICK)
+
+
+def test_validate_in_process_leaves_the_table_object_alone(tiny, cost_table, tmp_path):
+    table = LatencyTable.load(cost_table)
+    meta, frame = json.dumps(table.metadata, sort_keys=True), table.to_frame()
+    s = validate_table(tiny, table, CostBackend(), tmp_path, n=4, protocol=QUICK,
+                       write_corrected=True, progress=False)
+    assert json.dumps(table.metadata, sort_keys=True) == meta and table.to_frame().equals(frame)
+    assert s["mape"] == pytest.approx(0.0, abs=1e-9)  # the cost model is exactly additive
+    assert s["within_10pct"] == 1.0 and s["noise_floor"] == 0.0
+    assert (tmp_path / f"{cost_table.stem}_corrected.csv").exists()
+    for name in ("validation.csv", "validation.png", "summary.json"):
+        assert (tmp_path / name).exists()
+
+
+@pytest.mark.slow
+def test_profile_and_validate_tiny_end_to_end(tiny, tmp_path):
+    """Profile the tiny space at 1x3x64x64 on onnxruntime (1 thread) and validate it on the same
+    machine. Bounds, for a busy 2-core VM: other tenants cause multi-second phases ~1.7x slower,
+    which interleaving spreads over all networks alike but which may differ between profiling
+    and validation; so ranks and the (scale-absorbing) leave-one-out correction are held
+    tightly, the plain sums loosely. On a quiet machine expect MAPE < 10% (issue 9: 3.6%)."""
+    shape = (1, 3, 64, 64)
+    backend = OnnxRuntimeBackend(threads=1)
+    proto = MeasureProtocol(rounds=6, per_round=3, warmup=2, min_seconds=1.0, recheck_rounds=8)
+    table, _ = resolve_table(tiny, shape, backend, "block", "auto", tmp_path / "cache", proto,
+                             False, tmp_path / "none")
+    assert table.metadata["consistency"]["pairs"] == 256
+    s = validate_table(tiny, table, backend, tmp_path / "v", n=12, protocol=proto,
+                       progress=False)
+    assert s["spearman"] >= 0.8, s
+    assert s["corrected_loo"]["mape"] <= 0.25, s
+    assert s["plain_sum"]["mape"] <= 0.6, s
