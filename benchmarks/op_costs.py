@@ -13,14 +13,14 @@ import argparse
 import copy
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 from ernas import build_model
-from ernas.space import find_space
-from ernas.latency.backends import MeasureBudget, make_backend
+from ernas.latency.backends import make_backend
+from ernas.latency.measure import MeasureProtocol, measure_interleaved
 from ernas.latency.ops import build_op, parse_key
 from ernas.latency.profile import profile_keys
+from ernas.space import find_space
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--space", default="nafnet_ern")
     ap.add_argument("--input-shape", default="1,3,256,256")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved end-to-end rounds")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved end-to-end rounds")
     args = ap.parse_args()
     shape = tuple(int(s) for s in args.input_shape.split(","))
     backend = make_backend({"name": "onnxruntime", "threads": args.threads})
@@ -36,7 +36,7 @@ def main() -> None:
     ref = space.reference()
     keys = ref.op_keys(shape, "op")
     table = profile_keys(keys, build_op, backend, None, {"input_shape": list(shape),
-                         "granularity": "op"}, MeasureBudget(min_repeats=10, max_repeats=50))
+                         "granularity": "op"}, MeasureProtocol())
     per_type = defaultdict(float)
     for k in keys:
         per_type[parse_key(k).op] += float(table.lookup([k])[0])
@@ -55,17 +55,15 @@ def main() -> None:
             arch.values[p].update(change)
         torch.manual_seed(0)
         models[name] = build_model(arch).eval().fuse()
-    times = defaultdict(list)
     x = torch.randn(shape)
-    budget = MeasureBudget(warmup=2, min_repeats=5, max_repeats=10, time_cap_s=5.0)
-    for _ in range(args.rounds):  # interleaved, so drift hits every variant alike
-        for name, m in models.items():
-            times[name].append(float(np.median(backend.measure(m, x, budget))))
-    full = np.median(times["full"])
-    print("end to end (median of interleaved rounds):")
+    runners = {name: backend.runner(m, x) for name, m in models.items()}
+    stats = measure_interleaved(runners, rounds=args.rounds)  # drift hits every variant alike
+    full = stats["full"]["ms"]
+    print(f"end to end (p20 of interleaved shuffled rounds; {backend.session_options()}):")
     for name in variants:
-        t = np.median(times[name])
-        print(f"  {name:>27}: {t:8.1f} ms  ({full / t:.2f}x faster than full)")
+        t = stats[name]["ms"]
+        print(f"  {name:>27}: {t:8.1f} ms  ({full / t:.2f}x faster than full; pass-to-pass "
+              f"spread {100 * stats[name]['spread']:.0f}%)")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class Variant:
         from ernas import build_model
         from ernas.search.objective import EntropySchedule, LatencyLoss, SearchObjective
         from ernas.supernet import SuperNet
+        from ernas.tasks.denoise import psnr_loss
 
         torch.manual_seed(0)
         self.kind, self.device = kind, device
@@ -95,12 +96,10 @@ class Variant:
             self.expected = expected.to(device)
             target = expected.of_arch(space.reference())
             # entropy term switched on (weight > 0 at the timed step), as late in a search
-            self.objective = SearchObjective("psnr", LatencyLoss("additive", 0.5, target, 0.6),
+            self.objective = SearchObjective(psnr_loss, LatencyLoss("additive", 0.5, target, 0.6),
                                              EntropySchedule(0.3, 0, 0, "cosine"))
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_w, T_max=10**6,
                                                                 eta_min=1e-6)
-        from ernas.search.objective import psnr_loss
-
         self.task = psnr_loss
         self.n_params = sum(p.numel() for p in self.net.parameters())
 
@@ -109,7 +108,7 @@ class Variant:
             torch.cuda.synchronize()
 
     def weight_step(self):
-        from ernas.search.objective import batch_psnr
+        from ernas.tasks.denoise import batch_psnr
 
         net = self.net
         net.train()

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ernas.progress import progress as progress_bar
 from ernas.checkpoint import load_model, resolve_checkpoint
 from ernas.complexity import count_macs, count_params
 from ernas.io import atomic_write_json, atomic_write_text
@@ -82,17 +83,13 @@ def measure_latencies(models: dict[str, nn.Module], input_shape, latency_cfg: di
 
 def predicted_latency(arch: Arch, input_shape, latency_cfg: dict, progress: bool = False):
     """``(predicted ms, table path, probe record)`` from the resolved latency table."""
-    from ernas.latency.backends import MeasureBudget, make_backend
     from ernas.latency.predict import predict_ms
-    from ernas.latency.resolve import resolve_table
+    from ernas.latency.resolve import resolve_from_config
 
-    backend = make_backend(latency_cfg["backend"])
-    gran = latency_cfg.get("granularity", "block")
     shape = tuple(int(s) for s in input_shape)
-    table, path = resolve_table(arch.as_space(), shape, backend, gran,
-                                latency_cfg.get("table", "auto"), latency_cfg.get("cache_dir"),
-                                MeasureBudget.from_mapping(latency_cfg.get("budget")), progress)
-    return predict_ms(table, arch, shape, gran), str(path), getattr(table, "probe", None)
+    table, path = resolve_from_config(arch.as_space(), shape, latency_cfg, progress)
+    gran = latency_cfg.get("granularity", "block")
+    return predict_ms(table, arch, shape, gran), str(path), table.probe
 
 
 def _fmt(v, digits=2) -> str:
@@ -135,15 +132,14 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
     """Evaluate ``entries`` (the first is the model under test, the rest baselines) on ``task``
     and write ``per_image.csv``, ``results.csv``, ``report.md``, ``summary.json`` (and the
     first entry's ``arch.yaml``) into ``out_dir``. Returns the summary."""
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for e in entries:
         task.check_arch(e.arch)
     sets = task.eval_sets(seed)
     per_item, rows, models, probes = [], [], {}, {}
-    for e in tqdm(entries, desc="evaluate", disable=not progress):
+    bar = progress_bar(len(entries), "evaluate", unit="model", enabled=progress)
+    for e in entries:
         model = e.model()
         models[e.name] = model
         q_rows, q = quality(model, task, sets, e.name, device)
@@ -156,6 +152,8 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
             row["predicted_ms"], row["table"], probes[e.name] = predicted_latency(
                 e.arch, input_shape, latency_cfg, progress)
         rows.append(row)
+        bar.update(1)
+    bar.close()
     backend_meta, stats = None, {}
     if latency_cfg and measure:
         stats, backend_meta = measure_latencies(models, input_shape, latency_cfg, progress)

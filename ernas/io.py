@@ -13,8 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from ernas.errors import ErnasError
+
 __all__ = ["atomic_open", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json",
-           "atomic_write_text", "json_default"]
+           "atomic_write_text", "json_default", "read_yaml"]
 
 
 def _umask() -> int:
@@ -91,3 +93,42 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_open(path) as f:
         torch.save(obj, f)
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """Parse a YAML file strictly: a clear ErnasError when it is missing, a folder, not UTF-8,
+    not valid YAML, or maps one key twice (PyYAML would silently keep the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ErnasError(f"{path}: the {what} file maps {key!r} twice (lines "
+                                 f"{seen[key] + 1} and {key_node.start_mark.line + 1}); keep one "
+                                 f"of them (YAML would silently drop the first).")
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    path = Path(path)
+    if path.is_dir():
+        raise ErnasError(f"{path}: this is a folder, but a {what} file (YAML) was expected; "
+                         f"give the path of the .yaml file.")
+    if not path.is_file():
+        raise ErnasError(f"{path}: the {what} file does not exist; check the path (relative "
+                         f"paths are resolved from the current directory).")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ErnasError(f"{path}: the {what} file is not UTF-8 text (byte {e.start}: "
+                         f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8.") from None
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as e:
+        raise ErnasError(f"{path}: the {what} file is not valid YAML ("
+                         f"{' '.join(str(e).split())}); fix the syntax.") from None

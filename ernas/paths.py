@@ -1,21 +1,23 @@
-"""Where the shipped folders live: search_spaces/, latency_tables/, experiments/.
+"""Where the shipped folders live: experiments/, search_spaces/, latency_tables/.
 
-In a source checkout or an editable install they sit beside the ``ernas`` package; a regular
-install places them under ``<prefix>/share/ernas``."""
+A regular install (wheel) carries them inside the package as ``ernas/_resources/<folder>``
+(copied at build time by ``setup.py``), found with ``importlib.resources``; in a source checkout
+or an editable install they are the top-level folders of the repository beside ``ernas/``.
+The user cache (profiled tables, probe results) is ``$ERNAS_CACHE`` or ``~/.cache/ernas``.
+Nothing ever writes into these shipped folders.
+"""
 from __future__ import annotations
 
 import os
-import sys
+from importlib.resources import files
 from pathlib import Path
-
-_HERE = Path(__file__).resolve().parents[1]
 
 
 def _root() -> Path:
-    for cand in (_HERE, Path(sys.prefix) / "share" / "ernas"):
-        if (cand / "search_spaces").is_dir():
-            return cand
-    return _HERE
+    packaged = Path(str(files("ernas"))) / "_resources"
+    if (packaged / "experiments").is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1]
 
 
 ROOT = _root()

@@ -27,29 +27,35 @@ def save_png(fig, path: str | Path, dpi: int = 100) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_probs(rows: list[dict], path: Path) -> None:
-    """Small multiples: one panel per (position, decision), one line per candidate."""
+def plot_probs(rows: list[dict], path: Path, max_points: int = 200) -> None:
+    """One panel per decision; in it, one band per position (the position's row, 0 at the
+    bottom of the band, 1 at its top) with one line per candidate: p(candidate) over the steps
+    (at most ``max_points`` logged steps per line, evenly spaced)."""
     plt = pyplot()
     df = pd.DataFrame(rows, columns=["step", "position", "decision", "choice", "probability"])
+    steps = sorted(df["step"].unique())
+    if len(steps) > max_points:
+        keep = set(steps[::-(-len(steps) // max_points)]) | {steps[-1]}
+        df = df[df["step"].isin(keep)]
     positions = list(dict.fromkeys(df["position"])) or ["-"]
     decisions = list(dict.fromkeys(df["decision"])) or ["-"]
-    size = (2.2 * len(decisions), 1.4 * len(positions) + 0.6)
-    fig, axes = plt.subplots(len(positions), len(decisions), squeeze=False, sharex=True,
-                             sharey=True, figsize=size)
-    for i, pos in enumerate(positions):
-        for j, dec in enumerate(decisions):
-            ax = axes[i][j]
-            sub = df[(df["position"] == pos) & (df["decision"] == dec)]
-            for choice, g in sub.groupby("choice", sort=False):
-                ax.plot(g["step"], g["probability"], label=str(choice))
-            if len(sub):
-                ax.legend(fontsize=5, loc="upper left")
-            ax.set_ylim(0, 1)
-            ax.tick_params(labelsize=6)
-            if i == 0:
-                ax.set_title(dec, fontsize=8)
-            if j == 0:
-                ax.set_ylabel(pos, fontsize=7)
+    row = {p: len(positions) - 1 - i for i, p in enumerate(positions)}  # first position on top
+    fig, axes = plt.subplots(1, len(decisions), squeeze=False, sharey=True,
+                             figsize=(3.0 * len(decisions), 0.32 * len(positions) + 1.2))
+    for ax, dec in zip(axes[0], decisions):
+        sub = df[df["decision"] == dec]
+        choices = list(dict.fromkeys(sub["choice"]))
+        for (pos, choice), g in sub.groupby(["position", "choice"], sort=False):
+            ax.plot(g["step"].to_numpy(), row[pos] + 0.9 * g["probability"].to_numpy(),
+                    color=f"C{choices.index(choice)}", lw=0.8)
+        for k, c in enumerate(choices):
+            ax.plot([], [], color=f"C{k}", label=str(c))
+        ax.legend(fontsize=6, loc="upper right", ncol=min(len(choices), 4))
+        ax.set_title(dec, fontsize=9)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_ylim(-0.1, len(positions) + 0.6)
+    axes[0][0].set_yticks([row[p] + 0.45 for p in positions], positions)
     fig.tight_layout()
     save_png(fig, path)
 

@@ -201,14 +201,9 @@ class Arch:
 # --------------------------------------------------------------------------- loading
 
 def _read_yaml(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ErnasError(f"{path}: the {what} file does not exist; check the path "
-                         f"(relative paths are resolved from the current directory).")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ErnasError(f"{path}: the {what} file is not valid YAML ({e}); fix the syntax.") from None
+    from ernas.io import read_yaml
+
+    data = read_yaml(path, what)
     if not isinstance(data, dict):
         raise ErnasError(f"{path}: the {what} file must be a mapping with the fields "
                          f"'family', 'geometry' and 'blocks'.")

@@ -8,7 +8,9 @@ the class as ``TASK``. It gives
   "name"}`` for ``split`` in train | val | test; ``random=True`` draws random crops and
   augmentations keyed by (seed, step, index), else whole images (centre ``crop`` when given);
 - ``loss(pred, target)``: the training loss (lower is better); ``distill_loss(pred,
-  teacher_pred)``: the output-distillation term;
+  teacher_pred)``: the output-distillation term; ``loss_log_scale``: s when the loss is
+  s·ln(e) of a positive error e (the multiplicative latency factor r^β on e then adds s·β·ln r),
+  None when the loss itself is positive (it is multiplied by r^β; ``ernas.search.objective``);
 - ``evaluator()``: a streaming :class:`Evaluator` (``update(pred, target, name)`` per item or
   batch, ``compute()`` -> named metrics, one of them ``metric``, the task's headline, higher is
   better; ``rows()`` -> per-item rows for per_image.csv);
@@ -59,6 +61,7 @@ class Task(abc.ABC):
     metric = ""                  # headline metric, a key of Evaluator.compute(), higher is better
     metric_label = ""            # axis label, e.g. "PSNR (dB)"
     metrics = ()                 # every key compute() returns, headline first
+    loss_log_scale = None        # s when loss = s·ln(positive error), None when loss > 0
 
     @abc.abstractmethod
     def dataset(self, split: str, crop: int | None = None, seed: int = 0,

@@ -22,13 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ernas.progress import progress as progress_bar
 from ernas import build_model
 from ernas import distributed as D
 from ernas.batches import StepBatches, data_key
 from ernas.checkpoint import init_model
+from ernas.config import check, from_mapping
 from ernas.distill import DistillConfig, Distiller, Student
 from ernas.errors import ErnasError
 from ernas.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from ernas.scalars import Scalars
 from ernas.space import Arch, arch_of, space_from_dict
 from ernas.task import make_task
 
@@ -56,33 +59,44 @@ class TrainConfig:
     amp: bool = True                    # autocast on CUDA only (bfloat16, else float16)
     log_every: int = 10
     device: str = "auto"
+    logger: str = "csv"                 # csv | tensorboard (CSV plus TensorBoard scalars)
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        bad = [f"{f}={getattr(self, f)!r} must be a positive integer"
+               for f in ("steps", "batch_size", "crop", "val_every", "log_every")
+               if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), int)
+               or getattr(self, f) < 1]
+        if self.val_crop is not None and not (isinstance(self.val_crop, int) and self.val_crop > 0):
+            bad.append(f"val_crop={self.val_crop!r} must be a positive integer or null")
+        if not self.lr > 0:
+            bad.append(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0 or self.eta_min < 0:
+            bad.append(f"weight_decay={self.weight_decay} and eta_min={self.eta_min} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad.append(f"betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.9]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            bad.append(f"grad_clip={self.grad_clip} must be > 0 (or null: no clipping)")
+        if self.num_workers < 0:
+            bad.append(f"num_workers={self.num_workers} must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            bad.append(f"device={self.device!r} must be auto, cpu or cuda")
+        if self.logger not in ("csv", "tensorboard"):
+            bad.append(f"logger={self.logger!r} must be csv or tensorboard")
+        check("retrain config", bad)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ErnasError(f"retrain config: unknown field(s) {unknown}; the fields are "
-                             f"{', '.join(sorted(names))}.")
-        data = dict(data)
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
+        return from_mapping(cls, data, "retrain config")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
 
-    def check(self) -> None:
-        for f in ("steps", "batch_size", "crop", "val_every", "log_every"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ErnasError(f"retrain config: {f}={v!r} must be a positive integer.")
-
 
 # fields that may differ when resuming (they do not change the computation)
-RESUME_FREE = ("num_workers", "log_every", "device")
+RESUME_FREE = ("num_workers", "log_every", "device", "logger")
 
 
 @torch.no_grad()
@@ -141,8 +155,6 @@ def _run(arch: Arch, out: Path, cfg: TrainConfig, task, model: nn.Module,
          distill: DistillConfig | None, init_info: dict, ckpt: dict | None, progress: bool,
          stop_at: int | None, info: D.DistInfo) -> dict | None:
     """The training loop shared by :func:`retrain` and :func:`resume`."""
-    from tqdm.auto import tqdm
-
     from ernas.complexity import count_macs, count_params
 
     main = info.rank == 0
@@ -199,7 +211,9 @@ def _run(arch: Arch, out: Path, cfg: TrainConfig, task, model: nn.Module,
             "state": dataclasses.asdict(st), "config": cfg.to_dict(), "init": init_info,
             "distill": distill.to_dict() if distill is not None else None}, out / "last.pt")
 
-    bar = tqdm(total=cfg.steps, initial=st.step, disable=not (progress and main), desc="retrain")
+    bar = progress_bar(cfg.steps, "retrain", initial=st.step, unit="step",
+                       enabled=progress and main)
+    scalars = Scalars(out, cfg.logger, enabled=main)
     t0 = time.perf_counter()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -236,10 +250,14 @@ def _run(arch: Arch, out: Path, cfg: TrainConfig, task, model: nn.Module,
                            "out_loss": avg[2], "feat_loss": avg[3], f"val_{m}": None,
                            "seconds": st.seconds + time.perf_counter() - t0})
             bar.set_postfix(loss=f"{avg[0]:.3f}")
+            scalars.add(st.step, {"train/loss": avg[0], "train/task_loss": avg[1],
+                                  "train/distill_out": avg[2], "train/distill_feat": avg[3],
+                                  "train/lr": lr})
         if validate_now and main:
             st.seconds += time.perf_counter() - t0
             v = validate(model, val_set, device, task)
             st.log[-1][f"val_{m}"] = st.last_val = v
+            scalars.add(st.step, {f"val/{m}": v})
             if st.best_val is None or v > st.best_val:
                 st.best_val, st.best_step = v, st.step
                 atomic_torch_save({"format": FORMAT, "arch": arch.to_dict(),
@@ -250,6 +268,7 @@ def _run(arch: Arch, out: Path, cfg: TrainConfig, task, model: nn.Module,
             bar.set_postfix(loss=f"{st.log[-1]['loss']:.3f}", val=f"{v:.3f}")
             t0 = time.perf_counter()
     bar.close()
+    scalars.close()
     st.seconds += time.perf_counter() - t0
     digests = D.all_gather_object(state_digest(student))
     summary = None
@@ -283,7 +302,6 @@ def retrain(arch: Arch, out_dir, task, cfg: TrainConfig | None = None, init: str
     ``stop_at=k`` stops after step k as if interrupted (``last.pt`` is written; :func:`resume`
     continues). Under torchrun it trains with DDP. Returns the summary (None on ranks > 0)."""
     cfg = cfg or TrainConfig()
-    cfg.check()
     task.check_arch(arch)
     info = D.setup(cfg.device)
     out = Path(out_dir)
@@ -306,9 +324,18 @@ def resume(run_dir, progress: bool = True, stop_at: int | None = None,
     if not path.is_file():
         raise ErnasError(f"resume={run_dir}: no last.pt there; pass the directory of an "
                          f"interrupted retrain run.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != FORMAT:
-        raise ErnasError(f"{path}: not a retrain checkpoint (format {ckpt.get('format')!r}).")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise ErnasError(f"{path}: this checkpoint cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else 'empty or truncated'}); "
+                         f"it was damaged after it was written (ernas writes it atomically). "
+                         f"Restore it from a copy, or start the run again in a new directory "
+                         f"(best.pt there holds the best weights so far).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ErnasError(f"{path}: not a retrain checkpoint of this ernas (format "
+                         f"{ckpt.get('format') if isinstance(ckpt, dict) else None!r}); start "
+                         f"the run again in a new directory.")
     bad = sorted(set(overrides) - set(RESUME_FREE))
     if bad:
         raise ErnasError(f"resume: cannot change {bad} of a run; only {list(RESUME_FREE)} may "

@@ -1,5 +1,6 @@
 """Latency backends and the measurement primitive: real onnxruntime / torch / command timing on a
 tiny 1x1 conv, session options (spinning), runners, interleaved rounds and statistics."""
+import inspect
 import os
 import shlex
 import sys
@@ -111,7 +112,7 @@ def test_measure_interleaved_rounds_and_order():
         return run
 
     runners = {n: fake(n, v) for n, v in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0))}
-    res = measure_interleaved(runners, rounds=6, per_round=2, warmup=1, seed=3)
+    res = measure_interleaved(runners, rounds=6, per_round=2, warmup=1, seed=3, min_seconds=0)
     assert calls[:4] == ["a", "b", "c", "d"]  # warm-up: one call each
     timed = calls[4:]
     assert len(timed) == 6 * 4 * 2 and all(timed[i] == timed[i + 1] for i in range(0, 48, 2))
@@ -121,10 +122,14 @@ def test_measure_interleaved_rounds_and_order():
     for name, v in (("a", 1.0), ("d", 4.0)):
         assert res[name]["ms"] == v and res[name]["n"] == 12 and res[name]["spread"] == 0.0
     calls.clear()
-    measure_interleaved(runners, rounds=6, per_round=2, warmup=1, seed=3)
+    measure_interleaved(runners, rounds=6, per_round=2, warmup=1, seed=3, min_seconds=0)
     assert calls[4:] == timed  # seeded: the same orders again
     with pytest.raises(ErnasError, match="rounds"):
         measure_interleaved(runners, rounds=0)
+    calls.clear()  # min_seconds: rounds go on until the rounds have lasted that long
+    res = measure_interleaved({"a": runners["a"]}, rounds=2, per_round=1, warmup=0,
+                              min_seconds=0.05)
+    assert res["a"]["n"] == len(calls) > 2
 
 
 def test_statistics_and_protocol():
@@ -139,6 +144,9 @@ def test_statistics_and_protocol():
     assert r["ms"] == 1.0 and r["n"] == 6 and r["spread"] == pytest.approx(2 / 3)
     p = MeasureProtocol.from_mapping({"rounds": 4, "statistic": "median"})
     assert p.rounds == 4 and p.to_dict()["statistic"] == "median"
+    # a config's `measure` mapping is measure_interleaved's keywords, with the same defaults
+    params = inspect.signature(measure_interleaved).parameters
+    assert {f: params[f].default for f in MeasureProtocol().to_dict()} == MeasureProtocol().to_dict()
     with pytest.raises(ErnasError, match="roudns"):
         MeasureProtocol.from_mapping({"roudns": 4})
     with pytest.raises(ErnasError, match="per_round"):

@@ -66,7 +66,7 @@ def test_torchrun_retrain_two_ranks(tmp_path):
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", str(_free_port()), "-m", "ernas.cli.retrain",
             f"hydra.run.dir={out}", "steps=6", "val_every=3", "batch_size=2", "crop=32",
-            "val_crop=64", "max_side=256", "threads=1", "progress=false", "device=cpu"]
+            "val_crop=64", "task.max_side=256", "threads=1", "progress=false", "device=cpu"]
     r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())

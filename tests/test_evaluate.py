@@ -9,14 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
-from ernas.evaluate import ModelEntry, eval_images, evaluate, pareto, pareto_front
+from ernas.evaluate import ModelEntry, evaluate
 from ernas.families.nafnet import official_arch
+from ernas.pareto import pareto, pareto_front
+from ernas.task import make_task
 from ernas.train import TrainConfig, retrain
 
 TINY = dict(width=8, enc_blk_nums=[1, 1], middle_blk_num=1, dec_blk_nums=[1, 1])
-LATENCY = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", "latency.budget.warmup=1",
-           "latency.budget.min_repeats=3", "latency.budget.max_repeats=5",
-           "latency.budget.time_cap_s=0.2"]
+TASK = make_task({"name": "denoise", "max_side": 256})
+LATENCY = ["input_shape=[1,3,32,32]", "latency.backend.threads=1",
+           "latency.measure.rounds=2", "latency.measure.per_round=1",
+           "latency.measure.min_seconds=0"]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,8 @@ def trained(tmp_path_factory):
     arch.values["decoders.1.0"]["norm"] = "batchnorm"
     arch.values["encoders.1.0"]["keep"] = False
     out = tmp_path_factory.mktemp("run")
-    retrain(arch, out, TrainConfig(steps=30, batch_size=4, crop=32, val_every=30, val_crop=64,
-                                   max_side=256), progress=False)
+    retrain(arch, out, TASK, TrainConfig(steps=30, batch_size=4, crop=32, val_every=30,
+                                         val_crop=64), progress=False)
     return out
 
 
@@ -39,13 +42,13 @@ def _cli(tmp_path, *args):
 
 def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
     r = _cli(tmp_path, f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'ev'}",
-             f"latency.cache_dir={tmp_path / 'cache'}", "max_side=160", *LATENCY)
+             f"latency.cache_dir={tmp_path / 'cache'}", *LATENCY)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "ev"
     for f in ("per_image.csv", "results.csv", "report.md", "summary.json", "arch.yaml"):
         assert (out / f).is_file(), f
     per = pd.read_csv(out / "per_image.csv")
-    assert list(per.columns) == ["model", "image", "sigma", "psnr", "ssim"]
+    assert list(per.columns) == ["model", "set", "name", "psnr", "ssim"]
     assert len(per) == 2 * 2 * 3  # models x test images x sigmas
     assert np.isfinite(per["psnr"]).all() and per["ssim"].between(-1, 1).all()
     res = pd.read_csv(out / "results.csv")
@@ -57,12 +60,26 @@ def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
     # PSNR falls as the noise grows, for the trained model
     assert res.loc[0, "psnr_sigma15"] > res.loc[0, "psnr_sigma25"] > res.loc[0, "psnr_sigma50"]
     s = json.loads((out / "summary.json").read_text())
-    assert math.isfinite(s["psnr"]) and s["psnr_sigma"] == "25" and s["baseline"]["name"] == \
-        "reference"
-    assert s["latency_ms"] == s["measured_ms"] > 0 and s["predicted_ms"] > 0
+    assert s["psnr"] == pytest.approx(res.loc[0, "psnr_sigma25"]) and s["metric_set"] == "sigma25"
+    assert s["baseline"]["name"] == "reference"
+    # the prediction is the table's sum for this arch, from the table the summary names
+    from ernas.latency.predict import predict_ms
+    from ernas.latency.table import LatencyTable
+    from ernas.space import load_arch
+
+    table = LatencyTable.load(s["latency_tables"]["tiny_bn"])
+    assert s["predicted_ms"] == pytest.approx(predict_ms(table, load_arch(out / "arch.yaml"),
+                                                         (1, 3, 32, 32)))
+    # both models measured in the same interleaved rounds, with the configured session options
+    assert s["latency_backend"]["threads"] == 1 and s["latency_backend"]["spinning"] is False
+    assert s["measured_speedup"] == pytest.approx(res.loc[1, "measured_ms"] /
+                                                  res.loc[0, "measured_ms"])
     report = (out / "report.md").read_text()
     assert "| tiny_bn |" in report and "reference (untrained)" in report
-    assert "BasicSR" in report and "MACs" in report and "onnxruntime" in report
+    assert "BasicSR" in report and "MACs" in report and "interleaved" in report
+    # the printed verdict follows the numbers
+    verdict = "faster" if s["measured_speedup"] >= 1 else "slower"
+    assert f"x {verdict} than reference (measured)" in r.stdout
 
 
 def test_folder_and_paired_data(tmp_path):
@@ -80,19 +97,22 @@ def test_folder_and_paired_data(tmp_path):
         noisy = np.clip(img + rng.normal(0, 0.1, img.shape), 0, 1)
         skimage.io.imsave(tmp_path / "noisy" / f"im{i}.png",
                           (noisy * 255).round().astype(np.uint8), check_contrast=False)
-    items = eval_images("folder", [15, 50], clean_dir=tmp_path / "clean")
-    assert [(it["image"], it["sigma"]) for it in items] == [
-        ("im0", "15"), ("im1", "15"), ("im0", "50"), ("im1", "50")]
+    task = make_task({"name": "denoise", "test_dir": str(tmp_path / "clean"),
+                      "eval_sigmas": [15, 50]})
+    sets = task.eval_sets()
+    assert list(sets) == ["sigma15", "sigma50"] and [it["name"] for it in sets["sigma15"]] == \
+        ["im0", "im1"]
     # the same noise draw at every sigma (seeded by image index), not clipped
-    z15 = (items[0]["noisy"] - items[0]["clean"]) / (15 / 255)
-    z50 = (items[2]["noisy"] - items[2]["clean"]) / (50 / 255)
-    assert torch.allclose(z15, z50, atol=1e-4) and items[2]["noisy"].min() < 0
+    a, b = sets["sigma15"][0], sets["sigma50"][0]
+    z15, z50 = (a["input"] - a["target"]) / (15 / 255), (b["input"] - b["target"]) / (50 / 255)
+    assert torch.allclose(z15, z50, atol=1e-4) and b["input"].min() < 0
     arch = official_arch(**TINY, name="t")
-    s = evaluate([ModelEntry("t", arch)], tmp_path / "ev", data="paired",
-                 clean_dir=tmp_path / "clean", noisy_dir=tmp_path / "noisy", predict=False,
-                 measure=False, progress=False)
-    assert s["sigmas"] == ["real"] and math.isfinite(s["psnr"]) and s["latency_ms"] is None
-    assert "real noise" in (tmp_path / "ev" / "report.md").read_text()
+    paired = make_task({"name": "denoise", "test_dir": str(tmp_path / "clean"),
+                        "test_noisy_dir": str(tmp_path / "noisy")})
+    s = evaluate([ModelEntry("t", arch)], tmp_path / "ev", paired, predict=False, measure=False,
+                 progress=False)
+    assert s["metric_set"] == "real" and math.isfinite(s["psnr"]) and s["measured_ms"] is None
+    assert "noisy/clean pairs" in (tmp_path / "ev" / "report.md").read_text()
 
 
 def test_pareto_front_on_hand_made_runs(tmp_path):
@@ -105,17 +125,29 @@ def test_pareto_front_on_hand_made_runs(tmp_path):
         d = tmp_path / name
         d.mkdir()
         arch.save(d / "arch.yaml")
-        # mix the summary flavours: evaluate (measured_ms, psnr), search (predicted, val)
-        summary = {"name": name, "measured_ms": lat, "psnr": q} if i % 2 == 0 else \
-            {"name": name, "predicted_latency_ms": lat, "best_val_psnr": q}
+        summary = {"name": name, "metric": "psnr", "measured_ms": lat, "psnr": q,
+                   "predicted_ms": lat / 2}  # a measurement always wins over a prediction
         (d / "summary.json").write_text(json.dumps(summary))
         dirs.append(d)
     df = pareto(dirs, tmp_path / "plot" / "pareto.png")
     assert set(df.loc[df["on_front"], "name"]) == {"g", "a", "b", "d"}
+    assert (df["latency_kind"] == "measured").all() and list(df["latency_ms"]) == \
+        [lat for _, lat, _ in points]
     assert (tmp_path / "plot" / "pareto.png").stat().st_size > 1000
     csv = pd.read_csv(tmp_path / "plot" / "pareto.csv")
     assert list(csv["on_front"]) == list(df["on_front"])
-    assert set(csv["latency_field"]) == {"measured_ms", "predicted_latency_ms"}
+    # a search run without a measurement is drawn with its prediction, apart: it neither joins
+    # nor dominates the measured front, however fast it is predicted to be
+    h = tmp_path / "h"
+    h.mkdir()
+    arch.save(h / "arch.yaml")
+    (h / "summary.json").write_text(json.dumps({"name": "h", "metric": "psnr",
+                                                "predicted_latency_ms": 0.1,
+                                                "supernet_val_psnr": 40.0}))
+    df2 = pareto(dirs + [h], tmp_path / "plot2" / "pareto.png")
+    row = df2[df2["name"] == "h"].iloc[0]
+    assert row["latency_kind"] == "predicted" and not row["on_front"]
+    assert set(df2.loc[df2["on_front"], "name"]) == {"g", "a", "b", "d"}
     # ties: equal points are both on the front; a point equal in latency but worse is not
     assert list(pareto_front([1, 1, 1], [5, 5, 4])) == [True, True, False]
     # the CLI's Pareto mode
@@ -126,7 +158,7 @@ def test_pareto_front_on_hand_made_runs(tmp_path):
 
 
 def test_cli_mismatched_checkpoint_is_a_user_error(tmp_path, trained):
-    r = _cli(tmp_path, "arch=nafnet_tiny", f"checkpoint={trained / 'best.pt'}",
+    r = _cli(tmp_path, "arch=reference:nafnet_tiny", f"checkpoint={trained / 'best.pt'}",
              f"hydra.run.dir={tmp_path / 'x'}", "measure_latency=false", "predict_latency=false")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "does not match" in r.stderr and "encoders.1.0" in r.stderr

@@ -34,7 +34,7 @@ from ernas.paths import LATENCY_TABLES, SEARCH_SPACES
 from ernas.space import find_space
 
 SHAPE = (1, 3, 32, 32)
-QUICK = MeasureProtocol(rounds=2, per_round=1, warmup=0, min_seconds=0, recheck_rounds=2)
+QUICK = MeasureProtocol(rounds=2, per_round=1, warmup=0, min_seconds=0)
 
 
 class CostBackend(Backend):
@@ -180,10 +180,10 @@ def test_probe_refuses_a_scaled_table_on_the_real_backend(tmp_path):
         "family: nafnet\nname: tiny_k\ngeometry: {img_channel: 3, width: 8, enc_blk_nums: [1, 1],"
         " middle_blk_num: 1, dec_blk_nums: [1, 1]}\nblocks:\n  all: {kernel: [3, 5]}\n")
     space = ernas.load_space(tmp_path / "s.yaml")
-    proto = MeasureProtocol(rounds=3, per_round=2, warmup=1, min_seconds=0.3, recheck_rounds=2)
+    proto = MeasureProtocol(rounds=3, per_round=2, warmup=1, min_seconds=0.3)
     backend = OnnxRuntimeBackend(threads=1)
     good, path = resolve_table(space, SHAPE, backend, "block", "auto", tmp_path / "cache", proto,
-                               False, tmp_path / "none")
+                               False, tmp_path / "none", recheck_rounds=2)
     bad = good.scaled(3.0)
     bad.save(tmp_path / "scaled.csv")
     with pytest.raises(ErnasError, match="does not hold on this machine"):
@@ -214,7 +214,8 @@ def test_consistency_check_rechecks_and_reports(tiny, cost_table):
     bad = rec["inconsistent"][0]
     assert bad["decision"] == "kernel" and (bad["cheaper"], bad["costlier"]) == (3, 5)
     assert bad["ratio"] == pytest.approx(2.0) and table.metadata["consistency"] == rec
-    rec = check_consistency(tiny, table, CostBackend(), protocol=QUICK, progress=False)
+    rec = check_consistency(tiny, table, CostBackend(), protocol=QUICK, progress=False,
+                            recheck_rounds=2)
     assert rec["before"] >= 1 and rec["after"] == 0 and rec["rechecked_keys"] >= 2
     assert table.get(k3)["ms"] < table.get(k5)["ms"]
 
@@ -314,18 +315,20 @@ def test_validate_in_process_leaves_the_table_object_alone(tiny, cost_table, tmp
 @pytest.mark.slow
 def test_profile_and_validate_tiny_end_to_end(tiny, tmp_path):
     """Profile the tiny space at 1x3x64x64 on onnxruntime (1 thread) and validate it on the same
-    machine. Bounds, for a busy 2-core VM: other tenants cause multi-second phases ~1.7x slower,
-    which interleaving spreads over all networks alike but which may differ between profiling
-    and validation; so ranks and the (scale-absorbing) leave-one-out correction are held
-    tightly, the plain sums loosely. On a quiet machine expect MAPE < 10% (issue 9: 3.6%)."""
+    machine. Bounds, for a busy 2-core VM: other tenants cause multi-second phases up to ~1.7x
+    slower. Interleaving spreads them over all networks of one validation alike, so ranks
+    (Spearman >= 0.8) and the leave-one-out corrected MAPE (<= 25%, the correction absorbs a
+    common scale) are held tightly; the plain sums can be off by the speed ratio between the
+    profiling and the validation phases, so they are held to within 2x (MAPE <= 100%). On a
+    quiet machine expect plain MAPE < 10% at 256x256 (issue 9 measured 3.6%)."""
     shape = (1, 3, 64, 64)
     backend = OnnxRuntimeBackend(threads=1)
-    proto = MeasureProtocol(rounds=6, per_round=3, warmup=2, min_seconds=1.0, recheck_rounds=8)
+    proto = MeasureProtocol(rounds=6, per_round=3, warmup=2, min_seconds=1.0)
     table, _ = resolve_table(tiny, shape, backend, "block", "auto", tmp_path / "cache", proto,
-                             False, tmp_path / "none")
+                             False, tmp_path / "none", recheck_rounds=8)
     assert table.metadata["consistency"]["pairs"] == 256
     s = validate_table(tiny, table, backend, tmp_path / "v", n=12, protocol=proto,
                        progress=False)
     assert s["spearman"] >= 0.8, s
     assert s["corrected_loo"]["mape"] <= 0.25, s
-    assert s["plain_sum"]["mape"] <= 0.6, s
+    assert s["plain_sum"]["mape"] <= 1.0, s

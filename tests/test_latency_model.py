@@ -18,9 +18,9 @@ from ernas.latency.resolve import resolve_table
 from ernas.latency.table import LatencyTable, MissingKeysError
 
 SHAPE = (1, 3, 32, 32)
-FAST = MeasureProtocol(rounds=2, per_round=2, warmup=1, min_seconds=0.2, recheck_rounds=2)
+FAST = MeasureProtocol(rounds=2, per_round=2, warmup=1, min_seconds=0.2)
 FAST_CLI = ["latency.measure.rounds=2", "latency.measure.per_round=2", "latency.measure.warmup=1",
-            "latency.measure.min_seconds=0.2", "latency.measure.recheck_rounds=2"]
+            "latency.measure.min_seconds=0.2", "latency.recheck_rounds=2"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tiny_table(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("tables") / "tiny.csv"
     table, _ = resolve_table(tiny, SHAPE, {"name": "onnxruntime", "threads": 1}, "block",
                              table="auto", cache_dir=path.parent, protocol=FAST, progress=False,
-                             shipped_dir=path.parent / "none")
+                             shipped_dir=path.parent / "none", recheck_rounds=2)
     assert table.probe["action"] == "profiled"
     return table
 

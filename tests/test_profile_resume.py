@@ -17,7 +17,7 @@ KEYS = ["conv[k=1]@1x8x16x16:float32", "conv[k=1]@1x8x8x8:float32", "conv[k=1]@1
 A, B, C = KEYS
 META = {"input_shape": [1, 3, 16, 16], "granularity": "op", "space": "test"}
 # deterministic bookkeeping tests: no minimum duration, small rounds
-PROTO = MeasureProtocol(rounds=4, per_round=2, warmup=1, min_seconds=0, group=3)
+PROTO = MeasureProtocol(rounds=4, per_round=2, warmup=1, min_seconds=0)
 
 
 def build(key):
@@ -66,11 +66,11 @@ def test_rounds_are_interleaved(tmp_path):
 
 def test_interrupt_mid_round_then_resume(tmp_path):
     out = tmp_path / "tables" / "t.csv"
-    proto = MeasureProtocol(rounds=4, per_round=2, warmup=0, min_seconds=0, group=2)
+    proto = MeasureProtocol(rounds=4, per_round=2, warmup=0, min_seconds=0)
     # group 1 = {A, B}: 16 timed calls; group 2 = {C}: killed after 3 of its 8 calls
     with pytest.raises(KeyboardInterrupt):
         profile_keys(KEYS, build, FakeBackend(kill_after=16 + 3), out, META, proto,
-                     save_every_s=3600, progress=False)
+                     save_every_s=3600, progress=False, group=2)
     first = LatencyTable.load(out)
     assert first.keys() == [A, B] and first.metadata["space"] == "test"
     side = json.loads(sidecar_path(out).read_text())
@@ -83,7 +83,7 @@ def test_interrupt_mid_round_then_resume(tmp_path):
         return build(key)
 
     backend = FakeBackend()
-    table = profile_keys(KEYS, recording, backend, out, META, proto, progress=True)
+    table = profile_keys(KEYS, recording, backend, out, META, proto, progress=True, group=2)
     assert asked == [C] and len(backend.log) == 3 * 2  # only C's 3 missing rounds
     second = LatencyTable.load(out)
     assert second.keys() == [A, B, C] and table.keys() == [A, B, C]
@@ -93,14 +93,14 @@ def test_interrupt_mid_round_then_resume(tmp_path):
 
     asked.clear()  # a complete table is a no-op that does not touch the file
     before = out.read_bytes()
-    profile_keys(KEYS, recording, backend, out, META, proto, progress=False)
+    profile_keys(KEYS, recording, backend, out, META, proto, progress=False, group=2)
     assert asked == [] and out.read_bytes() == before
     assert [p.name for p in out.parent.iterdir()] == ["t.csv"]
 
 
 def test_interrupt_real_backend(tmp_path):
     out = tmp_path / "t.csv"
-    proto = MeasureProtocol(rounds=2, per_round=2, warmup=1, min_seconds=0, group=1)
+    proto = MeasureProtocol(rounds=2, per_round=2, warmup=1, min_seconds=0)
 
     def killed_at_c(key):
         if key == C:
@@ -109,13 +109,13 @@ def test_interrupt_real_backend(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         profile_keys(KEYS, killed_at_c, OnnxRuntimeBackend(threads=1), out, META, proto,
-                     progress=False)
+                     progress=False, group=1)
     t = LatencyTable.load(out)
     assert t.keys() == [A, B] and np.all(t.lookup([A, B]) > 0)
     assert t.metadata["backend"] == "onnxruntime" and t.metadata["threads"] == 1
     assert t.metadata["fingerprint"]["runtime"]["spinning"] is False
     t = profile_keys(KEYS, build, OnnxRuntimeBackend(threads=1), out, META, proto,
-                     progress=False)
+                     progress=False, group=1)
     assert t.keys() == [A, B, C] and t.get(C)["count"] == 4
 
 
@@ -127,10 +127,10 @@ def test_periodic_save_and_error_save(tmp_path):
             raise RuntimeError("op build failed")
         return build(key)
 
-    proto = MeasureProtocol(rounds=2, per_round=1, warmup=0, min_seconds=0, group=1)
+    proto = MeasureProtocol(rounds=2, per_round=1, warmup=0, min_seconds=0)
     with pytest.raises(RuntimeError):
         profile_keys(KEYS, broken_at_c, FakeBackend(), out, META, proto, save_every_s=0,
-                     progress=False)
+                     progress=False, group=1)
     t = LatencyTable.load(out)
     assert t.keys() == [A, B] and t.get(A)["median_ms"] == 16
 

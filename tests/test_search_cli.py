@@ -11,8 +11,9 @@ import pytest
 import ernas
 from ernas.paths import SEARCH_SPACES
 
-BASE = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", "latency.budget.max_repeats=5",
-        "latency.budget.min_repeats=3", "data.crop=16", "data.max_side=128", "search.batch_size=2",
+BASE = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", "latency.measure.rounds=2",
+        "latency.measure.per_round=1", "latency.measure.min_seconds=0", "search.crop=16",
+        "task.max_side=128", "search.batch_size=2",
         "search.warmup_steps=4", "search.log_every=2", "search.checkpoint_every=3",
         "search.device=cpu", "progress=false"]
 

@@ -1,5 +1,6 @@
-"""Search loop: outputs, exact resume, NaN handling, and the direction of the latency and entropy
-terms, on nafnet_tiny at 16x16 with batch 2.
+"""Search loop: outputs, exact resume, NaN handling, BatchNorm statistics (frozen in α steps,
+recalibrated before the inherited metric), the latency forms and the entropy term, on nafnet_tiny
+at 16x16 with batch 2; and SearchConfig as the schema of experiments/search.yaml.
 
 The latency table here is SYNTHETIC: per-key numbers made up from the op key's shape and
 attributes (bigger kernels, expansions, LayerNorm and attention cost more), not measurements. The
@@ -21,7 +22,10 @@ from ernas.batches import step_batches
 from ernas.latency.ops import parse_key
 from ernas.latency.predict import ExpectedLatency
 from ernas.latency.table import LatencyTable
+from ernas.nn.batchnorm import recalibrate_bn
 from ernas.search import SearchConfig, run_search
+from ernas.search.loop import calibration_batches, val_metric
+from ernas.supernet import SuperNet
 from ernas.task import make_task
 
 SHAPE = (1, 3, 16, 16)
@@ -115,7 +119,6 @@ def test_end_to_end_outputs(setup, tmp_path):
     last = alphas[alphas["step"] == 15].groupby(["position", "decision"])["probability"].sum()
     np.testing.assert_allclose(last.to_numpy(), 1.0, atol=1e-5)
     assert set(alphas["position"]) == set(space.searchable)
-    # inherited weights load into the derived discrete model
     from ernas import build_model
     build_model(arch).load_state_dict(torch.load(tmp_path / "inherited.pt", weights_only=True))
 
@@ -227,10 +230,113 @@ def test_step_batches_pure_and_keyed_datasets(setup):
     torch.testing.assert_close(first(2), second(2), rtol=0, atol=0)
 
 
-def test_darts_mode_and_multiplicative_form_run(setup, tmp_path):
+@pytest.fixture(scope="module")
+def bn_setup(setup):
+    """nafnet_tiny with norm fixed to batchnorm and every block kept, so every derived arch has
+    BatchNorm."""
+    from ernas.space import space_from_dict
+
+    space = setup[0]
+    d = space.to_dict()
+    d["blocks"]["all"].update(norm=["batchnorm"], keep=[True])
+    bn_space = space_from_dict(d)
+    return bn_space, ExpectedLatency(bn_space, synthetic_table(bn_space))
+
+
+@pytest.mark.parametrize("mode", ["shared", "darts"])
+def test_batchnorm_statistics_frozen_in_alpha_steps_and_recalibrated(setup, bn_setup, tmp_path,
+                                                                     mode):
+    """16 steps, α trained from step 4: every BatchNorm has seen the 16 training batches only
+    (not 16 + 12 validation batches). inherited.pt holds the extracted network with statistics
+    recalibrated on training batches, and inherited_val_psnr judges that network."""
+    from ernas import build_model
+
+    _, _, train, val = setup
+    space, expected = bn_setup
+    c = cfg(mode=mode)
+    s = run_search(space, expected, train, val, c, tmp_path, task=TASK, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    counters = {k: int(v) for k, v in ck.items() if k.endswith("num_batches_tracked")}
+    assert counters and set(counters.values()) == {16}
+    arch = load_arch(tmp_path / "arch.yaml")
+    net = SuperNet(space, mode)
+    net.load_state_dict(ck)
+    want = net.extract(arch)
+    assert recalibrate_bn(want, calibration_batches(train, c, "cpu")) == 16
+    got = build_model(arch)
+    got.load_state_dict(torch.load(tmp_path / "inherited.pt", weights_only=True))
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert s["bn_calibration_batches"] == 16
+    assert s["inherited_val_psnr"] == pytest.approx(val_metric(got, val, 1, "cpu", TASK))
+
+
+class OffsetTask:
+    """The denoising task with a constant added to its loss (PSNR shifted by ``offset`` dB)."""
+
+    def __init__(self, task, offset: float):
+        self.task, self.offset = task, offset
+
+    def loss(self, pred, target):
+        return self.task.loss(pred, target) + self.offset
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+
+@pytest.mark.parametrize("form,kw", [("multiplicative", {"beta": 2.0}),
+                                     ("additive", {"lam": 5.0})])
+def test_latency_strength_does_not_depend_on_the_loss_offset(setup, tmp_path, form, kw):
+    """The same search with the PSNR loss shifted by -30 dB (as if the data were 30 dB harder)
+    trains the same α: the latency term's pull does not scale with the loss value. And it pulls:
+    the predicted latency ends below that of the same search without a latency term."""
     space, expected, train, val = setup
-    s = run_search(space, expected, train, val,
-                   cfg(steps=6, warmup_steps=2, mode="darts", latency_form="multiplicative",
-                       gumbel=True), tmp_path, task=TASK, progress=False)
-    assert s["mode"] == "darts" and s["steps"] == 6
-    assert space.contains(load_arch(tmp_path / "arch.yaml"))
+    c = cfg(latency_form=form, entropy_max=0.0, **kw)
+    run_search(space, expected, train, val, c, tmp_path / "plain", task=TASK, progress=False)
+    run_search(space, expected, train, val, c, tmp_path / "shifted",
+               task=OffsetTask(TASK, -30.0), progress=False)
+    a, b = alphas_of(tmp_path / "plain"), alphas_of(tmp_path / "shifted")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    free = run_search(space, expected, train, val, cfg(lam=0.0, entropy_max=0.0),
+                      tmp_path / "free", task=TASK, progress=False)
+    s = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert s["predicted_latency_ms"] < free["predicted_latency_ms"]
+
+
+def test_multiplicative_beta_zero_is_no_latency_term(setup, tmp_path):
+    space, expected, train, val = setup
+    run_search(space, expected, train, val, cfg(latency_form="multiplicative", beta=0.0,
+                                                 entropy_max=0.0), tmp_path / "b0",
+               task=TASK, progress=False)
+    run_search(space, expected, train, val, cfg(lam=0.0, entropy_max=0.0), tmp_path / "l0",
+               task=TASK, progress=False)
+    a, b = alphas_of(tmp_path / "b0"), alphas_of(tmp_path / "l0")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_search_yaml_is_typed_by_search_config():
+    """experiments/search.yaml's search node has SearchConfig's schema and defaults: one source,
+    unknown keys and wrong types refused at composition, every experiment composes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    from ernas.paths import EXPERIMENTS
+
+    def search_node(*overrides):
+        with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
+            c = compose(config_name="search", overrides=list(overrides))
+        return SearchConfig.from_dict(OmegaConf.to_container(c.search, resolve=True))
+
+    assert search_node() == SearchConfig()
+    assert search_node("seed=7", "search.lam=2").lam == 2.0
+    assert search_node("seed=7").seed == 7
+    for bad in ("search.lam_typo=1", "search.steps=many", "search.gumbel=maybe"):
+        with pytest.raises(ConfigCompositionException):
+            search_node(bad)
+    with pytest.raises(ErnasError, match="lam_typo"):  # forced in with +: refused on reading
+        search_node("+search.lam_typo=1")
+    for exp in sorted((EXPERIMENTS / "experiment").glob("*.yaml")):
+        assert search_node(f"experiment={exp.stem}").steps > 0

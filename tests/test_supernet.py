@@ -7,6 +7,7 @@ import torch
 
 from ernas import ErnasError, build_model, load_space
 from ernas.complexity import count_params
+from ernas.nn.batchnorm import batchnorms, frozen_bn_stats, recalibrate_bn
 from ernas.supernet import SuperNet
 
 
@@ -168,3 +169,81 @@ def test_errors(space):
     other.geometry = dict(other.geometry, width=16)
     with pytest.raises(ErnasError, match="not in search space"):
         net.extract(other)
+
+
+def _bn_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_frozen_bn_stats_uses_batch_statistics_and_updates_nothing(space):
+    net = _trained(space, "shared").train()
+    before = _bn_state(net)
+    counter = "net.encoders.0.0.norm1.batchnorm.num_batches_tracked"
+    assert before and int(before[counter]) == 3
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        with frozen_bn_stats(net):
+            y = net(x)
+        for k, v in _bn_state(net).items():
+            assert torch.equal(before[k], v), k
+        assert all(m.track_running_stats for m in batchnorms(net))  # restored
+        assert torch.equal(y, net(x))  # a training-mode pass: the same batch statistics...
+    assert int(_bn_state(net)[counter]) == 4  # ...but that one updates the running ones
+
+
+def test_recalibrated_statistics_are_the_plain_average_over_the_batches(space):
+    net = _trained(space, "shared")
+    arch = _archs(space)[4]  # batchnorm, kernel 7, expansion 1 everywhere
+    model = net.extract(arch)
+    bns = batchnorms(model)
+    seen = {m: [] for m in bns}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen[m].append(i[0].detach().clone()))
+             for m in bns]
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.rand(3, 3, 16, 16, generator=g) for _ in range(5)]
+    model.train()
+    assert recalibrate_bn(model, batches) == 5
+    for h in hooks:
+        h.remove()
+    assert model.training  # mode restored
+    for m in bns:
+        xs = seen[m]
+        assert len(xs) == 5
+        mean = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+        var = torch.stack([x.transpose(0, 1).flatten(1).var(1, unbiased=True) for x in xs]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
+        assert int(m.num_batches_tracked) == 5 and m.momentum == 0.1
+    # later batches use the first ones' activations: the sub-network's own, not the mixture's
+    assert not torch.allclose(bns[-1].running_mean,
+                              net.net.get_submodule(space.searchable[-1]).norm2["batchnorm"]
+                              .running_mean)
+
+
+def test_recalibration_repairs_stale_statistics_of_a_far_sub_network(space):
+    """A sub-network whose inherited BN statistics describe other activations (here: channels
+    that were nearly constant in the supernet) explodes; recalibrated, it is a sane denoiser
+    input-output map again."""
+    net = _trained(space, "shared")
+    model = net.extract(_archs(space)[4]).eval()
+    with torch.no_grad():
+        for m in batchnorms(model):
+            m.running_var.fill_(1e-9)
+            m.running_mean.add_(3.0)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+
+    def sane(y):
+        return bool(torch.isfinite(y).all()) and float((y - x).abs().max()) < 5.0
+
+    with torch.no_grad():
+        assert not sane(model(x))
+        recalibrate_bn(model, [torch.rand(4, 3, 16, 16, generator=g) for _ in range(8)])
+        y = model(x)
+    assert sane(y) and not model.training
+
+
+def test_recalibrating_a_model_without_batchnorm_runs_nothing(space):
+    model = build_model(space.reference())
+    assert recalibrate_bn(model, iter(lambda: 1 / 0, None)) == 0

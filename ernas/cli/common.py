@@ -2,11 +2,45 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import textwrap
 from pathlib import Path
 
 from ernas.errors import ErnasError
+
+
+def _print_error(text: str) -> None:
+    print("error: " + textwrap.fill(" ".join(text.split()), width=100, break_long_words=False,
+                                    break_on_hyphens=False), file=sys.stderr)
+
+
+def hydra_main(config_name: str, run):
+    """The console-script entry point of a Hydra command: compose ``experiments/<config_name>``
+    with the command line and call ``run(cfg)``. A bad override (syntax, unknown key, wrong type)
+    is reported like every other user error: one ``error:`` paragraph, exit status 2."""
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ernas.paths import EXPERIMENTS
+
+    @hydra.main(config_path=str(EXPERIMENTS), config_name=config_name, version_base="1.3")
+    def _main(cfg) -> None:
+        run(cfg)
+
+    def main() -> None:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, not sys.exit(1)
+        try:
+            _main()
+        except (HydraException, OmegaConfBaseException) as e:
+            cause = f" ({e.__cause__})" if e.__cause__ else ""
+            _print_error(f"ernas-{config_name}: the command line does not fit the config: "
+                         f"{e}{cause}. See `ernas-{config_name} --help` and the override syntax "
+                         f"of https://hydra.cc/docs/advanced/override_grammar/basic/.")
+            sys.exit(2)
+
+    return main
 
 
 def user_errors(fn):
@@ -17,11 +51,55 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ErnasError as e:
-            print("error: " + textwrap.fill(str(e), width=100, break_long_words=False,
-                                            break_on_hyphens=False), file=sys.stderr)
+            _print_error(str(e))
             sys.exit(2)
 
     return wrapper
+
+
+def resumed_config(cfg, checkpoint: str, free: tuple[str, ...], every: str):
+    """The config of the run in ``cfg.resume`` (its ``.hydra/config.yaml``), so ``resume=DIR``
+    alone continues with the run's own settings. Overrides given with it must equal the run's
+    values (except the ``free`` keys); differences are refused, listed. ``checkpoint`` is the
+    file a resumable run holds; ``every`` says how often it is written (for the message)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    d = Path(str(cfg.resume))
+    if not d.is_dir():
+        raise ErnasError(f"resume={d}: no such directory; give the run directory of an earlier "
+                         f"run (it holds {checkpoint}).")
+    if not (d / checkpoint).is_file():
+        raise ErnasError(f"resume={d}: this run directory holds no {checkpoint}: the run stopped "
+                         f"before its first checkpoint ({every}), so there is nothing to "
+                         f"resume; start it again (in a new run directory).")
+    saved = d / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return cfg  # made through the Python API: the checkpoint's own check applies
+    run_cfg = OmegaConf.load(saved)
+    try:
+        given = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        given = []
+    diffs = []
+    for ov in given:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key in free or key.startswith("hydra."):
+            continue
+        now, was = (OmegaConf.select(c, key, default=None) for c in (cfg, run_cfg))
+        if OmegaConf.is_config(now):
+            now, was = OmegaConf.to_container(now), OmegaConf.to_container(was) \
+                if OmegaConf.is_config(was) else was
+        if now != was:
+            diffs.append(f"{key} (run: {was!r}, now: {now!r})")
+    if diffs:
+        raise ErnasError(f"resume={d}: a resumed run keeps its own settings, but these overrides "
+                         f"differ from the run's: {'; '.join(diffs)}. Drop them to continue the "
+                         f"run, or start a new run to change them.")
+    with open_dict(run_cfg):
+        for key in free:
+            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
+    return run_cfg
 
 
 def task_of(cfg):
@@ -33,51 +111,91 @@ def task_of(cfg):
     return make_task(OmegaConf.to_container(cfg.task, resolve=True), "task")
 
 
-def output_dir():
-    """The Hydra run directory (created), or the current directory outside Hydra."""
+_HELD: list = []  # lock files of claimed run directories, held until the process ends
+
+
+def claim_run_dir(out, resume: bool = False, main: bool = True) -> Path:
+    """Make ``out`` this process's run directory: create it and hold an exclusive lock on
+    ``out/.ernas.lock`` (``fcntl.flock``, released when the process ends, even when killed), so
+    a second run on the same directory is refused instead of overwriting it. A new run also
+    refuses a directory that already holds an earlier run's outputs (anything but Hydra's
+    ``.hydra/`` and ``*.log``); a resumed run removes the ``.*.tmp`` files an interrupted atomic
+    write left behind. Ranks other than 0 (``main=False``) write nothing and claim nothing."""
+    import fcntl
+
+    out = Path(out)
+    if not main:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".ernas.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ErnasError(f"{out}: another ernas command is writing to this run directory right "
+                         f"now; wait for it to finish or choose another hydra.run.dir.") from None
+    _HELD.append(lock)
+    if resume:
+        for tmp in out.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return out
+    earlier = sorted(p.name for p in out.iterdir()
+                     if not p.name.startswith(".") and p.suffix != ".log")
+    if earlier:
+        raise ErnasError(f"{out} already holds the outputs of an earlier run "
+                         f"({', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}); "
+                         f"choose another hydra.run.dir, or continue that run with "
+                         f"resume={out}.")
+    return out
+
+
+def output_dir(resume: bool = False, main: bool = True) -> Path:
+    """The Hydra run directory (or the current directory outside Hydra), claimed for this run
+    (:func:`claim_run_dir`)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         out = Path.cwd()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return claim_run_dir(out, resume, main)
 
 
 def resolve_arch(ref):
-    """An architecture from a YAML path, a name in ``search_spaces/archs/``, a search-run or
-    retrain-run directory (its ``arch.yaml``), or a space name/path (the space's own arch when
-    it has one value per decision, else its reference architecture, named ``reference``)."""
+    """An architecture from an arch YAML, a name in ``search_spaces/archs/``, a search or
+    retrain run directory (its ``arch.yaml``), or ``reference:<space>`` (the reference network of
+    a space, given by name or path). A file that still lists candidates is refused (it is a
+    search space, not one network)."""
     from ernas.paths import SEARCH_SPACES
-    from ernas.space import arch_of, load_space
+    from ernas.space import find_space, load_arch
 
     if ref is None or str(ref) == "":
         raise ErnasError("field 'arch' is empty; pass arch=<arch.yaml>, a shipped arch name "
-                         "(e.g. nafnet_sidd_w16) or a run directory holding arch.yaml.")
-    p = Path(str(ref))
+                         "(e.g. nafnet_sidd_w16), a run directory holding arch.yaml, or "
+                         "reference:<space> for a space's reference network.")
+    ref = str(ref)
+    if ref.startswith("reference:"):
+        space = find_space(ref.removeprefix("reference:"))
+        arch = space.reference()
+        arch.name, arch.source = "reference", f"reference of {space.source}"
+        return arch
+    p = Path(ref)
     if p.is_dir() and (p / "arch.yaml").is_file():
         p = p / "arch.yaml"
-    elif not p.exists():
-        for cand in (SEARCH_SPACES / "archs" / f"{ref}.yaml", SEARCH_SPACES / f"{ref}.yaml"):
-            if cand.is_file():
-                p = cand
-                break
-        else:
+    elif not p.exists() and not p.suffix:
+        shipped = SEARCH_SPACES / "archs" / f"{ref}.yaml"
+        if not shipped.is_file():
             names = sorted(f.stem for f in (SEARCH_SPACES / "archs").glob("*.yaml"))
             spaces = sorted(f.stem for f in SEARCH_SPACES.glob("*.yaml"))
-            raise ErnasError(f"arch {ref!r} is neither a file nor a directory with arch.yaml nor a "
-                             f"shipped name; shipped archs: {', '.join(names)}; spaces (their "
-                             f"reference arch): {', '.join(spaces)}.")
-    space = load_space(p)
-    if space.is_arch:
-        return arch_of(space)
-    arch = space.reference()
-    arch.name, arch.source = "reference", str(p)
-    return arch
+            raise ErnasError(f"arch {ref!r} is neither a file nor a directory with arch.yaml nor "
+                             f"a shipped arch; shipped archs: {', '.join(names)}; for a space's "
+                             f"reference network write reference:<space> (spaces: "
+                             f"{', '.join(spaces)}).")
+        p = shipped
+    return load_arch(p)
 
 
-def arch_for(ref, checkpoint=None, default: str = "nafnet_tiny"):
+def arch_for(ref, checkpoint=None, default: str = "reference:nafnet_tiny"):
     """``resolve_arch(ref)``; without ``ref``, the ``arch.yaml`` beside ``checkpoint`` (a file in
     a run dir, or the run dir itself), else ``default``."""
     if ref:

@@ -1,19 +1,22 @@
 """``ernas-demo``: search → retrain (derived and baseline) → evaluate → export, then the table.
 
-The task (``task=...``) and its settings apply to every stage; ``stages.<name>=[...]`` adds
-overrides to one stage."""
+The task (``task=...``) and its settings apply to every stage. ``experiment`` (default: the
+task's preset, ``presets.<task>.experiment`` in demo.yaml, e.g. ``unet_seg`` for segment) is
+composed into the search stage, and the search's ``input_shape`` is where evaluation and export
+measure latency and MACs; a task's preset adds per-stage overrides, then ``stages.<name>=[...]``
+adds the user's."""
 from __future__ import annotations
 
 import json
 
-import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ernas.cli import evaluate, export, retrain, search
-from ernas.cli.common import output_dir, user_errors
+from ernas.cli.common import hydra_main, output_dir, user_errors
+from ernas.cli.schema import Demo
+from ernas.config import validated
 from ernas.io import atomic_write_json, atomic_write_text
-from ernas.paths import EXPERIMENTS
 
 
 def _stage(name: str, overrides: list[str], task: DictConfig) -> DictConfig:
@@ -56,24 +59,37 @@ def table(ev: dict, ex: dict) -> str:
     return "\n".join(lines)
 
 
+STAGES = ("search", "retrain", "evaluate", "export")
+
+
+def stage_overrides(cfg: DictConfig) -> dict[str, list]:
+    """Per stage: the task's preset overrides (``presets.<task name>.<stage>``), then
+    ``stages.<stage>``."""
+    preset = cfg.presets.get(cfg.task.name) or {}
+    return {name: [*(preset.get(name) or []), *cfg.stages[name]] for name in STAGES}
+
+
 @user_errors
 def run(cfg: DictConfig) -> dict:
+    validated(cfg, Demo, "demo config")
     out = output_dir()
-    st, task = cfg.stages, cfg.task
-    s_cfg = _stage("search", [f"search.steps={cfg.search_steps}", f"seed={cfg.seed}", *st.search],
-                   task)
+    st, task = stage_overrides(cfg), cfg.task
+    experiment = [f"experiment={cfg.experiment}"] if cfg.experiment else []
+    s_cfg = _stage("search", [*experiment, f"search.steps={cfg.search_steps}", f"seed={cfg.seed}",
+                              *st["search"]], task)
+    shape = "input_shape=[" + ",".join(str(int(v)) for v in s_cfg.input_shape) + "]"
     s = search.run(s_cfg, out / "search")
-    common = [f"steps={cfg.retrain_steps}", f"seed={cfg.seed}", "init=scratch", *st.retrain]
+    common = [f"steps={cfg.retrain_steps}", f"seed={cfg.seed}", "init=scratch", *st["retrain"]]
     retrain.run(_stage("retrain", [f"arch={out / 'search'}", *common], task),
                 out / "retrain_derived")
-    retrain.run(_stage("retrain", [f"arch={s_cfg.space}", *common], task),
+    retrain.run(_stage("retrain", [f"arch=reference:{s_cfg.space}", *common], task),
                 out / "retrain_baseline")
     ev = evaluate.run(_stage("evaluate", [
-        f"checkpoint={out / 'retrain_derived'}", "name=derived", f"baseline.arch={s_cfg.space}",
-        f"baseline.checkpoint={out / 'retrain_baseline'}", "baseline.name=baseline",
-        *st.evaluate], task), out / "evaluate")
-    ex = export.run(_stage("export", [f"checkpoint={out / 'retrain_derived'}", *st.export], task),
-                    out / "export")
+        f"checkpoint={out / 'retrain_derived'}", "name=derived",
+        f"baseline.arch=reference:{s_cfg.space}", f"baseline.checkpoint={out / 'retrain_baseline'}",
+        "baseline.name=baseline", shape, *st["evaluate"]], task), out / "evaluate")
+    ex = export.run(_stage("export", [f"checkpoint={out / 'retrain_derived'}", shape,
+                                      *st["export"]], task), out / "export")
     text = table(ev, ex)
     print("\n" + text)
     summary = {"search": {k: s[k] for k in ("predicted_latency_ms", "baseline_latency_ms",
@@ -87,9 +103,7 @@ def run(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(summary, default=str))
 
 
-@hydra.main(config_path=str(EXPERIMENTS), config_name="demo", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_main("demo", run)
 
 
 if __name__ == "__main__":

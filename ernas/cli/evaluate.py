@@ -3,12 +3,13 @@
 latency–quality Pareto plot of several runs (``pareto.png``, ``pareto.csv``)."""
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ernas.cli.common import arch_for, output_dir, resolve_arch, task_of, user_errors
+from ernas.cli.common import arch_for, claim_run_dir, hydra_main, output_dir, resolve_arch, task_of, user_errors
+from ernas.cli.schema import Evaluate
+from ernas.config import validated
+from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.paths import EXPERIMENTS
 
 
 @user_errors
@@ -16,12 +17,13 @@ def run(cfg: DictConfig, out=None) -> dict:
     from ernas.evaluate import ModelEntry, evaluate
     from ernas.pareto import pareto
 
-    if cfg.threads:
+    params = validated(cfg, Evaluate, "evaluate config")
+    if params.threads:
         import torch
-        torch.set_num_threads(int(cfg.threads))
-    out = out or output_dir()
-    if cfg.runs:
-        df = pareto([str(r) for r in cfg.runs], out / "pareto.png", cfg.pareto_table)
+        torch.set_num_threads(params.threads)
+    out = claim_run_dir(out) if out else output_dir()
+    if params.runs:
+        df = pareto(run_dirs(params.runs), out / "pareto.png", cfg.pareto_table)
         summary = {"runs": df.to_dict(orient="records"),
                    "front": df.loc[df["on_front"], "name"].tolist(),
                    "plot": str(out / "pareto.png"), "csv": str(out / "pareto.csv")}
@@ -51,6 +53,21 @@ def run(cfg: DictConfig, out=None) -> dict:
     return summary
 
 
+def run_dirs(runs) -> list[str]:
+    """Run directories from a list, or from one glob pattern (expanded here, so directory names
+    with ',' or '=' — Hydra sweep folders — need no quoting)."""
+    import glob
+
+    if isinstance(runs, str):
+        found = sorted(glob.glob(runs))
+        if not found:
+            raise ErnasError(f"runs={runs!r}: the pattern matches no directory; give run "
+                             f"directories (a list) or a glob such as "
+                             f"'runs/search_multirun/<date>/*'.")
+        return found
+    return [str(r) for r in runs]
+
+
 def _line(s: dict) -> str:
     """One line: the headline metric and latency, and the comparison with the baseline stated
     from the numbers (faster or slower)."""
@@ -67,9 +84,7 @@ def _line(s: dict) -> str:
     return line
 
 
-@hydra.main(config_path=str(EXPERIMENTS), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_main("evaluate", run)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,9 @@ int8 static quantisation (``int8=true``) and QAT (``qat.steps > 0``), each file 
 task's test images and timed, all in one ``summary.json``."""
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ernas.cli.common import arch_for, output_dir, task_of, user_errors
-from ernas.paths import EXPERIMENTS
+from ernas.cli.common import arch_for, claim_run_dir, hydra_main, output_dir, task_of, user_errors
 
 
 @user_errors
@@ -17,18 +15,20 @@ def run(cfg: DictConfig, out=None) -> dict:
     from ernas.checkpoint import load_model, resolve_checkpoint
     from ernas.export import export_all
     from ernas.io import atomic_write_json
+    from ernas.latency.backends import make_backend
 
-    torch.set_num_threads(int(cfg.threads))
-    out = out or output_dir()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = claim_run_dir(out) if out else output_dir()
     arch = arch_for(cfg.arch, cfg.checkpoint)
     task = task_of(cfg)
     task.check_arch(arch)
     model = load_model(arch, resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    summary = export_all(arch, model, task, out, cfg.opset, cfg.dynamic_hw,
-                         [int(s) for s in cfg.input_shape], int(cfg.threads), bool(cfg.int8),
-                         plain["calibration"], plain["qat"], int(cfg.seed), plain["measure"],
-                         bool(cfg.progress))
+    summary = export_all(arch, model, task, out, make_backend(plain["latency"]["backend"]),
+                         plain["latency"]["measure"], cfg.opset, cfg.dynamic_hw,
+                         [int(s) for s in cfg.input_shape], bool(cfg.int8),
+                         plain["calibration"], plain["qat"], int(cfg.seed), bool(cfg.progress))
     summary["checkpoint"] = str(cfg.checkpoint) if cfg.checkpoint else None
     arch.save(out / "arch.yaml")
     atomic_write_json(out / "summary.json", summary)
@@ -49,9 +49,7 @@ def _line(s: dict) -> str:
     return line
 
 
-@hydra.main(config_path=str(EXPERIMENTS), config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_main("export", run)
 
 
 if __name__ == "__main__":

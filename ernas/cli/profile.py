@@ -12,16 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from ernas.cli.common import output_dir, user_errors
-from ernas.errors import ErnasError
+from ernas.cli.common import claim_run_dir, hydra_main, output_dir, user_errors
+from ernas.cli.schema import Profile
+from ernas.config import validated
 from ernas.io import atomic_write_json
 from ernas.latency.backends import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import default_table_path, profile_table, resolve_from_config
-from ernas.paths import EXPERIMENTS
 from ernas.space import find_space, load_arch
 
 
@@ -48,15 +47,14 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
 
 @user_errors
 def run(cfg: DictConfig, out=None) -> dict:
+    validated(cfg, Profile, "profile config")
     space = find_space(cfg.space)
     lat = cfg.latency
     protocol = MeasureProtocol.from_mapping(lat.measure)
     shape = [int(s) for s in cfg.input_shape]
-    out = Path(out or output_dir())
+    out = claim_run_dir(out) if out else output_dir()
     if cfg.mode == "validate":
         return _validate(cfg, space, shape, protocol, out)
-    if cfg.mode != "profile":
-        raise ErnasError(f"field 'mode' is {cfg.mode!r}; use mode=profile or mode=validate.")
     backend = make_backend(lat.backend)
     arch_keys = list(dict.fromkeys(load_arch(cfg.arch).op_keys(shape, lat.granularity))) \
         if cfg.arch else None
@@ -64,7 +62,8 @@ def run(cfg: DictConfig, out=None) -> dict:
         space, backend, shape, lat.granularity, Path(lat.cache_dir) if lat.cache_dir else None)
     t0 = time.perf_counter()
     table = profile_table(space, shape, backend, lat.granularity, path, protocol,
-                          lat.consistency_tolerance, cfg.progress, arch_keys)
+                          lat.consistency_tolerance, cfg.progress, arch_keys, lat.profile_group,
+                          lat.recheck_rounds)
     keys = space.op_keys(shape, lat.granularity) if arch_keys is None else arch_keys
     consistency = table.metadata.get("consistency") if not cfg.arch else None
     summary = {"table": str(path), "keys": len(keys), "rows": len(table),
@@ -89,9 +88,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     return summary
 
 
-@hydra.main(config_path=str(EXPERIMENTS), config_name="profile", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_main("profile", run)
 
 
 if __name__ == "__main__":

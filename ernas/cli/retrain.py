@@ -7,44 +7,58 @@ rank 0 writes there.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ernas import distributed as D
-from ernas.cli.common import output_dir, resolve_arch, task_of, user_errors
+from ernas.cli.common import (claim_run_dir, hydra_main, resolve_arch, resumed_config, task_of,
+                              user_errors)
+from ernas.cli.schema import Retrain
+from ernas.config import validated
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.paths import EXPERIMENTS
 
 
-def _train_config(cfg: DictConfig):
-    from ernas.train import TrainConfig
+# settings that may differ when a run is resumed (they do not change what is computed)
+RESUME_FREE = ("resume", "progress", "num_workers", "log_every", "device", "threads", "stop_at",
+               "logger")
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = OmegaConf.to_container(cfg, resolve=True)
-    return TrainConfig.from_dict({k: v for k, v in values.items() if k in names})
+
+def _hydra_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
 
 
 @user_errors
 def run(cfg: DictConfig, out: Path | None = None) -> dict | None:
     from ernas.distill import DistillConfig
-    from ernas.train import resume, retrain
+    from ernas.train import TrainConfig, resume, retrain
 
-    if cfg.threads:
+    params = validated(cfg, Retrain, "retrain config")
+    if params.threads:
         import torch
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(params.threads)
+    if cfg.resume:
+        resumed_config(cfg, "last.pt", RESUME_FREE, f"val_every={cfg.val_every} steps")
     info = D.setup(cfg.device)
-    out = (out or output_dir()) if info.rank == 0 else None
+    if info.rank == 0:
+        out = Path(out or _hydra_dir())
+        if cfg.resume:
+            claim_run_dir(cfg.resume, resume=True)
+        if not (cfg.resume and out.resolve() == Path(cfg.resume).resolve()):
+            claim_run_dir(out)
     out = Path(D.broadcast_object(str(out) if out else None))
     if cfg.resume:
-        free = {k: cfg[k] for k in ("num_workers", "log_every", "device")}
+        free = {k: cfg[k] for k in ("num_workers", "log_every", "device", "logger")}
         summary = resume(cfg.resume, cfg.progress, cfg.stop_at, **free)
         if summary is not None and Path(cfg.resume).resolve() != out.resolve():
             atomic_write_json(out / "summary.json", {**summary, "resumed_run": str(cfg.resume)})
@@ -66,8 +80,8 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict | None:
                                      f"teacher.arch=<arch.yaml or shipped name>.")
                 t_arch = resolve_arch(d)
             distill = DistillConfig(t_arch, str(t.checkpoint), float(t.w_out), float(t.w_feat))
-        summary = retrain(arch, out, task_of(cfg), _train_config(cfg), cfg.init, cfg.source,
-                          distill, cfg.progress, cfg.stop_at, cfg.space)
+        summary = retrain(arch, out, task_of(cfg), TrainConfig.from_dict(params.train_fields()),
+                          cfg.init, cfg.source, distill, cfg.progress, cfg.stop_at, cfg.space)
     if summary is not None:
         m = summary["metric"]
         best = summary[f"best_val_{m}"]
@@ -79,9 +93,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict | None:
     return summary
 
 
-@hydra.main(config_path=str(EXPERIMENTS), config_name="retrain", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    run(cfg)
+_main = hydra_main("retrain", run)
 
 
 def main() -> None:

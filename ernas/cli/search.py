@@ -3,25 +3,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ernas import distributed as D
 from ernas.batches import step_batches
-from ernas.cli.common import output_dir, task_of, user_errors
+from ernas.cli.common import claim_run_dir, hydra_main, output_dir, resumed_config, task_of, user_errors
 from ernas.errors import ErnasError
-from ernas.latency.backends import MeasureBudget, make_backend
+from ernas.latency.backends import make_backend
 from ernas.latency.predict import ExpectedLatency
-from ernas.latency.resolve import profile_command, resolve_table
-from ernas.paths import EXPERIMENTS
+from ernas.latency.resolve import profile_command, resolve_from_config
 from ernas.search import SearchConfig, run_search
 from ernas.space import find_space
+
+
+# settings that may differ when a run is resumed (they do not change what is computed)
+RESUME_FREE = ("resume", "progress", "search.checkpoint_every", "search.log_every",
+               "search.device", "latency.cache_dir", "latency.probe_cache_s")
 
 
 @user_errors
 def run(cfg: DictConfig, out: Path | None = None) -> dict:
     """Search; under ``torchrun`` each rank draws its own batches, weight and α gradients are
     averaged over ranks (so α, and the derived arch, are identical) and rank 0 writes files."""
+    if cfg.resume:
+        cfg = resumed_config(cfg, "checkpoint.pt", RESUME_FREE,
+                             f"search.checkpoint_every={cfg.search.checkpoint_every} steps")
     info = D.setup(cfg.search.device)
     try:
         return _run(cfg, info, out)
@@ -42,9 +48,7 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     lat = cfg.latency
     shape = [int(s) for s in cfg.input_shape]
     backend = make_backend(lat.backend)
-    table, table_path = resolve_table(space, shape, backend, lat.granularity, lat.table,
-                                      lat.cache_dir, MeasureBudget.from_mapping(lat.budget),
-                                      cfg.progress)
+    table, table_path = resolve_from_config(space, shape, lat, cfg.progress)
     expected = ExpectedLatency(space, table, shape, lat.granularity,
                                profile_command(space, shape, backend, lat.granularity))
     data_seed = cfg.seed + 1000 * rank
@@ -60,16 +64,17 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
 def _run(cfg: DictConfig, info, out: Path | None) -> dict:
     p = prepare(cfg, info.rank)
     space, shape, table, scfg = p["space"], p["shape"], p["table"], p["scfg"]
-    out = Path(cfg.resume) if cfg.resume else (out or output_dir())
-    if cfg.resume and not (out / "checkpoint.pt").is_file():
-        raise ErnasError(f"resume={cfg.resume}: no checkpoint.pt there; give the directory of "
-                         f"an earlier ernas-search run.")
+    main = info.rank == 0
+    if cfg.resume:
+        out = claim_run_dir(cfg.resume, resume=True, main=main)
+    else:
+        out = claim_run_dir(out, main=main) if out else output_dir(main=main)
     if info.enabled:
         scfg.device = info.device
     s = run_search(space, p["expected"], p["train_batch"], p["val_batch"], scfg, out, p["task"],
                    resume=bool(cfg.resume), progress=cfg.progress, input_shape=shape)
     s["latency_table"] = str(p["table_path"])
-    s["table_probe"] = getattr(table, "probe", None)
+    s["table_probe"] = table.probe
     if info.enabled:
         print(f"rank {info.rank}/{info.world_size}: derived architecture {s['arch_digest']}",
               flush=True)
@@ -81,9 +86,10 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
     base = s.get("baseline_latency_ms")
     print(f"derived architecture: {out / 'arch.yaml'}")
     print(Path(out / "arch.yaml").read_text().rstrip())
+    r = base / s["predicted_latency_ms"] if base else None
     print(f"predicted latency {s['predicted_latency_ms']:.2f} ms"
-          + (f" vs baseline {base:.2f} ms ({base / s['predicted_latency_ms']:.2f}x faster)"
-             if base else "")
+          + (f" vs baseline {base:.2f} ms ({max(r, 1 / r):.2f}x "
+             f"{'faster' if r >= 1 else 'slower'})" if base else "")
           + f"; params {s['params']:,} vs {s['baseline_params']:,}; decisiveness "
             f"{s['decisiveness']:.3f}; supernet val {s['metric']} "
             f"{s['supernet_val_' + s['metric']]:.3f} "
@@ -91,9 +97,7 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
     return s
 
 
-@hydra.main(config_path=str(EXPERIMENTS), config_name="search", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_main("search", run)
 
 
 if __name__ == "__main__":

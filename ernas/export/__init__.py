@@ -20,25 +20,24 @@ from ernas.latency.onnx_export import export_onnx
 __all__ = ["export_all", "export_model", "onnx_quality", "qat_finetune", "quantize_int8"]
 
 
-def file_latencies(paths: dict[str, str], input_shape, threads: int, measure_cfg: dict | None
+def file_latencies(paths: dict[str, str], input_shape, backend, measure_cfg: dict | None
                    ) -> dict[str, dict]:
-    """Latency statistics of ONNX files, interleaved (``ernas.latency.measure``)."""
-    from ernas.latency.backends import OnnxRuntimeBackend
+    """Latency statistics of ONNX files on ``backend``, interleaved (``ernas.latency.measure``)."""
     from ernas.latency.measure import measure_interleaved
 
-    backend = OnnxRuntimeBackend(threads=threads)
     runners = {k: backend.onnx_runner(p, input_shape) for k, p in paths.items()}
     return measure_interleaved(runners, **(measure_cfg or {}))
 
 
-def export_all(arch, model, task, out_dir, opset: int = 17, dynamic_hw: bool = False,
-               input_shape=(1, 3, 256, 256), threads: int = 2, int8: bool = True,
-               calibration: dict | None = None, qat: dict | None = None, seed: int = 0,
-               measure_cfg: dict | None = None, progress: bool = False) -> dict:
-    """Export, quantise and judge (see the module docstring); returns the summary."""
+def export_all(arch, model, task, out_dir, backend, measure_cfg: dict | None = None,
+               opset: int = 17, dynamic_hw: bool = False, input_shape=(1, 3, 256, 256),
+               int8: bool = True, calibration: dict | None = None, qat: dict | None = None,
+               seed: int = 0, progress: bool = False) -> dict:
+    """Export, quantise and judge (see the module docstring) with the session options and the
+    interleaved measurement protocol of the latency ``backend``; returns the summary."""
     out = Path(out_dir)
     summary = {"arch": arch.name, "task": task.name, "metric": task.metric,
-               **export_model(arch, model, task, out, opset, dynamic_hw, input_shape, threads)}
+               **export_model(arch, model, task, out, opset, dynamic_hw, input_shape, backend)}
     files = {"fp32": summary["onnx"]}
     if int8:
         c = calibration or {}
@@ -56,18 +55,18 @@ def export_all(arch, model, task, out_dir, opset: int = 17, dynamic_hw: bool = F
         files["qat"] = str(path)
     hw = static_hw(files["fp32"], tuple(input_shape[2:]))
     for kind, path in files.items():
-        for k, v in onnx_quality(path, task, hw, seed, threads).items():
+        for k, v in onnx_quality(path, task, hw, seed, backend).items():
             summary[f"{k}_{kind}"] = v
     m = task.metric
     for kind in files:
         if kind != "fp32":
             summary[f"{m}_delta_{kind}"] = summary[f"{m}_{kind}"] - summary[f"{m}_fp32"]
-    lat = file_latencies(files, [1, *input_shape[1:]], threads, measure_cfg)
+    lat = file_latencies(files, [1, *input_shape[1:]], backend, measure_cfg)
     for kind, st in lat.items():
         summary[f"{kind}_ms"] = st["ms"]
     for kind in files:
         if kind != "fp32":
             summary[f"{kind}_speedup"] = summary["fp32_ms"] / summary[f"{kind}_ms"]
-    summary.update(eval_set=task.headline_set, eval_tile=list(hw), threads=threads,
-                   latency_statistic=next(iter(lat.values())).get("statistic"))
+    summary.update(eval_set=task.headline_set, eval_tile=list(hw),
+                   latency_backend=backend.metadata(), measure=measure_cfg)
     return summary

@@ -37,11 +37,15 @@ def graph_stats(path) -> dict:
             "names": [n.name for n in g.node]}
 
 
-def session(path, threads: int):
-    """An onnxruntime session with the latency backend's session options."""
+def session(path, backend=None):
+    """An onnxruntime session with the latency backend's session options (threads, spinning,
+    optimisation level); a default onnxruntime backend when ``backend`` is None or is not an
+    onnxruntime backend (e.g. a command backend for a remote device)."""
     from ernas.latency.backends import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(threads=threads).session(path)
+    if not isinstance(backend, OnnxRuntimeBackend):
+        backend = OnnxRuntimeBackend()
+    return backend.session(path)
 
 
 def real_input(task, hw, seed: int = 0) -> torch.Tensor:
@@ -51,7 +55,7 @@ def real_input(task, hw, seed: int = 0) -> torch.Tensor:
 
 
 def export_model(arch, model: nn.Module, task, out_dir, opset: int = 17,
-                 dynamic_hw: bool = False, input_shape=(1, 3, 256, 256), threads: int = 2) -> dict:
+                 dynamic_hw: bool = False, input_shape=(1, 3, 256, 256), backend=None) -> dict:
     """Export ``model`` (of ``arch``) to ``out_dir/model.onnx``; check it and measure parity on a
     real input. Returns the summary part (``max_abs_diff``, node counts, ...)."""
     import onnx
@@ -75,7 +79,7 @@ def export_model(arch, model: nn.Module, task, out_dir, opset: int = 17,
     stats = graph_stats(path)
     inactive = [p for p, v in arch.values.items() if arch.spec.inactive(v)]
     inactive_nodes = sum(any(f"/{p}/" in name for p in inactive) for name in stats.pop("names"))
-    sess = session(path, threads)
+    sess = session(path, backend)
     with torch.no_grad():
         ref = model(x).numpy()
     diff = float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
@@ -121,10 +125,10 @@ def run_tiled(sess, x: torch.Tensor, hw) -> torch.Tensor:
     return torch.cat(rows, dim=-2)[..., :H, :W]
 
 
-def onnx_quality(path, task, hw, seed: int = 0, threads: int = 2) -> dict[str, float]:
+def onnx_quality(path, task, hw, seed: int = 0, backend=None) -> dict[str, float]:
     """The task's metrics of an ONNX file on its headline evaluation set, whole images through
     ``hw`` tiles (see the module docstring)."""
-    sess = session(path, threads)
+    sess = session(path, backend)
     ds = task.eval_sets(seed)[task.headline_set]
     ev = task.evaluator()
     for i in range(len(ds)):

@@ -1,12 +1,32 @@
-"""Quantisation-aware fine-tuning with fake quantisers that export to ONNX QDQ pairs.
+"""Quantisation-aware fine-tuning whose export *is* the deployed int8 model.
 
-Fake quantisation, as onnxruntime's static quantiser does it (U8S8): weights symmetric int8 per
-output channel, q(W_c) = s_c·clamp(round(W_c/s_c), −128, 127) with s_c = max|W_c|/127;
-activations (the input and the output of every conv) asymmetric uint8 per tensor,
-q(x) = s·(clamp(round(x/s) + z, 0, 255) − z) with s = (hi − lo)/255, z = round(−lo/s) from the
-observed range [lo, hi] ∋ 0 (min/max over the calibration batches, then an exponential moving
-average with momentum 0.9 while fine-tuning; frozen for export). The gradient is the
-straight-through estimator: 1 inside the clamp range, 0 outside.
+Coverage: exactly what PTQ quantises (``ernas.export.ptq``: op types ``[Conv]`` and its conv
+rule, the convs whose GEMM is big enough to run faster in int8, measured by
+``benchmarks/int8_op_types.py``): each such ``nn.Conv2d`` gets fake quantisers on its input, its
+weight and its output, the pattern onnxruntime fuses into one ``QLinearConv``; everything else
+(other convs, LayerNorm arithmetic, gates, adds, attention, resampling) stays float, as in the
+PTQ file. A conv whose input is exactly another quantised conv's output (a direct conv → conv
+edge, found by tensor identity in one forward pass) reads that conv's quantised output instead of
+quantising it again, so every tensor has one Q/DQ pair, as in a ``quantize_static`` graph.
+
+Grids, as onnxruntime's static quantiser (U8S8, QDQ):
+
+- weights: symmetric int8 per output channel, q(W_c) = s_c·clamp(round(W_c/s_c), −128, 127) with
+  s_c = max|W_c|/Q, Q = 63 with ``reduce_range`` (7-bit weights) else 127. On x86 CPUs without
+  VNNI onnxruntime's U8S8 kernels multiply-add pairs of u8·s8 products into int16
+  (``vpmaddubsw``), which saturates for 8-bit weights (255·127·2 > 32767); 7-bit weights cannot
+  saturate (255·63·2 < 32767). Measured here (AVX2, no VNNI): 8-bit weights made onnxruntime's
+  optimised int8 graph differ from the fake-quantised PyTorch model by up to 0.27 (outputs in
+  [0, 1]); 7-bit by 0.02.
+- activations: asymmetric uint8 per tensor, q(x) = s·(clamp(round(x/s) + z, 0, 255) − z), s =
+  (hi − lo)/255, z = round(−lo/s), from the observed range [lo, hi] ∋ 0: min/max over the
+  calibration batches, then an exponential moving average (momentum 0.9) while fine-tuning;
+  frozen for evaluation and export.
+
+The gradient is the straight-through estimator (1 inside the clamp range, 0 outside). The model is
+fine-tuned with BatchNorm folded (``model.fuse()``), the deployed form. ``export_onnx`` of the
+result gives QuantizeLinear/DequantizeLinear pairs holding the fine-tuned ranges: the file
+``ernas-export`` ships as ``model_qat.onnx``.
 """
 from __future__ import annotations
 
@@ -16,15 +36,18 @@ import torch
 from torch import nn
 
 from ernas.batches import step_batches
+from ernas.errors import ErnasError
+from ernas.export.ptq import CONV_RULE, int8_conv
+
+OP_TYPES = ("Conv",)
 
 
 class FakeQuant(nn.Module):
     """Per-tensor asymmetric uint8 fake quantiser of activations with a min/max observer.
 
-    q(x) = s·(clamp(round(x/s) + z, 0, 255) − z), s = (hi − lo)/255, z = round(−lo/s), where
-    [lo, hi] ∋ 0 is the observed range. ``mode``: ``calibrate`` (observe only: lo ← min(lo,
-    min x), hi ← max(hi, max x); x passes unchanged), ``train`` (lo, hi ← 0.9·old + 0.1·batch
-    value, then quantise) or ``frozen`` (fixed s, z: constants in the exported graph)."""
+    ``mode``: ``calibrate`` (observe only: lo ← min(lo, min x), hi ← max(hi, max x); x passes
+    unchanged), ``train`` (lo, hi ← 0.9·old + 0.1·batch value, then quantise) or ``frozen``
+    (fixed s, z: constants in the exported graph)."""
 
     def __init__(self):
         super().__init__()
@@ -57,13 +80,13 @@ class FakeQuant(nn.Module):
 
 
 class QuantConv2d(nn.Module):
-    """q_out(conv(q_in(x), q_w(W)) + b): uint8 input and output activations (per tensor) and
-    symmetric int8 weights (per output channel, s_c = max|W_c|/127): the pattern onnxruntime
-    fuses into ``QLinearConv``."""
+    """q_out(conv(q_in(x), q_w(W)) + b) (module docstring); ``q_in`` is an identity when the
+    input is another QuantConv2d's (already quantised) output."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, reduce_range: bool = True):
         super().__init__()
         self.conv = conv
+        self.qmax = 63 if reduce_range else 127
         self.q_in, self.q_out = FakeQuant(), FakeQuant()
         self.register_buffer("w_scale", torch.zeros(conv.out_channels))
         self.register_buffer("w_zero", torch.zeros(conv.out_channels, dtype=torch.int32))
@@ -74,12 +97,13 @@ class QuantConv2d(nn.Module):
         with torch.no_grad():
             self.w_scale.copy_(self._scale())
         self.frozen = True
-        self.q_in.freeze()
-        self.q_out.freeze()
+        for q in (self.q_in, self.q_out):
+            if isinstance(q, FakeQuant):
+                q.freeze()
 
     def _scale(self):
         w = self.conv.weight.detach()
-        return (w.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(1e-8)
+        return (w.abs().amax(dim=(1, 2, 3)) / self.qmax).clamp_min(1e-8)
 
     def forward(self, x):
         scale = self.w_scale if self.frozen else self._scale()
@@ -91,8 +115,44 @@ class QuantConv2d(nn.Module):
         return self.q_out(y)
 
 
-def prepare_qat(model: nn.Module) -> nn.Module:
-    """A fused copy of ``model`` with every ``nn.Conv2d`` wrapped in :class:`QuantConv2d`."""
+def _quant_convs(model: nn.Module) -> list[QuantConv2d]:
+    return [m for m in model.modules() if isinstance(m, QuantConv2d)]
+
+
+@torch.no_grad()
+def _share_direct_edges(model: nn.Module, example: torch.Tensor) -> int:
+    """Make ``q_in`` an identity for every QuantConv2d whose input tensor is another one's output
+    (one forward pass in calibrate mode, where quantisers return their input unchanged);
+    returns the number of such edges."""
+    outputs: list[torch.Tensor] = []
+    shared: list[QuantConv2d] = []
+
+    def hook(mod, inp, out):
+        if any(inp[0] is t for t in outputs):
+            shared.append(mod)
+        outputs.append(out)
+
+    handles = [m.register_forward_hook(hook) for m in _quant_convs(model)]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in shared:
+        m.q_in = nn.Identity()
+    return len(shared)
+
+
+def prepare_qat(model: nn.Module, example: torch.Tensor, reduce_range: bool = True,
+                op_types=OP_TYPES, conv_rule: dict | None = CONV_RULE) -> nn.Module:
+    """A fused copy of ``model`` with every ``nn.Conv2d`` that ``conv_rule`` quantises wrapped in
+    :class:`QuantConv2d` and direct conv → conv edges sharing one quantiser (module docstring);
+    ``example``: one input batch, to find those edges."""
+    unknown = sorted(set(op_types) - set(OP_TYPES))
+    if unknown:
+        raise ErnasError(f"QAT: op types {unknown} are not supported; QAT fake-quantises "
+                         f"{list(OP_TYPES)} (set qat.op_types / calibration.op_types to a subset "
+                         f"of that, or run PTQ only).")
     model = copy.deepcopy(model).cpu().eval()
     if hasattr(model, "fuse"):
         model.fuse()
@@ -100,27 +160,15 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     def swap(parent: nn.Module):
         for name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                setattr(parent, name, QuantConv2d(child))
+                w = child.weight.shape
+                if "Conv" in op_types and int8_conv(w[0], w[1] * w[2] * w[3], conv_rule):
+                    setattr(parent, name, QuantConv2d(child, reduce_range))
             else:
                 swap(child)
 
     swap(model)
-    return model
-
-
-def strip_fake_quant(qmodel: nn.Module) -> nn.Module:
-    """The float network inside a QAT model (each :class:`QuantConv2d` replaced by its conv),
-    with the weights fine-tuned under quantisation: input for :func:`quantize_int8`."""
-    model = copy.deepcopy(qmodel)
-
-    def swap(parent: nn.Module):
-        for name, child in parent.named_children():
-            if isinstance(child, QuantConv2d):
-                setattr(parent, name, child.conv)
-            else:
-                swap(child)
-
-    swap(model)
+    _set_mode(model, "calibrate")
+    _share_direct_edges(model, example)
     return model
 
 
@@ -132,17 +180,16 @@ def _set_mode(model: nn.Module, mode: str) -> None:
 
 def qat_finetune(model: nn.Module, task, steps: int, batch_size: int = 8, crop: int = 64,
                  lr: float = 1e-4, seed: int = 0, calibration_batches: int = 4,
-                 progress: bool = False) -> nn.Module:
+                 progress: bool = False, reduce_range: bool = True,
+                 op_types=OP_TYPES, conv_rule: dict | None = CONV_RULE) -> nn.Module:
     """Quantisation-aware fine-tuning: wrap the convs (:func:`prepare_qat`), calibrate the
     activation ranges on ``calibration_batches`` training batches, fine-tune ``steps`` steps
     (AdamW, cosine to 0, the task's loss on its training split), freeze. Returns the
-    fake-quantised model (export it with ``export_onnx``: QuantizeLinear/DequantizeLinear
-    pairs)."""
+    fake-quantised model in eval mode; ``export_onnx`` of it is the deployable QDQ graph."""
     from tqdm.auto import tqdm
 
-    q = prepare_qat(model)
     batch = step_batches(task.dataset("train", crop, seed, random=True), batch_size, seed)
-    _set_mode(q, "calibrate")
+    q = prepare_qat(model, batch(10_000_000)[0], reduce_range, op_types, conv_rule)
     with torch.no_grad():
         for i in range(calibration_batches):
             q(batch(10_000_000 + i)[0])
@@ -159,7 +206,6 @@ def qat_finetune(model: nn.Module, task, steps: int, batch_size: int = 8, crop: 
             loss.backward()
             opt.step()
             sched.step()
-    for m in q.modules():
-        if isinstance(m, QuantConv2d):
-            m.freeze()
+    for m in _quant_convs(q):
+        m.freeze()
     return q.eval()

@@ -11,8 +11,8 @@ Pairs whose key lists are equal (e.g. ``norm=none`` vs a folded ``batchnorm``) o
 skipped block, ``keep=False``) say nothing and are left out; pairs with identical key lists at
 several positions (same level, same shapes) count once, listing every position.
 
-``recheck`` re-measures the keys of the inconsistent pairs together, in interleaved rounds
-(``protocol.recheck_rounds``), replaces their rows and checks again; what is still inconsistent
+``check_consistency`` re-measures the keys of the inconsistent pairs together, in interleaved
+rounds (``recheck_rounds``), replaces their rows and checks again; what is still inconsistent
 is reported (and is either a real property of the runtime, or noise beyond the protocol).
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
 
+from ernas.progress import progress as progress_bar
 from ernas.latency.backends import Backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.table import LatencyTable
@@ -30,6 +30,7 @@ __all__ = ["Pair", "check_consistency", "inconsistent_pairs", "single_decision_p
 
 DEFAULT_TOLERANCE = 0.05
 MAX_LISTED = 50  # inconsistent pairs listed in the table metadata (the count is always exact)
+RECHECK_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,11 @@ def inconsistent_pairs(table: LatencyTable, pairs: list[Pair],
 
 def check_consistency(space, table: LatencyTable, backend: Backend | None,
                       build: Callable | None = None, protocol: MeasureProtocol | None = None,
-                      tolerance: float = DEFAULT_TOLERANCE, progress: bool = True) -> dict:
+                      tolerance: float = DEFAULT_TOLERANCE, progress: bool = True,
+                      recheck_rounds: int = RECHECK_ROUNDS, group: int = 64) -> dict:
     """Check ``table`` on ``space``'s single-decision pairs; re-measure the keys of inconsistent
-    pairs with ``backend`` (skipped when ``backend`` is None), replacing their rows in place,
+    pairs with ``backend`` (skipped when ``backend`` is None) in ``recheck_rounds`` interleaved
+    rounds, at most ``group`` live sessions at a time, replacing their rows in place,
     and record the result in ``table.metadata['consistency']`` (also returned):
     ``pairs``, ``tolerance``, ``before`` and ``after`` (inconsistent counts before and after the
     re-check), ``rechecked_keys`` and ``inconsistent`` (up to 50 pairs still inconsistent, with
@@ -111,12 +114,12 @@ def check_consistency(space, table: LatencyTable, backend: Backend | None,
     if bad and backend is not None:
         if build is None:
             from ernas.latency.ops import build_op as build
-        bar = tqdm(total=len(keys), desc="re-checking inconsistent pairs", unit="key",
-                   disable=None if progress else True, dynamic_ncols=True)
-        for i in range(0, len(keys), protocol.group):
-            chunk = keys[i:i + protocol.group]
+        bar = progress_bar(len(keys), "re-checking inconsistent pairs", unit="key",
+                           enabled=progress)
+        for i in range(0, len(keys), group):
+            chunk = keys[i:i + group]
             runners = {k: backend.runner(*build(k)) for k in chunk}
-            for k, res in protocol.measure(runners, rounds=protocol.recheck_rounds).items():
+            for k, res in protocol.measure(runners, rounds=recheck_rounds).items():
                 table.add_summary(k, res)
             bar.update(len(chunk))
         bar.close()

@@ -11,12 +11,13 @@ rounds; in each round the runners are visited in a freshly shuffled order (seede
 ``(seed, round)``) and each is called ``per_round`` times back to back. A slow period of the
 machine therefore lands on all runners alike instead of inflating whichever one was being timed.
 Rounds continue past ``rounds`` until the rounds have lasted ``min_seconds`` (at most
-``MAX_ROUNDS``): samples of fast models are spread over a window longer than a typical burst of
-contention, so one burst cannot shift every sample (a 1 ms network timed 30 times in 30 ms read
-0.65 or 1.4 ms depending on the moment on a busy 2-core VM).
+``MAX_ROUNDS``): the samples of fast models are spread over a window longer than a short burst
+of contention, so one burst cannot shift all of them. Longer slow phases (seconds long and ~1.7x
+slower, seen on this VM under other tenants' load) still hit everything measured together
+alike, but can differ between measurements made at different times; the probe's tolerance and
+the reported noise floor account for that.
 
-Statistic (``DEFAULT_STATISTIC = "p20"``): the 20th percentile of all ``rounds·per_round``
-samples. Contention on a shared machine only ever adds time, so the noise is one-sided; the
+Statistic (``DEFAULT_STATISTIC = "p20"``): the 20th percentile of all samples. Contention on a shared machine only ever adds time, so the noise is one-sided; the
 median moves with the fraction of samples hit by contention, the minimum falls as samples are
 added and rewards rare lucky runs, while a low percentile estimates the uncontended cost and is
 stable from ~15 samples on. The same statistic is used for op keys and for whole networks, so a
@@ -37,17 +38,17 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ernas.progress import progress as progress_bar
 from ernas.errors import ErnasError
 
 __all__ = ["DEFAULT_STATISTIC", "MeasureBudget", "MeasureProtocol", "Runner", "check_statistic",
-           "interleaved_rounds", "measure_interleaved", "plain_mapping", "round_order", "rounds_left",
+           "measure_interleaved", "one_round", "plain_mapping", "round_order", "rounds_left",
            "run_with_budget", "statistic", "summarize", "warm_up"]
 
 Runner = Callable[[], float]
@@ -137,16 +138,14 @@ def warm_up(runners: Mapping[str, Runner], warmup: int) -> None:
             run()
 
 
-def interleaved_rounds(runners: Mapping[str, Runner], rounds: range, per_round: int,
-                       seed: int = 0) -> Iterator[dict[str, list[float]]]:
-    """Yield, round by round, ``{name: per_round samples}`` with runners in shuffled order."""
-    names = list(runners)
-    for r in rounds:
-        out: dict[str, list[float]] = {}
-        for name in round_order(names, seed, r):
-            run = runners[name]
-            out[name] = [float(run()) for _ in range(per_round)]
-        yield out
+def one_round(runners: Mapping[str, Runner], round_index: int, per_round: int,
+              seed: int = 0) -> dict[str, list[float]]:
+    """Round ``round_index``: ``{name: per_round samples}``, runners visited in shuffled order."""
+    out: dict[str, list[float]] = {}
+    for name in round_order(list(runners), seed, round_index):
+        run = runners[name]
+        out[name] = [float(run()) for _ in range(per_round)]
+    return out
 
 
 def rounds_left(done: int, rounds: int, started: float, min_seconds: float) -> bool:
@@ -156,45 +155,39 @@ def rounds_left(done: int, rounds: int, started: float, min_seconds: float) -> b
 
 
 def measure_interleaved(runners: Mapping[str, Runner], rounds: int = 10, per_round: int = 3,
-                        warmup: int = 2, stat: str = DEFAULT_STATISTIC, seed: int = 0,
-                        progress: bool = False, desc: str = "measuring",
-                        min_seconds: float = 0.0) -> dict[str, dict]:
+                        warmup: int = 2, statistic: str = DEFAULT_STATISTIC, seed: int = 0,
+                        min_seconds: float = 2.0, progress: bool = False,
+                        desc: str = "measuring") -> dict[str, dict]:
     """Time every runner in interleaved shuffled rounds; ``{name: summarize(...)}``.
 
-    Each result holds ``ms`` (the statistic ``stat`` of all samples: what to report and compare),
-    ``p10``, ``median``, ``p90``, ``mean``, ``n`` and ``spread`` (the pass-to-pass noise floor).
+    The keyword arguments after ``runners`` up to ``min_seconds`` are ``MeasureProtocol``'s
+    fields with its defaults, so a latency config's ``measure`` mapping can be passed as
+    ``**measure``. Each result holds ``ms`` (the statistic of all samples: what to report and
+    compare), ``p10``, ``median``, ``p90``, ``mean``, ``n`` and ``spread`` (the noise floor).
     """
-    check_statistic(stat)
+    check_statistic(statistic)
     if rounds < 1 or per_round < 1 or warmup < 0:
         raise ErnasError(f"measure_interleaved needs rounds >= 1, per_round >= 1 and warmup >= 0; "
                          f"got rounds={rounds}, per_round={per_round}, warmup={warmup}. Fix the "
                          f"latency `measure` config.")
     warm_up(runners, warmup)
     samples: dict[str, list[list[float]]] = {name: [] for name in runners}
-    bar = tqdm(total=rounds, desc=desc, unit="round", disable=None if progress else True,
-               dynamic_ncols=True)
+    bar = progress_bar(rounds, desc, unit="round", enabled=progress)
     done, started = 0, time.perf_counter()
     while rounds_left(done, rounds, started, min_seconds):
-        for name, s in next(interleaved_rounds(runners, range(done, done + 1), per_round, seed)
-                            ).items():
+        for name, s in one_round(runners, done, per_round, seed).items():
             samples[name].append(s)
         done += 1
         bar.total = max(bar.total, done)
         bar.update(1)
     bar.close()
-    return {name: summarize(s, stat) for name, s in samples.items()}
+    return {name: summarize(s, statistic) for name, s in samples.items()}
 
 
 @dataclass(frozen=True)
 class MeasureProtocol:
-    """The measurement protocol shared by profiling, probing, validation and evaluation.
-
-    ``rounds``/``per_round``/``warmup``/``seed``/``statistic``/``min_seconds``: see
-    ``measure_interleaved`` (the profiler applies ``min_seconds`` to each group).
-    ``group``: the profiler measures op keys in groups of at most this many (every key of a group
-    keeps a live session; a 256x256 block session holds ~50 MB). ``recheck_rounds``: rounds used
-    when the consistency check re-measures suspicious keys.
-    """
+    """The measurement protocol shared by profiling, probing, validation and evaluation: the
+    fields (and defaults) of ``measure_interleaved``, i.e. a latency config's ``measure``."""
 
     rounds: int = 10
     per_round: int = 3
@@ -202,22 +195,16 @@ class MeasureProtocol:
     statistic: str = DEFAULT_STATISTIC
     seed: int = 0
     min_seconds: float = 2.0
-    group: int = 64
-    recheck_rounds: int = 20
 
     def __post_init__(self):
         check_statistic(self.statistic)
         bad = [f"{f}={getattr(self, f)}" for f, lo in (("rounds", 1), ("per_round", 1),
-                                                        ("warmup", 0), ("group", 1),
-                                                        ("recheck_rounds", 1))
-               if int(getattr(self, f)) < lo]
-        if self.min_seconds < 0:
-            bad.append(f"min_seconds={self.min_seconds}")
+                                                        ("warmup", 0), ("min_seconds", 0))
+               if getattr(self, f) < lo]
         if bad:
-            raise ErnasError(f"Invalid latency measure protocol: {', '.join(bad)} (rounds, "
-                             f"per_round, group and recheck_rounds must be >= 1, warmup and "
-                             f"min_seconds >= 0). "
-                             f"Fix the latency `measure` config.")
+            raise ErnasError(f"Invalid latency measure protocol: {', '.join(bad)} (rounds and "
+                             f"per_round must be >= 1, warmup and min_seconds >= 0). Fix the "
+                             f"latency `measure` config.")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MeasureProtocol:
@@ -227,8 +214,8 @@ class MeasureProtocol:
     def measure(self, runners: Mapping[str, Runner], progress: bool = False,
                 desc: str = "measuring", rounds: int | None = None) -> dict[str, dict]:
         """``measure_interleaved`` under this protocol (``rounds`` overrides its rounds)."""
-        return measure_interleaved(runners, rounds or self.rounds, self.per_round, self.warmup,
-                                   self.statistic, self.seed, progress, desc, self.min_seconds)
+        return measure_interleaved(runners, **{**self.to_dict(), "rounds": rounds or self.rounds},
+                                   progress=progress, desc=desc)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

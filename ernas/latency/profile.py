@@ -1,8 +1,9 @@
 """Resumable profiling: measure op keys with a backend into a LatencyTable file.
 
 Protocol (``MeasureProtocol``, see ``ernas.latency.measure``): the keys still missing from the
-table are taken in groups of ``protocol.group`` (in the order given, so a block's variants are
-usually measured together). For each group every key is built, exported and given a session
+table are taken in groups of ``group`` (default 64, in the order given, so a block's variants are
+usually measured together; every key of a group keeps a live session, ~50 MB for a 256x256
+block). For each group every key is built, exported and given a session
 once, warmed up, and then measured in ``rounds`` interleaved rounds: each round visits the
 group's keys in a freshly shuffled order and times each ``per_round`` times (more rounds follow
 until the group's rounds have lasted ``min_seconds``). A burst of contention thus lands on all
@@ -24,19 +25,17 @@ import datetime as _dt
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from ernas.progress import progress as progress_bar
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.latency.backends import Backend
 from ernas.latency.fingerprint import check_fingerprint
-from ernas.latency.measure import (MeasureBudget, MeasureProtocol, round_order, rounds_left,
-                                   warm_up)
+from ernas.latency.measure import MeasureProtocol, round_order, rounds_left, warm_up
 from ernas.latency.table import COMPAT_FIELDS, LatencyTable
 
 __all__ = ["as_protocol", "profile_keys", "sidecar_path"]
@@ -47,16 +46,9 @@ def _now() -> str:
 
 
 def as_protocol(protocol) -> MeasureProtocol:
-    """A ``MeasureProtocol`` from a protocol, a config mapping or None (the defaults).
-
-    Transitional: a ``MeasureBudget`` (the one-at-a-time rule callers passed before the
-    interleaved protocol existed) gives the default protocol with a DeprecationWarning."""
+    """A ``MeasureProtocol`` from a protocol, a config mapping or None (the defaults)."""
     if isinstance(protocol, MeasureProtocol):
         return protocol
-    if isinstance(protocol, MeasureBudget):
-        warnings.warn("profiling takes a MeasureProtocol (latency `measure` config), not a "
-                      "MeasureBudget; using the default protocol", DeprecationWarning, stacklevel=3)
-        return MeasureProtocol()
     return MeasureProtocol.from_mapping(protocol)
 
 
@@ -92,7 +84,7 @@ def _load_sidecar(path: Path, want: dict) -> dict[str, list[list[float]]]:
 def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor]],
                  backend: Backend, out_path: str | os.PathLike | None, metadata: dict | None = None,
                  protocol: MeasureProtocol | dict | None = None, save_every_s: float = 10.0,
-                 progress: bool = True) -> LatencyTable:
+                 progress: bool = True, group: int = 64) -> LatencyTable:
     """Measure every key of ``keys`` not yet in the table at ``out_path``; return the table.
 
     ``build(key) -> (module, example_input)``. The table's metadata is ``date`` +
@@ -122,7 +114,9 @@ def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor
     samples = _load_sidecar(side, settings) if side is not None else {}
     todo = [k for k in dict.fromkeys(keys) if k not in table]
     todo = [k for k in todo if k in samples] + [k for k in todo if k not in samples]
-    groups = [todo[i:i + protocol.group] for i in range(0, len(todo), protocol.group)]
+    if group < 1:
+        raise ErnasError(f"profile group={group} must be >= 1 (keys measured together).")
+    groups = [todo[i:i + group] for i in range(0, len(todo), group)]
     last_save = time.monotonic()
     dirty = path is not None and not path.exists()
 
@@ -140,14 +134,12 @@ def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor
             side.unlink(missing_ok=True)
 
     # progress in keys: preparing a key counts 1/2, each of its rounds 1/(2·rounds)
-    bar = tqdm(total=len(todo), disable=None if progress else True, unit="key",
-               desc=f"profiling ({backend.name})", dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total} keys [{elapsed}<{remaining}]{postfix}")
+    bar = progress_bar(len(todo), f"profiling ({backend.name})", unit="key", enabled=progress)
     step = 0.5 / protocol.rounds
     try:
-        for group in groups:
+        for keys_now in groups:
             runners = {}
-            for key in group:
+            for key in keys_now:
                 bar.set_postfix_str(f"preparing {key}", refresh=False)
                 module, example_input = build(key)
                 runners[key] = backend.runner(module, example_input)
@@ -156,10 +148,10 @@ def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor
             warm_up(runners, protocol.warmup)
             started = time.perf_counter()
             while True:
-                r = min(len(samples.setdefault(k, [])) for k in group)
+                r = min(len(samples.setdefault(k, [])) for k in keys_now)
                 if not rounds_left(r, protocol.rounds, started, protocol.min_seconds):
                     break
-                pending = [k for k in group if len(samples[k]) == r]  # laggards of a resume first
+                pending = [k for k in keys_now if len(samples[k]) == r]  # a resume's laggards first
                 for key in round_order(pending, protocol.seed, r):
                     run = runners[key]
                     samples[key].append([float(run()) for _ in range(protocol.per_round)])
@@ -167,7 +159,7 @@ def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor
                 if time.monotonic() - last_save >= save_every_s:
                     save()
                     last_save = time.monotonic()
-            for key in group:
+            for key in keys_now:
                 table.add(key, [v for r in samples[key] for v in r], protocol.statistic)
             dirty = True
             del runners

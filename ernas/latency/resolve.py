@@ -59,7 +59,7 @@ import torch
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.latency.backends import Backend, make_backend
-from ernas.latency.consistency import DEFAULT_TOLERANCE, check_consistency
+from ernas.latency.consistency import DEFAULT_TOLERANCE, RECHECK_ROUNDS, check_consistency
 from ernas.latency.fingerprint import check_fingerprint, fingerprint_differences
 from ernas.latency.measure import MeasureProtocol, plain_mapping
 from ernas.latency.ops import build_op
@@ -125,14 +125,19 @@ def probe_table(table: LatencyTable, space, backend: Backend, input_shape, granu
 
     from ernas import build_model
 
+    from ernas.space import arch_of, space_from_dict
+
     stat = table.metadata.get("statistic", "median")
     protocol = replace(protocol or MeasureProtocol(), statistic=stat)
-    arch = probe_arch(space, table, input_shape, granularity)
+    base = table.metadata.get("probe_baseline") or {}
+    same = bool(base.get("network") and base.get("statistic") == stat and base.get("ratio"))
+    # the network the baseline was taken on, whichever space asks now (an arch's own space, a
+    # bigger one): the probe always compares like with like
+    arch = arch_of(space_from_dict(base["network"], "probe baseline", base.get("arch"))) \
+        if same else probe_arch(space, table, input_shape, granularity)
     predicted = float(table.lookup(arch.op_keys(input_shape, granularity)).sum())
     model = build_model(arch).eval().fuse()
     res = protocol.measure({"probe": backend.runner(model, torch.randn(*input_shape))})["probe"]
-    base = table.metadata.get("probe_baseline") or {}
-    same = base.get("arch") == arch.name and base.get("statistic") == stat and base.get("ratio")
     return _judge({"arch": arch.name, "predicted_ms": predicted, "measured_ms": res["ms"],
                    "ratio": res["ms"] / predicted,
                    "expected_ratio": float(base["ratio"]) if same else 1.0,
@@ -147,8 +152,10 @@ def record_baseline(table: LatencyTable, space, backend: Backend,
     meta = table.metadata
     rec = probe_table(table, space, backend, meta["input_shape"],
                       meta.get("granularity", "block"), protocol)
-    meta["probe_baseline"] = {k: rec[k] for k in ("arch", "predicted_ms", "measured_ms",
-                                                  "ratio", "spread", "statistic")}
+    arch = probe_arch(space, table, meta["input_shape"], meta.get("granularity", "block"))
+    meta["probe_baseline"] = {**{k: rec[k] for k in ("arch", "predicted_ms", "measured_ms",
+                                                     "ratio", "spread", "statistic")},
+                              "network": arch.to_dict()}
     if abs(rec["ratio"] - 1) > PROBE_TOLERANCE:
         _note(f"on this machine the sum of the table's keys predicts {rec['arch']} at "
               f"{rec['predicted_ms']:.3g} ms, measured {rec['measured_ms']:.3g} ms (ratio "
@@ -201,18 +208,22 @@ def _probe_text(rec: dict) -> str:
 def profile_table(space, input_shape, backend: Backend, granularity: str, path: str | Path | None,
                   protocol: MeasureProtocol | dict | None = None,
                   consistency_tolerance: float = DEFAULT_TOLERANCE, progress: bool = True,
-                  keys: list[str] | None = None) -> LatencyTable:
+                  keys: list[str] | None = None, group: int = 64,
+                  recheck_rounds: int = RECHECK_ROUNDS) -> LatencyTable:
     """Profile (or resume) a table for ``space`` at ``path``: every key of the space, then the
     single-decision consistency check with its re-measurement (``metadata['consistency']``) and
     the probe baseline (``metadata['probe_baseline']``); saved. With ``keys`` (e.g. one
-    architecture's) only those are profiled, without the space-wide check and baseline."""
+    architecture's) only those are profiled, without the space-wide check and baseline.
+    ``group``: keys measured together (``profile_keys``); ``recheck_rounds``: rounds of the
+    consistency re-check."""
     protocol = as_protocol(protocol)
     shape = [int(s) for s in input_shape]
     meta = {"space": space.name, "input_shape": shape, "granularity": granularity}
     t = profile_keys(space.op_keys(shape, granularity) if keys is None else keys, build_op,
-                     backend, path, meta, protocol, progress=progress)
+                     backend, path, meta, protocol, progress=progress, group=group)
     if keys is None:
-        check_consistency(space, t, backend, build_op, protocol, consistency_tolerance, progress)
+        check_consistency(space, t, backend, build_op, protocol, consistency_tolerance, progress,
+                          recheck_rounds, group)
         record_baseline(t, space, backend, protocol)
         if path is not None:
             t.save(path)
@@ -226,10 +237,11 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
                   shipped_dir: Path = LATENCY_TABLES, *,
                   probe_tolerance: float = PROBE_TOLERANCE, on_mismatch: str = "profile",
                   trust_table: bool = False, probe_cache_s: float = PROBE_CACHE_S,
-                  consistency_tolerance: float = DEFAULT_TOLERANCE
-                  ) -> tuple[LatencyTable, Path]:
+                  consistency_tolerance: float = DEFAULT_TOLERANCE, profile_group: int = 64,
+                  recheck_rounds: int = RECHECK_ROUNDS) -> tuple[LatencyTable, Path]:
     """The table for ``space`` at ``input_shape`` on this backend, and its path (see the module
-    docstring). ``table``: ``auto`` (or None) or a path."""
+    docstring). ``table``: ``auto`` (or None) or a path. When it profiles, it uses
+    ``profile_table`` with ``consistency_tolerance``, ``profile_group``, ``recheck_rounds``."""
     if on_mismatch not in ON_MISMATCH:
         raise ErnasError(f"latency.on_mismatch={on_mismatch!r}; use one of {list(ON_MISMATCH)}.")
     if probe_tolerance < 0:
@@ -313,7 +325,7 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
         sidecar_path(path).unlink(missing_ok=True)
     _note(f"profiling a latency table for {space.name} at {shape} on this machine: {path}")
     t = profile_table(space, shape, backend, granularity, path, protocol, consistency_tolerance,
-                      progress)
+                      progress, group=profile_group, recheck_rounds=recheck_rounds)
     t.probe = {"action": "profiled", "accepted": True, "refused": refused}
     return t, path
 
@@ -322,7 +334,8 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
                         table: str | Path | None = None) -> tuple[LatencyTable, Path]:
     """``resolve_table`` from a latency config group (``experiments/latency/*.yaml``:
     backend, granularity, table, cache_dir, measure, probe_tolerance, on_mismatch, trust_table,
-    probe_cache_s, consistency_tolerance); ``table`` overrides the config's."""
+    probe_cache_s, consistency_tolerance, profile_group, recheck_rounds); ``table`` overrides
+    the config's."""
     lat = plain_mapping(latency_cfg, "latency")
     return resolve_table(
         space, input_shape, lat["backend"], lat.get("granularity", "block"),
@@ -331,4 +344,6 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
         on_mismatch=lat.get("on_mismatch", "profile"),
         trust_table=bool(lat.get("trust_table", False)),
         probe_cache_s=float(lat.get("probe_cache_s", PROBE_CACHE_S)),
-        consistency_tolerance=float(lat.get("consistency_tolerance", DEFAULT_TOLERANCE)))
+        consistency_tolerance=float(lat.get("consistency_tolerance", DEFAULT_TOLERANCE)),
+        profile_group=int(lat.get("profile_group", 64)),
+        recheck_rounds=int(lat.get("recheck_rounds", RECHECK_ROUNDS)))

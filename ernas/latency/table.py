@@ -270,4 +270,16 @@ class LatencyTable:
             except (ValueError, TypeError):
                 raise ErnasError(f"Latency table {path}: column {c!r} has non-numeric or empty "
                                  f"values. Fix those rows or re-profile the table.") from None
+        for c in (c for c in numeric if c != "count"):
+            ok = np.isfinite(frame[c]) & (frame[c] > 0)
+            if c == "ms":  # rows of older profiles may leave it empty (median_ms is used)
+                ok |= frame[c].isna()
+            bad = frame.index[~ok]
+            if len(bad):
+                raise ErnasError(f"Latency table {path}: column {c!r} must hold finite latencies "
+                                 f"> 0 ms, but row {bad[0]!r} has {frame.at[bad[0], c]!r}"
+                                 f"{f' ({len(bad)} such rows in all)' if len(bad) > 1 else ''}. "
+                                 f"Re-profile those keys (delete the rows, then run "
+                                 f"ernas-profile with output={path}: it measures only what is "
+                                 f"missing).")
         return cls(frame, metadata, path)

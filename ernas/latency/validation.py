@@ -130,7 +130,7 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
                "space": space.name, "granularity": gran, "input_shape": list(shape),
                "table": str(table_path) if table_path else None,
                "table_fingerprint": (table.metadata.get("fingerprint") or {}).get("digest"),
-               "probe": getattr(table, "probe", None),
+               "probe": table.probe,
                "backend": backend.name, "device": backend.metadata().get("device"),
                "session_options": backend.session_options(), "protocol": protocol.to_dict(),
                "corrected_table": None}

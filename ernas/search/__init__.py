@@ -1,5 +1,6 @@
 """Architecture search: the objective (task + latency + entropy) and the bi-level loop."""
-from ernas.search.loop import SearchConfig, run_search
+from ernas.search.config import SearchConfig
+from ernas.search.loop import run_search
 from ernas.search.objective import (EntropySchedule, LatencyLoss, SearchObjective,
                                     normalized_entropy)
 

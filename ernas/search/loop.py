@@ -5,7 +5,15 @@ Each step s:
      the latency and entropy terms do not depend on w, and a multiplicative latency factor is
      not applied to the weight loss);
   2. after ``warmup_steps``, every ``alpha_every`` steps: α ← Adam step on the full objective
-     task + latency + w_H(s)·H̄ of a validation batch (``SearchObjective``).
+     task + latency + w_H(s)·H of a validation batch (``SearchObjective``), with the weights
+     frozen and BatchNorm normalising with the batch's statistics without updating its running
+     ones (``ernas.nn.batchnorm.frozen_bn_stats``: no validation data in the statistics).
+
+At the end the derived arch (argmax of α) is extracted with inherited weights; the extracted
+network and a copy of the supernet get their BatchNorm statistics recalibrated on
+``bn_calibration_batches`` training batches before their validation metric is reported
+(``inherited_val_<metric>``, ``supernet_val_<metric>``, ``discretisation_gap``), and
+``inherited.pt`` holds the recalibrated network.
 
 Batches are pure functions of (seed, step) (``ernas.batches``), and the checkpoint holds the model,
 α, both optimisers, the LR schedule, the log so far and every RNG state, so a run killed at any
@@ -14,13 +22,11 @@ point and resumed gives the same α as an uninterrupted run (on CPU).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,62 +36,11 @@ from ernas import distributed as D
 from ernas.batches import Batch
 from ernas.errors import ErnasError
 from ernas.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from ernas.search.objective import (EntropySchedule, LatencyLoss, SearchObjective,
-                                    normalized_entropy)
+from ernas.nn.batchnorm import batchnorms, frozen_bn_stats, recalibrate_bn
+from ernas.search.config import RESUME_FREE, SearchConfig
+from ernas.search.objective import LatencyLoss, SearchObjective, normalized_entropy
 from ernas.space import Arch, SearchSpace
 from ernas.supernet import SuperNet
-
-@dataclass
-class SearchConfig:
-    """Search hyper-parameters (all plain values, saved in the checkpoint and summary)."""
-
-    steps: int = 1000
-    warmup_steps: int = 100          # weight-only steps before α is trained
-    batch_size: int = 8
-    crop: int = 64                   # training and α crops
-    lr_w: float = 1e-3               # AdamW, cosine to lr_min over `steps`
-    lr_min: float = 1e-6
-    weight_decay: float = 0.0
-    lr_alpha: float = 3e-3           # Adam, betas (0.5, 0.999)
-    alpha_every: int = 1
-    temperature: float = 1.0
-    gumbel: bool = False
-    mode: str = "shared"
-    latency_form: str = "additive"   # additive | multiplicative | hinge
-    lam: float = 0.1
-    target_ms: float | None = None   # None: the baseline arch's predicted latency
-    beta: float = 0.6
-    entropy_max: float = 0.1
-    entropy_warmup: int | None = None  # None: warmup_steps
-    entropy_ramp: int | None = None    # None: half of the α phase
-    entropy_shape: str = "linear"
-    checkpoint_every: int = 100
-    log_every: int = 10
-    eval_batches: int = 4
-    seed: int = 0
-    device: str = "auto"             # cpu | cuda | auto
-    amp: bool = False                # bfloat16 autocast, CUDA only
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SearchConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ErnasError(f"search config: unknown field(s) {unknown}; the fields are "
-                             f"{', '.join(sorted(names))}.")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def entropy_schedule(self) -> EntropySchedule:
-        warm = self.warmup_steps if self.entropy_warmup is None else self.entropy_warmup
-        ramp = max(0, self.steps - warm) // 2 if self.entropy_ramp is None else self.entropy_ramp
-        return EntropySchedule(self.entropy_max, warm, ramp, self.entropy_shape)
-
-
-# fields that may change between a run and its resumption
-_RESUME_FREE = {"checkpoint_every", "log_every", "device", "eval_batches"}
 
 
 def _device(name: str) -> torch.device:
@@ -139,11 +94,13 @@ class _Run:
         self.baseline = baseline
         self.baseline_ms = (expected_latency.of_arch(baseline) if space.contains(baseline)
                             else None)
-        target = cfg.target_ms or self.baseline_ms or float(self.expected(self.net.probs(False)))
+        with torch.no_grad():
+            target = cfg.target_ms or self.baseline_ms or float(self.expected(
+                self.net.probs(False)))
         self.target_ms = float(target)
         self.objective = SearchObjective(task.loss, LatencyLoss(cfg.latency_form, cfg.lam,
                                                                self.target_ms, cfg.beta),
-                                         cfg.entropy_schedule())
+                                         cfg.entropy_schedule(), task.loss_log_scale)
         self.step = 0
         self.log_rows: list[dict] = []
         self.alpha_rows: list[dict] = []
@@ -172,7 +129,7 @@ class _Run:
         ck = torch.load(self.ckpt, map_location=self.device, weights_only=True)
         old = ck["config"]
         diff = sorted(k for k, v in self.cfg.to_dict().items()
-                      if k not in _RESUME_FREE and old.get(k) != v)
+                      if k not in RESUME_FREE and old.get(k) != v)
         if diff:
             raise ErnasError(f"{self.ckpt}: cannot resume with a different configuration; "
                              f"changed field(s): " + ", ".join(f"{k} ({old.get(k)!r} -> "
@@ -291,7 +248,9 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
             if step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.alpha_every == 0:
                 vx, vy = (t.to(dev) for t in val_batch(step))
                 alphas = net.arch_parameters()
-                with frozen(net.weight_parameters()):  # keep no tensors for weight gradients
+                # no tensors kept for weight gradients; BatchNorm on batch statistics, running
+                # statistics untouched (``ernas.nn.batchnorm``)
+                with frozen(net.weight_parameters()), frozen_bn_stats(net):
                     probs = net.probs()
                     with autocast:
                         vpred = net(vx, probs)
@@ -311,9 +270,9 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
                 alpha_updated = parts is not None
                 if parts is None:  # weight-only step: the objective's parts on the train batch
                     with torch.no_grad():
-                        _, parts = run.objective(pred.detach().float(), y,
-                                                 run.expected(net.probs(sample=False)),
-                                                 net.entropy(), step)
+                        plain = net.probs(sample=False)
+                        _, parts = run.objective(pred.detach().float(), y, run.expected(plain),
+                                                 normalized_entropy(plain), step)
                 run.log(step, parts, train_metric, alpha_updated)
                 bar.set_postfix(loss=f"{parts['total']:.3f}",
                                 **{task.metric: f"{train_metric:.3f}"},
@@ -332,7 +291,7 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
         run.elapsed += time.perf_counter() - t0
         run.save()
         run.write_logs()
-        return _finish(run, val_batch, input_shape)
+        return _finish(run, train_batch, val_batch, input_shape)
     finally:
         torch.use_deterministic_algorithms(det)
 
@@ -349,17 +308,34 @@ def val_metric(net: torch.nn.Module, val_batch: Batch, n: int, device, task) -> 
     return float(ev.compute()[task.metric])
 
 
-def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
+def calibration_batches(train_batch: Batch, cfg: SearchConfig, device):
+    """The inputs of ``cfg.bn_calibration_batches`` training batches (steps after the search's
+    last, so batches the weights were not trained on) for BatchNorm recalibration."""
+    return (train_batch(cfg.steps + i)[0].to(device) for i in range(cfg.bn_calibration_batches))
+
+
+def _finish(run: _Run, train_batch: Batch, val_batch: Batch, input_shape) -> dict:
+    """Derive, extract and judge: both the supernet (a copy) and the extracted network get their
+    BatchNorm statistics recalibrated on the same training batches (``recalibrate_bn``) before
+    their validation metric, so ``discretisation_gap`` compares like with like; ``inherited.pt``
+    holds the recalibrated statistics."""
+    import copy
+
     from ernas import build_model
     from ernas.complexity import count_macs, count_params
     from ernas.plots import plot_probs, plot_search_curves
 
-    net, out, space, task = run.net, run.out, run.space, run.task
+    net, out, space, task, cfg = run.net, run.out, run.space, run.task, run.cfg
     m = task.metric
     derived = net.derive(name=f"{space.name}_searched")
     per_rank = D.all_gather_object(derived.to_dict())
     arch_path = out / "arch.yaml"
     inherited = net.extract(derived)
+    supernet = net
+    if batchnorms(net):
+        supernet = copy.deepcopy(net)  # the checkpoint keeps the search's own statistics
+        recalibrate_bn(supernet, calibration_batches(train_batch, cfg, run.device))
+    calibrated = recalibrate_bn(inherited, calibration_batches(train_batch, cfg, run.device))
     if D.is_main():
         derived.save(arch_path)
         atomic_torch_save(inherited.state_dict(), out / "inherited.pt")
@@ -375,15 +351,16 @@ def _finish(run: _Run, val_batch: Batch, input_shape) -> dict:
         "macs": count_macs(inherited, shape), "baseline_macs": count_macs(base_model, shape),
         "input_shape": list(shape),
         "task": task.name, "metric": m,
-        f"supernet_val_{m}": val_metric(net, val_batch, run.cfg.eval_batches, run.device, task),
+        f"supernet_val_{m}": val_metric(supernet, val_batch, cfg.eval_batches, run.device, task),
         f"inherited_val_{m}": val_metric(inherited.to(run.device), val_batch,
-                                         run.cfg.eval_batches, run.device, task),
+                                         cfg.eval_batches, run.device, task),
+        "bn_calibration_batches": calibrated,
         "decisiveness": net.decisiveness(), "entropy": net.entropy(),
-        "search_seconds": run.elapsed, "steps": run.step, "mode": run.cfg.mode,
+        "search_seconds": run.elapsed, "steps": run.step, "mode": cfg.mode,
         "world_size": D.world_size(), "ranks_agree": all(a == per_rank[0] for a in per_rank),
         "arch_digest": hashlib.sha256(json.dumps(per_rank[D.rank()], sort_keys=True,
                                                  default=str).encode()).hexdigest()[:16],
-        "space": space.name, "config": run.cfg.to_dict(),
+        "space": space.name, "config": cfg.to_dict(),
     }
     summary["discretisation_gap"] = summary[f"supernet_val_{m}"] - summary[f"inherited_val_{m}"]
     if summary["baseline_latency_ms"]:

@@ -15,7 +15,7 @@ from torch import nn
 from ernas.errors import ErnasError
 from ernas.family import Family, register_family
 from ernas.families.nafnet import keys
-from ernas.families.nafnet.model import NAFNet, channels_at, level_of, make_block
+from ernas.families.nafnet.model import NAFNet, channels_at, make_block
 from ernas.families.nafnet.super import SUPER_BLOCKS
 from ernas.space import Arch
 

@@ -171,6 +171,11 @@ class DenoiseTask(Task):
     def loss(self, pred, target):
         return LOSSES[self.loss_fn](pred, target)
 
+    @property
+    def loss_log_scale(self):
+        """10/ln 10 for the PSNR loss ((10/ln 10)·ln MSE), None for L1 (positive)."""
+        return _PSNR_SCALE if self.loss_fn == "psnr" else None
+
     def distill_loss(self, pred, teacher_pred):
         """Output distillation: mean |y_s − y_t|."""
         return F.l1_loss(pred.float(), teacher_pred.float())

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ernas.data.images import IMAGE_EXTENSIONS, read_image
-from ernas.data.keyed import KeyedDataset, check_seed
+from ernas.data.keyed import KeyedDataset
 from ernas.errors import ErnasError
 
 IGNORE_INDEX = 255

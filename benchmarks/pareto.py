@@ -1,0 +1,629 @@
+"""Headline benchmark: searched networks against NAFNet scaled to the same measured latency.
+
+Method (issue 14), on one search space (default ``nafnet_ern_small``) and the denoising task:
+
+1. **Scaled-NAFNet front**: the official NAFNet of the space's geometry (the reference) and its
+   uniform reductions: other widths at the same depth (``--widths``), and at the reference width
+   one block per level and one middle block (``shallow``), LayerNorm-free (``noln``: norm=none),
+   attention-free (``nosca``: attention=none) and both (``noln_nosca``) (``--reductions``).
+2. **Searched front**: one search per λ of the additive latency term (``--lams``: λ·E/T,
+   T = the reference's predicted latency) and one per hinge target (``--targets``: fractions f of
+   the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
+   ``ernas.cli.search.run``; the derived arch is retrained from scratch (and, with
+   ``--init scratch supernet``, also from the supernet's inherited weights, a separate series).
+3. Every network is retrained with the same recipe and budget (``ernas.train.retrain``, NAFNet's
+   recipe, ``--steps``/``--batch``/``--crop``), for every seed of ``--seeds``, and evaluated
+   (``ernas.evaluate.evaluate``) at σ 15/25/50 on the held-out tiles: every bundled image the
+   colour task never trains or validates on (the colour test photos and every grey photo, read as
+   RGB), cut into non-overlapping ``--tile`` squares (grid centred), written as PNGs to
+   ``<out>/test_tiles`` and used as the task's ``test_dir``. Test noise is seeded by (0, tile
+   index): identical for every network and seed, so differences are paired.
+4. ``measure`` (run it on a quiet machine): every distinct architecture is timed end to end
+   with the latency protocol (``ernas.evaluate.measure_latencies``: all networks interleaved in
+   shuffled rounds, the latency config's backend, session options and statistic), and its
+   predicted latency is ``predict_ms`` on ONE table holding the op keys of every network on the
+   plot, profiled in one interleaved session (``profile_table``) right before the timing, so
+   all predictions come from the same machine state.
+5. ``report``: ``pareto.csv`` (one row per network and seed), ``pareto.png`` (measured latency
+   vs PSNR σ25, mean ± std over seeds, both fronts), ``summary.json`` and a printed summary.
+   Fronts are the non-dominated (measured ms, mean PSNR σ25) networks of a series; the scaled
+   front is interpolated linearly in (log latency, PSNR). Printed: at the reference's PSNR minus
+   0.5% the fastest network of each series; per network the PSNR gap to the scaled front at its
+   latency and the speed-up over it at its PSNR; predicted/measured speed-up agreement; goals.
+
+Goals (σ25, mean over seeds): a searched network ≥2x faster (measured) than the reference at
+≤0.5% PSNR drop; most of the searched front ≥0.2 dB above, or ≥1.3x faster than, the scaled
+front; predicted and measured speed-ups (vs the reference) within 10% for every network.
+
+Phases (all resumable: finished runs are skipped, files are written atomically)::
+
+    ernas-profile space=nafnet_ern_small            # optional, quiet machine: the search's table
+    python benchmarks/pareto.py train --out DIR     # searches, retraining, quality (hours)
+    python benchmarks/pareto.py measure --out DIR   # latency of every network, then report
+    python benchmarks/pareto.py report --out DIR
+
+``train`` resolves the search space's latency table first (profiling it here if no table holds on
+this machine) and pins it (``<out>/search_table.csv``) for every search of the run and for the
+hinge targets (fractions of the reference's prediction from it). Its jobs run in ``--workers``
+processes of ``--train-threads`` torch threads each. Budget of the defaults (13 networks x 3
+seeds x 2500 steps, 6 searches x 1000 steps), from per-step CPU times measured at 1 thread on
+this 2-core VM: ~10 CPU-hours, i.e. ~5 h with 2 workers on 2 free cores.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ernas.pareto import pareto_front
+
+DROP = 0.005          # allowed relative PSNR drop vs the reference
+GOAL_SPEEDUP = 2.0    # measured speed-up of the best searched network at <= DROP
+GOAL_GAP_DB = 0.2     # searched above scaled at equal latency ...
+GOAL_FASTER = 1.3     # ... or this much faster at equal PSNR
+GOAL_AGREE = 0.10     # |predicted/measured speed-up - 1|
+REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca")
+FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
+         "overrides")
+
+
+# --------------------------------------------------------------------------- pure parts
+def tiles(img: np.ndarray, size: int) -> list[tuple[int, int, np.ndarray]]:
+    """``(row, col, tile)`` for the non-overlapping ``size`` squares of an H x W x C image
+    (the grid centred; the margins left over are dropped)."""
+    rows, cols = img.shape[0] // size, img.shape[1] // size
+    top, left = (img.shape[0] - rows * size) // 2, (img.shape[1] - cols * size) // 2
+    return [(r, c, img[top + r * size:top + (r + 1) * size, left + c * size:left + (c + 1) * size])
+            for r in range(rows) for c in range(cols)]
+
+
+def front(latency, quality) -> tuple[np.ndarray, np.ndarray]:
+    """The non-dominated points (lower latency, higher quality), sorted by latency; along it
+    both latency and quality increase strictly."""
+    lat, q = np.asarray(latency, float), np.asarray(quality, float)
+    if not len(lat):
+        return lat, q
+    on = pareto_front(lat, q)
+    pts = sorted(set(zip(lat[on], q[on])))
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def quality_at(fr, ms: float) -> float:
+    """The front's quality at latency ``ms`` (linear in log latency); NaN outside its range."""
+    lat, q = fr
+    if not len(lat) or not lat[0] <= ms <= lat[-1]:
+        return math.nan
+    return float(np.interp(math.log(ms), np.log(lat), q))
+
+
+def latency_at(fr, quality: float) -> float:
+    """The front's latency at ``quality`` (the same curve, inverted); NaN outside its range."""
+    lat, q = fr
+    if not len(q) or not q[0] <= quality <= q[-1]:
+        return math.nan
+    return float(math.exp(np.interp(quality, q, np.log(lat))))
+
+
+def faster_than(fr, ms: float, quality: float) -> float:
+    """How much faster a network (``ms``, ``quality``) is than the front at its quality: the
+    front's latency there over ``ms``; inf when the front never reaches that quality and ends at
+    or above ``ms``; NaN when the front has no point of that quality (below its range)."""
+    lat, q = fr
+    if len(q) and quality > q[-1] and ms <= lat[-1]:
+        return math.inf
+    return latency_at(fr, quality) / ms
+
+
+def fastest_within(rows: pd.DataFrame, threshold: float) -> dict | None:
+    """The row of lowest measured latency whose mean PSNR is at least ``threshold``."""
+    ok = rows[rows["psnr"] >= threshold]
+    return None if ok.empty else ok.loc[ok["measured_ms"].idxmin()].to_dict()
+
+
+def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
+    """Everything the summary states, from one row per network (``network``, ``series``
+    (scaled | searched | searched_supernet), ``reference``, ``measured_ms``, ``predicted_ms``,
+    ``psnr`` = mean PSNR σ25 over seeds). Returns ``{"table", "reference_psnr", "threshold",
+    "fastest", "goals"}``; the table gains speed-ups, their agreement, ``on_front``, ``gap_db``
+    (PSNR minus the scaled front's at the same latency) and ``faster_x`` (``faster_than`` the
+    scaled front)."""
+    t = agg.copy()
+    ref = t[t["reference"]].iloc[0]
+    t["speedup_measured"] = ref["measured_ms"] / t["measured_ms"]
+    t["speedup_predicted"] = ref["predicted_ms"] / t["predicted_ms"]
+    t["agreement"] = t["speedup_predicted"] / t["speedup_measured"]
+    t["on_front"] = False
+    for _, rows in t.groupby("series"):
+        t.loc[rows.index, "on_front"] = pareto_front(rows["measured_ms"], rows["psnr"])
+    sc = t[t["series"] == "scaled"]
+    scaled = front(sc["measured_ms"], sc["psnr"])
+    t["gap_db"] = [p - quality_at(scaled, ms) for ms, p in zip(t["measured_ms"], t["psnr"])]
+    t["faster_x"] = [faster_than(scaled, ms, p) for ms, p in zip(t["measured_ms"], t["psnr"])]
+    threshold = float(ref["psnr"]) * (1 - drop)
+    fastest = {s: fastest_within(rows, threshold) for s, rows in t.groupby("series")}
+    goals = {"agreement": bool((abs(t["agreement"] - 1) <= GOAL_AGREE).all())}
+    for s in sorted(set(t["series"]) - {"scaled"}):
+        best = fastest[s]
+        goals[f"{s}_speedup"] = bool(best and best["speedup_measured"] >= GOAL_SPEEDUP)
+        fr = t[(t["series"] == s) & t["on_front"]]
+        comparable = fr[fr["gap_db"].notna() | fr["faster_x"].notna()]
+        ahead = (comparable["gap_db"] >= GOAL_GAP_DB) | (comparable["faster_x"] >= GOAL_FASTER)
+        goals[f"{s}_above_scaled"] = bool(len(comparable) and ahead.sum() > len(comparable) / 2)
+        goals[f"{s}_above_scaled_count"] = [int(ahead.sum()), len(comparable), len(fr)]
+    return {"table": t, "reference_psnr": float(ref["psnr"]), "threshold": threshold,
+            "fastest": fastest, "goals": goals}
+
+
+# --------------------------------------------------------------------------- networks and data
+def scaled_archs(space, widths, reductions) -> dict:
+    """``{name: Arch}`` of the scaled-NAFNet front (see the module docstring)."""
+    from ernas.families.nafnet import official_arch
+
+    g = dict(space.geometry)
+    w0 = g["width"]
+    out = {f"nafnet_w{w}": official_arch(**{**g, "width": w}, name=f"nafnet_w{w}")
+           for w in sorted(set(widths) | {w0})}
+    shallow = {"enc_blk_nums": [min(n, 1) for n in g["enc_blk_nums"]],
+               "middle_blk_num": min(g["middle_blk_num"], 1),
+               "dec_blk_nums": [min(n, 1) for n in g["dec_blk_nums"]]}
+    for r in reductions:
+        name = f"nafnet_w{w0}_{r}"
+        arch = official_arch(**{**g, **(shallow if r == "shallow" else {})}, name=name)
+        for v in arch.values.values():
+            if "noln" in r:
+                v["norm"] = "none"
+            if "nosca" in r:
+                v["attention"] = "none"
+        out[name] = arch
+    return out
+
+
+def write_tiles(folder: Path, size: int) -> dict:
+    """PNG tiles of every bundled image the colour task neither trains nor validates on."""
+    from PIL import Image
+
+    from ernas.data import BUNDLED_SPLITS, load_bundled
+    from ernas.io import atomic_write_bytes, atomic_write_json
+
+    used = {n for s in ("train", "val") for n in BUNDLED_SPLITS["color"][s]}
+    counts = {}
+    for kind, splits in BUNDLED_SPLITS.items():
+        for name in (n for names in splits.values() for n in names if n not in used):
+            img = np.round(load_bundled(name) * 255).astype(np.uint8)
+            parts = tiles(img, size)
+            for r, c, tile in parts:
+                buf = io.BytesIO()
+                Image.fromarray(tile.squeeze(-1) if tile.shape[-1] == 1 else tile).save(buf, "PNG")
+                atomic_write_bytes(folder / f"{kind}-{name}-r{r}c{c}.png", buf.getvalue())
+            counts[f"{kind}:{name}"] = len(parts)
+    atomic_write_json(folder / "tiles.json", counts)
+    return counts
+
+
+def arch_digest(arch) -> str:
+    d = arch.to_dict()
+    d.pop("name")
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- phases
+def compose_cfg(overrides: list[str]):
+    """The ``ernas-search`` config with ``overrides`` (importing the CLI registers its schema)."""
+    from hydra import compose, initialize_config_dir
+
+    import ernas.cli.search  # noqa: F401
+    from ernas.paths import EXPERIMENTS
+
+    with initialize_config_dir(str(EXPERIMENTS), version_base="1.3"):
+        return compose("search", overrides)
+
+
+def base_overrides(c: dict) -> list[str]:
+    return [f"space={c['space']}", f"latency.backend.threads={c['threads']}",
+            f"search.steps={c['search_steps']}", f"search.warmup_steps={c['search_steps'] // 4}",
+            f"search.crop={c['crop']}", "search.device=cpu", "seed=0", "progress=false",
+            *c["overrides"]]
+
+
+def make_task(cfg, tiles_dir: Path):
+    from omegaconf import OmegaConf
+
+    from ernas.task import make_task as make
+
+    return make({**OmegaConf.to_container(cfg.task, resolve=True), "test_dir": str(tiles_dir)})
+
+
+def pin_table(overrides: list[str], path: Path) -> str:
+    """Resolve the search space's latency table as a search would (``resolve_from_config``:
+    a table that holds on this machine, else one profiled here) and save it to ``path``, so every
+    search of the run, and the hinge targets, use this one table; returns where it came from."""
+    from ernas.latency.resolve import resolve_from_config
+    from ernas.space import find_space
+
+    cfg = compose_cfg(overrides)
+    table, source = resolve_from_config(find_space(cfg.space), list(cfg.input_shape),
+                                        cfg.latency, False)
+    table.save(path)
+    return str(source)
+
+
+def search_job(tag: str, overrides: list[str], out: Path, threads: int) -> dict:
+    """One search into ``out``; resumed from its checkpoint, skipped when finished."""
+    import torch
+
+    from ernas.cli import search
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if not (out / "summary.json").is_file():
+        resume = (out / "checkpoint.pt").is_file()
+        if out.exists() and not resume:
+            shutil.rmtree(out)  # stopped before its first checkpoint: nothing to keep
+        search.run(compose_cfg(overrides + ([f"resume={out}"] if resume else [])),
+                   None if resume else out)
+    s = json.loads((out / "summary.json").read_text())
+    return {"predicted_ms": s["predicted_latency_ms"], "seconds": time.perf_counter() - t0}
+
+
+def train_job(n: dict, seed: int, out: Path, task, tc, space, shape, threads: int) -> str:
+    """Retrain one network for one seed (resumed from ``last.pt``, skipped when finished) and
+    evaluate it on the test tiles (skipped when done)."""
+    import torch
+
+    from ernas.evaluate import ModelEntry, evaluate
+    from ernas.space import load_arch
+    from ernas.train import resume, retrain
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    run = out / "runs" / n["name"] / f"seed{seed}"
+    arch = load_arch(n["arch"])
+    s = run / "summary.json"
+    if not (s.is_file() and json.loads(s.read_text()).get("finished")):
+        if (run / "last.pt").is_file():
+            resume(run, progress=False)
+        else:
+            retrain(arch, run, task, tc, init=n["init"], source=n["source"], progress=False,
+                    space=space)
+    if not (run / "eval" / "summary.json").is_file():
+        evaluate([ModelEntry(n["name"], arch, str(run))], run / "eval", task, seed=0,
+                 latency_cfg=None, input_shape=shape, progress=False)
+    q = json.loads((run / "eval" / "summary.json").read_text())
+    return (f"{n['name']} seed {seed}: PSNR σ25 {q['psnr']:.3f} dB "
+            f"[{time.perf_counter() - t0:.0f} s]")
+
+
+def train_phase(a) -> None:
+    """Searches and retraining+evaluation jobs in ``--workers`` processes: the searches and the
+    scaled networks first, each searched network's jobs once its search has finished."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from ernas.io import atomic_write_json
+    from ernas.latency.predict import predict_ms
+    from ernas.latency.table import LatencyTable
+    from ernas.space import find_space
+    from ernas.train import TrainConfig
+
+    out = Path(a.out)
+    c = {k: getattr(a, k) for k in ("space", "seeds", "steps", "search_steps", "lams", "targets",
+                                     "hinge_lam", "widths", "reductions", "init", "crop", "batch",
+                                     "threads", "tile", "overrides", "workers", "train_threads")}
+    if (out / "config.json").is_file():
+        old = json.loads((out / "config.json").read_text())
+        diff = [k for k in FIXED if old[k] != c[k]]
+        if diff:
+            sys.exit(f"{out} was trained with other {', '.join(diff)} "
+                     f"({', '.join(f'{k}={old[k]}' for k in diff)}); use a new --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = compose_cfg(base_overrides(c))
+    c.update(command=shlex.join([sys.executable, *sys.argv]),
+             input_shape=list(cfg.input_shape))
+    atomic_write_json(out / "config.json", c)
+    space, shape = find_space(cfg.space), [int(s) for s in cfg.input_shape]
+
+    tiles_dir = out / "test_tiles"
+    if not (tiles_dir / "tiles.json").is_file():
+        write_tiles(tiles_dir, a.tile)
+    counts = json.loads((tiles_dir / "tiles.json").read_text())
+    print(f"test set: {sum(counts.values())} tiles of {a.tile}x{a.tile} from {len(counts)} "
+          f"held-out photos ({', '.join(f'{k} {v}' for k, v in counts.items())})", flush=True)
+    task = make_task(cfg, tiles_dir)
+
+    # every job in a fresh process (max_tasks_per_child=1): profiling and searches free memory
+    ex = ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1)
+    pinned = out / "search_table.csv"
+    if not pinned.is_file():
+        print(f"search table: {ex.submit(pin_table, base_overrides(c), pinned).result()}",
+              flush=True)
+    ref_ms = predict_ms(LatencyTable.load(pinned), space.reference(), shape,
+                        cfg.latency.granularity)
+    print(f"search table pinned: {pinned}; reference predicted {ref_ms:.2f} ms", flush=True)
+    pin = [f"latency.table={pinned}", "latency.trust_table=true"]
+    searches = {f"lam{lam:g}": ["search.latency_form=additive", f"search.lam={lam}",
+                                "search.target_ms=null"] for lam in a.lams}
+    searches.update({f"t{f:g}": ["search.latency_form=hinge", f"search.lam={a.hinge_lam}",
+                                 f"search.target_ms={f * ref_ms}"] for f in a.targets})
+    nets = []
+    ref_name = f"nafnet_w{space.geometry['width']}"
+    for name, arch in scaled_archs(space, a.widths, a.reductions).items():
+        arch.save(out / "archs" / f"{name}.yaml")
+        nets.append({"name": name, "series": "scaled", "reference": name == ref_name,
+                     "arch": str(out / "archs" / f"{name}.yaml"), "init": "scratch",
+                     "source": None, "search": None})
+    for tag in searches:
+        for init in a.init:
+            suffix = "" if init == "scratch" else f"_{init}"
+            nets.append({"name": f"search_{tag}{suffix}", "series": f"searched{suffix}",
+                         "reference": False, "arch": str(out / "search" / tag / "arch.yaml"),
+                         "init": init, "source": str(out / "search" / tag), "search": tag})
+    atomic_write_json(out / "networks.json", {"reference_predicted_ms": ref_ms,
+                                              "search_table": str(pinned), "networks": nets})
+
+    tcs = {seed: TrainConfig(steps=a.steps, batch_size=a.batch, crop=a.crop, seed=seed,
+                             val_every=max(50, a.steps // 10), device="cpu") for seed in a.seeds}
+
+    def train_jobs(tag):
+        return {ex.submit(train_job, n, seed, out, task, tcs[seed], space, shape,
+                          a.train_threads): None
+                for seed in a.seeds for n in nets if n["search"] == tag}
+
+    with ex:
+        todo = {ex.submit(search_job, tag, base_overrides(c) + pin + ov, out / "search" / tag,
+                          a.train_threads): tag for tag, ov in searches.items()}
+        todo.update(train_jobs(None))
+        try:
+            while todo:
+                done, _ = wait(todo, return_when=FIRST_COMPLETED)
+                for f in done:
+                    tag, r = todo.pop(f), f.result()
+                    if tag is None:
+                        print(r, flush=True)
+                        continue
+                    print(f"search {tag}: predicted {r['predicted_ms']:.2f} ms "
+                          f"({ref_ms / r['predicted_ms']:.2f}x) [{r['seconds']:.0f} s]", flush=True)
+                    todo.update(train_jobs(tag))
+        except BaseException:
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+    print(f"train phase done; next, on a quiet machine: python {sys.argv[0]} measure --out {out}")
+
+
+def measure_phase(a) -> None:
+    from omegaconf import OmegaConf
+
+    from ernas.evaluate import ModelEntry, measure_latencies
+    from ernas.io import atomic_write_json
+    from ernas.latency.backends import machine_description
+    from ernas.latency.predict import predict_ms
+    from ernas.space import find_space, load_arch
+
+    out = Path(a.out)
+    c = json.loads((out / "config.json").read_text())
+    nets = json.loads((out / "networks.json").read_text())["networks"]
+    c["threads"] = a.threads or c["threads"]
+    cfg = compose_cfg(base_overrides(c) + a.overrides)
+    lat_cfg = OmegaConf.to_container(cfg.latency, resolve=True)
+    space, shape = find_space(cfg.space), [int(s) for s in cfg.input_shape]
+    seed = c["seeds"][0]
+    archs = {}  # digest -> (arch, trained run of the first seed)
+    for n in nets:
+        arch = load_arch(n["arch"])
+        archs.setdefault(arch_digest(arch), (arch, out / "runs" / n["name"] / f"seed{seed}"))
+    # one table for every network on the plot, profiled in one interleaved session on this
+    # machine right before the end-to-end timing, so predictions are comparable with each other
+    from ernas.latency.backends import make_backend
+    from ernas.latency.resolve import profile_table
+
+    gran = lat_cfg["granularity"]
+    keys = list(dict.fromkeys(k for arch, _ in archs.values() for k in arch.op_keys(shape, gran)))
+    table_path = out / "plot_table.csv"
+    table = profile_table(space, shape, make_backend(lat_cfg["backend"]), gran, table_path,
+                          lat_cfg.get("measure"), progress=False, keys=keys)
+    predicted = {d: {"predicted_ms": predict_ms(table, arch, shape, gran),
+                     "table": str(table_path)} for d, (arch, _) in archs.items()}
+    models = {d: ModelEntry(d, arch, str(run)).model() for d, (arch, run) in archs.items()}
+    t0 = time.perf_counter()
+    stats, backend = measure_latencies(models, shape, lat_cfg)
+    lat = {n["name"]: {**predicted[d], "measured_ms": stats[d]["ms"],
+                       "measured_spread": stats[d]["spread"], "samples": stats[d]["n"]}
+           for n in nets for d in [arch_digest(load_arch(n["arch"]))]}
+    atomic_write_json(out / "latency.json", {
+        "command": shlex.join([sys.executable, *sys.argv]), "machine": machine_description(),
+        "backend": backend, "input_shape": shape, "protocol": lat_cfg.get("measure"),
+        "seconds": time.perf_counter() - t0, "networks": lat})
+    report_phase(a)
+
+
+def report_phase(a) -> None:
+    from ernas.io import atomic_write_json, atomic_write_text
+
+    out = Path(a.out)
+    c = json.loads((out / "config.json").read_text())
+    nets = json.loads((out / "networks.json").read_text())["networks"]
+    lat = json.loads((out / "latency.json").read_text())
+    missing = [n["name"] for n in nets if n["name"] not in lat["networks"]]
+    if missing:
+        sys.exit(f"no latency for {', '.join(missing)}: run measure again.")
+    rows = []
+    for n in nets:
+        for seed in c["seeds"]:
+            run = out / "runs" / n["name"] / f"seed{seed}"
+            if not (run / "eval" / "summary.json").is_file():
+                continue
+            q = json.loads((run / "eval" / "summary.json").read_text())
+            m = q["models"][0]
+            train = json.loads((run / "summary.json").read_text())
+            per = pd.read_csv(run / "eval" / "per_image.csv")
+            colour = per[(per["set"] == "sigma25") & per["name"].str.startswith("color-")]
+            rows.append({"network": n["name"], "series": n["series"], "init": n["init"],
+                         "reference": n["reference"], "seed": seed, "params": m["params"],
+                         "macs": m["macs"], **lat["networks"][n["name"]],
+                         **{k: m[k] for k in q["columns"]},
+                         "psnr_sigma25_colour": colour["psnr"].mean(),
+                         "best_val_psnr": train["best_val_psnr"],
+                         "train_seconds": train["seconds"], "arch": n["arch"]})
+    df = pd.DataFrame(rows)
+    if df.empty or not df["reference"].any():
+        sys.exit("the reference network has no evaluated run yet: finish the train phase.")
+    atomic_write_text(out / "pareto.csv", df.to_csv(index=False))
+    agg = df.groupby("network", sort=False).agg(
+        series=("series", "first"), reference=("reference", "first"),
+        measured_ms=("measured_ms", "first"), spread=("measured_spread", "first"),
+        predicted_ms=("predicted_ms", "first"),
+        params=("params", "first"), macs=("macs", "first"), psnr=("psnr_sigma25", "mean"),
+        psnr_std=("psnr_sigma25", "std"),
+        psnr15=("psnr_sigma15", "mean"), psnr50=("psnr_sigma50", "mean"),
+        ssim=("ssim_sigma25", "mean"), colour=("psnr_sigma25_colour", "mean")).reset_index()
+    agg["psnr_std"] = agg["psnr_std"].fillna(0.0)
+    res = analyse(agg)
+    t = res["table"]
+    b = lat["backend"]
+    plot(t, res["threshold"], out / "pareto.png", f"{lat['machine']}; {b.get('backend')} "
+         f"{b.get('threads')} threads, input {lat['input_shape']}")
+    print_summary(c, lat, res, f"{len(df)} of {len(nets) * len(c['seeds'])}")
+    atomic_write_json(out / "summary.json", {
+        "train_command": c["command"], "measure_command": lat["command"],
+        "machine": lat["machine"], "backend": lat["backend"], "threshold_psnr": res["threshold"],
+        "fastest": res["fastest"], "goals": res["goals"],
+        "networks": t.to_dict(orient="records")})
+
+
+def plot(t: pd.DataFrame, threshold: float, path: Path, title: str) -> None:
+    from matplotlib import ticker
+
+    from ernas.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (s, rows) in enumerate(t.groupby("series")):
+        color, marker = f"C{i}", "osv^"[i % 4]
+        ax.errorbar(rows["measured_ms"], rows["psnr"], yerr=rows["psnr_std"], fmt=marker,
+                    c=color, capsize=3, label=s)
+        fr = rows[rows["on_front"]].sort_values("measured_ms")
+        ax.plot(fr["measured_ms"], fr["psnr"], c=color, lw=1)
+        for _, r in rows.iterrows():
+            ax.annotate(r["network"].removeprefix("search_").removeprefix("nafnet_"),
+                        (r["measured_ms"], r["psnr"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ref = t[t["reference"]].iloc[0]
+    ax.plot(ref["measured_ms"], ref["psnr"], "k*", ms=12, label="reference NAFNet")
+    ax.axhline(threshold, c="0.5", ls="--", lw=1, label=f"reference PSNR − {100 * DROP:g}%")
+    ax.set(xscale="log", xlabel="measured latency (ms, log scale)",
+           ylabel="PSNR σ25 (dB), mean ± std over seeds", title=title)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(8))
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path, dpi=120)
+
+
+def _f(v, fmt=".2f") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
+    t, g = res["table"], res["goals"]
+    print(f"train:   {c['command']}\nmeasure: {lat['command']}\nmachine: {lat['machine']}; "
+          f"{lat['backend'].get('backend')} {lat['backend'].get('provider')}, threads "
+          f"{lat['backend'].get('threads')}, spinning {lat['backend'].get('spinning')}, input "
+          f"{lat['input_shape']}, all networks interleaved ({lat['protocol']})")
+    print(f"space {c['space']}; retrain {c['steps']} steps, batch {c['batch']}, crop {c['crop']}, "
+          f"seeds {c['seeds']}; search {c['search_steps']} steps; {n_rows} trained models; "
+          f"PSNR σ25 on the held-out tiles (std over seeds: median "
+          f"{t['psnr_std'].median():.3f} dB, max {t['psnr_std'].max():.3f} dB)")
+    print("| network | series | params | GMACs | measured ms (spread) | predicted ms | speed-up "
+          "meas / pred (agree) | PSNR σ15 | PSNR σ25 | PSNR σ50 | SSIM σ25 | colour σ25 | gap dB "
+          "| faster x |")
+    print("|---" * 14 + "|")
+    for _, r in t.sort_values("measured_ms").iterrows():
+        print(f"| {r['network']}{' *' if r['on_front'] else ''} | {r['series']} | "
+              f"{r['params']:,} | {r['macs'] / 1e9:.3f} | {r['measured_ms']:.2f} "
+              f"({100 * r['spread']:.1f}%) | {r['predicted_ms']:.2f} | "
+              f"{r['speedup_measured']:.2f} / {r['speedup_predicted']:.2f} "
+              f"({r['agreement']:.3f}) | {r['psnr15']:.3f} | {r['psnr']:.3f} ± "
+              f"{r['psnr_std']:.3f} | {r['psnr50']:.3f} | {r['ssim']:.4f} | "
+              f"{r['colour']:.3f} | {_f(r['gap_db'], '+.3f')} | {_f(r['faster_x'])} |")
+    print("(* on its series' front; spread: the measurement's pass-to-pass noise floor; colour: "
+          "PSNR σ25 on the colour-photo tiles only; gap: PSNR minus the scaled front's at the same "
+          "measured latency; faster: the scaled front's latency at the same PSNR / the "
+          "network's, inf: the scaled front never reaches its PSNR; –: outside the scaled front's "
+          "range)")
+    print(f"at the reference's PSNR − {100 * DROP:g}% (≥ {res['threshold']:.3f} dB):")
+    for s, best in res["fastest"].items():
+        print(f"  {s}: " + ("none" if best is None else
+                            f"{best['network']}, {best['measured_ms']:.2f} ms, "
+                            f"{best['speedup_measured']:.2f}x measured / "
+                            f"{best['speedup_predicted']:.2f}x predicted, PSNR "
+                            f"{best['psnr']:.3f} ± {best['psnr_std']:.3f} dB "
+                            f"({100 * (best['psnr'] / res['reference_psnr'] - 1):+.2f}%)"))
+    bad = t[abs(t["agreement"] - 1) > GOAL_AGREE]
+    print("goals:")
+    for s in sorted(set(t["series"]) - {"scaled"}):
+        k, n, m = g[f"{s}_above_scaled_count"]
+        print(f"  [{'met' if g[f'{s}_speedup'] else 'NOT met'}] {s}: ≥{GOAL_SPEEDUP:g}x measured "
+              f"speed-up at ≤{100 * DROP:g}% PSNR drop")
+        print(f"  [{'met' if g[f'{s}_above_scaled'] else 'NOT met'}] {s} front above the scaled "
+              f"front (≥{GOAL_GAP_DB:g} dB or ≥{GOAL_FASTER:g}x): {k} of {n} comparable front "
+              f"networks ({m} on the front)")
+    print(f"  [{'met' if g['agreement'] else 'NOT met'}] predicted vs measured speed-up within "
+          f"{100 * GOAL_AGREE:g}% for every network" + (
+              "" if bad.empty else f" (outside: {', '.join(bad['network'])})"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="phase", required=True)
+    tr = sub.add_parser("train", help="searches, retraining and quality (resumable)")
+    ms = sub.add_parser("measure", help="latency of every network (quiet machine), then report")
+    rp = sub.add_parser("report", help="pareto.csv, pareto.png, summary")
+    for p in (tr, ms, rp):
+        p.add_argument("--out", required=True)
+    tr.add_argument("--space", default="nafnet_ern_small")
+    tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    tr.add_argument("--steps", type=int, default=2500, help="retraining steps")
+    tr.add_argument("--search-steps", type=int, default=1000)
+    tr.add_argument("--lams", type=float, nargs="*", default=[0.25, 1.0],
+                    help="additive latency weights of the λ sweep")
+    tr.add_argument("--targets", type=float, nargs="*", default=[0.7, 0.5, 0.4, 0.3],
+                    help="hinge targets, fractions of the reference's predicted latency")
+    tr.add_argument("--hinge-lam", type=float, default=1.0)
+    tr.add_argument("--widths", type=int, nargs="*", default=[8, 12],
+                    help="scaled widths (the reference width is always included)")
+    tr.add_argument("--reductions", nargs="*", default=list(REDUCTIONS), choices=REDUCTIONS)
+    tr.add_argument("--init", nargs="+", default=["scratch"], choices=["scratch", "supernet"],
+                    help="initialisations of the searched networks (supernet: a second series)")
+    tr.add_argument("--crop", type=int, default=64)
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--tile", type=int, default=128, help="side of the test tiles")
+    tr.add_argument("--workers", type=int, default=2,
+                    help="processes running searches and retraining side by side")
+    tr.add_argument("--train-threads", type=int, default=1,
+                    help="torch threads per worker (on this shared 2-core machine under load a "
+                         "step took ~15x longer at 2 threads than at 1)")
+    for p in (tr, ms):
+        p.add_argument("--threads", type=int, default=None if p is ms else 2,
+                       help="latency backend threads (measure: default the train phase's)")
+        p.add_argument("-o", "--override", dest="overrides", action="append", default=[],
+                       help="extra Hydra override of the search config (also the latency "
+                            "config of measure), e.g. -o latency.cache_dir=DIR; repeatable")
+    a = ap.parse_args()
+    {"train": train_phase, "measure": measure_phase, "report": report_phase}[a.phase](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The search configuration: one schema and one set of defaults for ``ernas-search``.
+
+:class:`SearchConfig` is the ``search:`` node of ``experiments/search.yaml``: it is registered
+with Hydra's ConfigStore as ``search_schema`` (a config whose ``search`` node is the dataclass),
+the first entry of that file's defaults list, so the defaults live here only, and unknown keys
+and wrong types are refused when the config is composed. ``ernas-search --cfg job`` prints the
+composed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ernas.errors import ErnasError
+from ernas.search.objective import EntropySchedule
+
+
+@dataclass
+class SearchConfig:
+    """Search hyper-parameters (module docstring); saved in the checkpoint and the summary."""
+
+    steps: int = 600
+    warmup_steps: int = 300          # weight-only steps before α is trained
+    batch_size: int = 4
+    crop: int = 64                   # training and α crops (the task's train and val splits)
+    lr_w: float = 1e-3               # AdamW, cosine to lr_min over `steps`
+    lr_min: float = 1e-6
+    weight_decay: float = 0.0
+    lr_alpha: float = 3e-3           # Adam, betas (0.5, 0.999)
+    alpha_every: int = 1
+    temperature: float = 1.0
+    gumbel: bool = False
+    mode: str = "shared"             # shared (weight sharing) | darts (all paths, NAFNet only)
+    latency_form: str = "additive"   # additive λ·r | multiplicative r^β | hinge λ·max(0, r−1)
+    lam: float = 0.5                 # additive/hinge weight (for the PSNR loss: dB per unit r)
+    target_ms: float | None = None   # T of r = E[LAT]/T; None: the baseline's predicted latency
+    beta: float = 0.1                # multiplicative exponent (PSNR loss: s·β·ln r added)
+    entropy_max: float = 0.1         # weight of Σ_d H(p_d)/ln K_d (per decision)
+    entropy_warmup: int | None = None  # None: warmup_steps
+    entropy_ramp: int | None = None    # None: half of the α phase
+    entropy_shape: str = "cosine"    # linear | cosine
+    bn_calibration_batches: int = 16  # training batches for BatchNorm recalibration at the end
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "auto"             # cpu | cuda | auto
+    amp: bool = False                # bfloat16 autocast, CUDA only
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ErnasError(f"search config: unknown field(s) {unknown}; the fields are "
+                             f"{', '.join(sorted(names))}.")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def entropy_schedule(self) -> EntropySchedule:
+        warm = self.warmup_steps if self.entropy_warmup is None else self.entropy_warmup
+        ramp = max(0, self.steps - warm) // 2 if self.entropy_ramp is None else self.entropy_ramp
+        return EntropySchedule(self.entropy_max, warm, ramp, self.entropy_shape)
+
+
+def register_schema() -> None:
+    """Register :class:`SearchConfig` with Hydra's ConfigStore as ``search_schema`` (a config
+    whose ``search`` node is the dataclass), idempotently."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="search_schema", node={"search": SearchConfig})
+
+
+register_schema()
+
+
+# fields that may change between a run and its resumption
+RESUME_FREE = {"checkpoint_every", "log_every", "device", "eval_batches",
+               "bn_calibration_batches"}

@@ -1,0 +1,108 @@
+"""benchmarks/pareto.py (issue 14): its pure parts, without training or timing: test tiles, the
+fronts, interpolation of the scaled front, the 0.5%-drop selection and the goals."""
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("pareto_benchmark", ROOT / "benchmarks" / "pareto.py")
+pb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pb)
+
+
+def test_tiles_are_a_centred_non_overlapping_grid():
+    img = np.arange(300 * 451).reshape(300, 451, 1)
+    parts = pb.tiles(img, 128)
+    assert len(parts) == 2 * 3
+    r, c, t = parts[-1]
+    assert (r, c, t.shape) == (1, 2, (128, 128, 1))
+    top, left = (300 - 256) // 2, (451 - 384) // 2
+    assert t[0, 0, 0] == img[top + 128, left + 256, 0]
+    assert pb.tiles(img[:100], 128) == []
+
+
+def test_front_keeps_non_dominated_points_sorted_by_latency():
+    lat, q = pb.front([10, 5, 20, 7, 5, 30], [30.0, 29.0, 31.0, 28.0, 29.0, 30.5])
+    assert lat.tolist() == [5, 10, 20] and q.tolist() == [29.0, 30.0, 31.0]
+    assert pb.front([], [])[0].size == 0
+
+
+def test_scaled_front_is_interpolated_in_log_latency_and_not_extrapolated():
+    fr = (np.array([10.0, 40.0]), np.array([30.0, 31.0]))
+    assert pb.quality_at(fr, 20.0) == pytest.approx(30.5)     # log-midpoint of 10 and 40
+    assert pb.latency_at(fr, 30.5) == pytest.approx(20.0)
+    assert pb.quality_at(fr, 40.0) == pytest.approx(31.0)
+    assert math.isnan(pb.quality_at(fr, 9.0)) and math.isnan(pb.quality_at(fr, 41.0))
+    assert math.isnan(pb.latency_at(fr, 31.5))
+
+
+def test_faster_than_the_front():
+    fr = (np.array([10.0, 40.0]), np.array([30.0, 31.0]))
+    assert pb.faster_than(fr, 10.0, 30.5) == pytest.approx(2.0)
+    assert pb.faster_than(fr, 5.0, 31.2) == math.inf           # better than anything it has
+    assert math.isnan(pb.faster_than(fr, 50.0, 31.2))          # slower than its slowest point
+    assert math.isnan(pb.faster_than(fr, 5.0, 29.0))           # worse than its worst point
+
+
+def _agg(rows):
+    return pd.DataFrame(rows, columns=["network", "series", "reference", "measured_ms",
+                                       "predicted_ms", "psnr"])
+
+
+def test_fastest_within_the_allowed_drop():
+    t = _agg([("ref", "scaled", True, 100, 100, 31.0), ("a", "searched", False, 40, 42, 30.9),
+              ("b", "searched", False, 30, 30, 30.8), ("c", "searched", False, 60, 60, 31.1)])
+    threshold = 31.0 * (1 - 0.005)                          # 30.845 dB
+    assert pb.fastest_within(t, threshold)["network"] == "a"
+    assert pb.fastest_within(t, 40.0) is None
+
+
+def test_analyse_gaps_speedups_and_goals():
+    t = _agg([("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
+              ("w12", "scaled", False, 50, 50, 30.0),
+              ("s1", "searched", False, 45, 46, 30.9),          # 2.22x, within 0.5%
+              ("s2", "searched", False, 30, 40, 29.9),          # predicted 2.5x vs measured 3.33x
+              ("s3", "searched", False, 60, 60, 30.2)])         # dominated by s1
+    res = pb.analyse(t)
+    r = res["table"].set_index("network")
+    assert res["threshold"] == pytest.approx(31.0 * 0.995)
+    assert r.loc["s1", "speedup_measured"] == pytest.approx(100 / 45)
+    # scaled front at 45 ms, between (25, 29.0) and (50, 30.0) in log latency
+    expect = 29.0 + math.log(45 / 25) / math.log(2)
+    assert r.loc["s1", "gap_db"] == pytest.approx(30.9 - expect)
+    assert r.loc["s2", "faster_x"] == pytest.approx(25 * 2 ** 0.9 / 30)
+    assert not r.loc["s3", "on_front"] and r.loc["w12", "on_front"]
+    assert res["fastest"]["searched"]["network"] == "s1"
+    assert res["fastest"]["scaled"]["network"] == "w16"
+    g = res["goals"]
+    assert g["searched_speedup"] and g["searched_above_scaled"]
+    assert g["searched_above_scaled_count"] == [2, 2, 2]
+    assert not g["agreement"]                                 # s2: 2.5 / 3.33 = 0.75
+    t.loc[t["network"] == "s2", "predicted_ms"] = 31.0
+    assert pb.analyse(t)["goals"]["agreement"]
+    # a searched network faster and better than the whole scaled front counts as ahead
+    t2 = t[t["network"].isin(["w16", "w8", "w12"])]
+    t2 = pd.concat([t2, _agg([("s4", "searched", False, 20, 20, 31.2)])], ignore_index=True)
+    g2 = pb.analyse(t2)["goals"]
+    assert g2["searched_above_scaled"] and g2["searched_above_scaled_count"] == [1, 1, 1]
+
+
+def test_scaled_archs_cover_widths_and_reductions():
+    from ernas.space import find_space
+
+    space = find_space("nafnet_ern_small")
+    archs = pb.scaled_archs(space, [8], pb.REDUCTIONS)
+    assert list(archs) == ["nafnet_w8", "nafnet_w16", "nafnet_w16_shallow", "nafnet_w16_noln",
+                           "nafnet_w16_nosca", "nafnet_w16_noln_nosca"]
+    assert space.contains(archs["nafnet_w16"])
+    assert pb.arch_digest(archs["nafnet_w16"]) == pb.arch_digest(space.reference())
+    g = archs["nafnet_w16_shallow"].geometry
+    assert (g["enc_blk_nums"], g["middle_blk_num"], g["dec_blk_nums"]) == ([1] * 4, 1, [1] * 4)
+    vals = archs["nafnet_w16_noln_nosca"].values.values()
+    assert all(v["norm"] == "none" and v["attention"] == "none" for v in vals)
+    assert all(v["norm"] == "none" and v["attention"] == "sca"
+               for v in archs["nafnet_w16_noln"].values.values())
