@@ -32,7 +32,8 @@ import torch
 import yaml
 from torch import nn
 
-from ernas.latency.backends import machine_description, make_backend
+from ernas.latency.backends import machine_description
+from ernas.latency.factory import make_backend
 from ernas.latency.measure import measure_interleaved
 from ernas.paths import EXPERIMENTS
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 
 from ernas import build_model
-from ernas.latency.backends import make_backend
+from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol, measure_interleaved
 from ernas.latency.ops import build_op, parse_key
 from ernas.latency.profile import profile_keys

@@ -45,7 +45,7 @@ from ernas.complexity import count_macs, count_params
 from ernas.export import export_model, quantize_int8
 from ernas.export.onnx import run_tiled, session
 from ernas.io import atomic_write_text
-from ernas.latency.backends import make_backend
+from ernas.latency.factory import make_backend
 from ernas.latency.measure import measure_interleaved
 from ernas.latency.predict import predict_ms
 from ernas.latency.resolve import resolve_from_config

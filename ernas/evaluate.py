@@ -67,7 +67,7 @@ def measure_latencies(models: dict[str, nn.Module], input_shape, latency_cfg: di
                       progress: bool = False) -> tuple[dict[str, dict], dict]:
     """``({name: stats}, backend metadata)``: every model fused and timed on the configured
     backend, all interleaved in shuffled rounds (see the module docstring)."""
-    from ernas.latency.backends import make_backend
+    from ernas.latency.factory import make_backend
     from ernas.latency.measure import measure_interleaved
 
     backend = make_backend(latency_cfg["backend"])

@@ -12,13 +12,14 @@ import torch
 
 from ernas.errors import ErnasError
 from ernas.latency.backends import (
-    CommandBackend, MeasureBudget, OnnxRuntimeBackend, TorchBackend, make_backend, run_with_budget)
+    OnnxRuntimeBackend, TorchBackend)
+from ernas.latency.command import CommandBackend
+from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol, measure_interleaved, statistic, summarize
 from ernas.latency.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)
-FAST = MeasureBudget(warmup=1, min_repeats=3, max_repeats=5, rel_tol=0.0, time_cap_s=5.0)
 
 
 def tiny():
@@ -33,32 +34,22 @@ def repo_on_path(monkeypatch):
                                                                    os.environ.get("PYTHONPATH")])))
 
 
+def samples(backend, n, warmup=1):
+    """``n`` latencies (ms) from the backend's runner on the tiny model, after ``warmup`` calls."""
+    run = backend.runner(*tiny())
+    for _ in range(warmup):
+        run()
+    return np.array([run() for _ in range(n)], dtype=np.float64)
+
+
 def check_samples(s, n):
     assert isinstance(s, np.ndarray) and s.dtype == np.float64
     assert len(s) == n and np.all(np.isfinite(s)) and np.all(s > 0)
 
 
-def test_budget_stopping_rule():
-    calls = []
-
-    def run_once():
-        calls.append(1)
-        return 1.0
-
-    s = run_with_budget(run_once, MeasureBudget(warmup=2, min_repeats=4, max_repeats=50))
-    assert len(s) == 4 and len(calls) == 6  # constant timings settle at min_repeats
-    noisy = iter(np.linspace(1, 100, 1000))
-    s = run_with_budget(lambda: next(noisy), MeasureBudget(warmup=0, min_repeats=2, max_repeats=7))
-    assert len(s) == 7  # a drifting timing never settles: stops at max_repeats
-    with pytest.raises(ErnasError, match="max_repeats"):
-        MeasureBudget(min_repeats=10, max_repeats=5)
-    with pytest.raises(ErnasError, match="warmpu"):
-        MeasureBudget.from_mapping({"warmpu": 1})
-
-
 def test_onnxruntime_backend():
     b = OnnxRuntimeBackend(threads=1, graph_optimization="basic")
-    check_samples(b.measure(*tiny(), FAST), 5)
+    check_samples(samples(b, 5), 5)
     meta = b.metadata()
     assert meta["backend"] == "onnxruntime" and meta["threads"] == 1
     assert meta["provider"] == "CPUExecutionProvider" and meta["graph_optimization"] == "basic"
@@ -164,7 +155,7 @@ def test_onnxruntime_bad_settings():
 def test_torch_backend_cpu():
     b = TorchBackend(device="cpu", threads=1)
     before = torch.get_num_threads()
-    check_samples(b.measure(*tiny(), FAST), 5)
+    check_samples(samples(b, 5), 5)
     assert torch.get_num_threads() == before
     meta = b.metadata()
     assert meta["backend"] == "torch" and meta["threads"] == 1 and meta["provider"] == "eager"
@@ -179,14 +170,14 @@ def test_torch_backend_cuda_unavailable():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_backend_cuda():  # pragma: no cover - runs on GPU machines only
     b = TorchBackend(device="cuda")
-    check_samples(b.measure(*tiny(), FAST), 5)
+    check_samples(samples(b, 5), 5)
     assert b.metadata()["device"] == torch.cuda.get_device_name(0)
 
 
 def test_command_backend_local_onnx(repo_on_path, tmp_path):
     template = f"{PY} -m ernas.latency.time_onnx {{model}} --repeats {{repeats}} --threads 1"
     b = CommandBackend(template, r"latency_ms: ([0-9.]+)", runs_per_call=4, workdir=str(tmp_path))
-    s = b.measure(*tiny(), MeasureBudget(warmup=1, min_repeats=6, max_repeats=6))
+    s = samples(b, 6)
     check_samples(s, 6)  # 7 samples needed -> two calls of 4 runs
     assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once, kept in workdir
     assert b.metadata()["backend"] == "command"
@@ -194,14 +185,14 @@ def test_command_backend_local_onnx(repo_on_path, tmp_path):
 
 def test_command_backend_preset(repo_on_path):
     b = make_backend({"name": "command", "preset": "local_onnx", "runs_per_call": 3})
-    check_samples(b.measure(*tiny(), MeasureBudget(warmup=0, min_repeats=3, max_repeats=3)), 3)
+    check_samples(samples(b, 3, warmup=0), 3)
 
 
 def test_command_backend_pattern_mismatch(repo_on_path):
     template = f"{PY} -m ernas.latency.time_onnx {{model}} --repeats {{repeats}} --threads 1"
     b = CommandBackend(template, r"elapsed=([0-9.]+)")
     with pytest.raises(ErnasError, match="matched nothing") as e:
-        b.measure(*tiny(), FAST)
+        samples(b, 5)
     assert "elapsed=([0-9.]+)" in str(e.value) and "latency_ms:" in str(e.value)
 
 
@@ -216,20 +207,20 @@ def test_time_onnx_spinning_flag(tmp_path, capsys):
 
 def test_command_backend_units_and_shell():
     b = CommandBackend(f"{PY} -c \"print('avg=1500')\"", r"avg=(\d+)", unit="us")
-    s = b.measure(*tiny(), MeasureBudget(warmup=0, min_repeats=2, max_repeats=2))
+    s = samples(b, 2, warmup=0)
     np.testing.assert_allclose(s, [1.5, 1.5])
     # `&&` runs through bash -c
     b = CommandBackend(f"true && {PY} -c \"print('t=0.002')\"", r"t=([0-9.]+)", unit="s")
     assert b.command("m.onnx")[:2] == ["bash", "-c"]
-    np.testing.assert_allclose(b.measure(*tiny(), MeasureBudget(0, 1, 1)), [2.0])
+    np.testing.assert_allclose(samples(b, 1, warmup=0), [2.0])
 
 
 def test_command_backend_failures():
     b = CommandBackend(f"{PY} -c \"import sys; print('boom'); sys.exit(3)\"", r"x=(\d+)")
     with pytest.raises(ErnasError, match="status 3"):
-        b.measure(*tiny(), FAST)
+        samples(b, 5)
     with pytest.raises(ErnasError, match="not found"):
-        CommandBackend("no-such-tool-xyz {model}", r"x=(\d+)").measure(*tiny(), FAST)
+        samples(CommandBackend("no-such-tool-xyz {model}", r"x=(\d+)"), 5)
     with pytest.raises(ErnasError, match="capture group"):
         CommandBackend("true", r"x=\d+")
 

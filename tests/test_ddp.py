@@ -74,7 +74,7 @@ def test_torchrun_retrain_two_ranks(tmp_path):
     assert s["images"] == 6 * 2 * 2 and s["steps"] == 6
     # only rank 0 wrote: one set of outputs, one Hydra config, nothing left by rank 1
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".hydra", "arch.yaml", "best.pt", "curves.png", "init_report.json",
+    assert names == [".ernas.lock", ".hydra", "arch.yaml", "best.pt", "curves.png", "init_report.json",
                      "last.pt", "log.csv", "retrain.log", "summary.json"]
     assert not list(scratch.glob("ernas_rank*"))  # the throw-away Hydra dir of rank 1
     assert r.stdout.count("retrained ") == 1

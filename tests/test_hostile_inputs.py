@@ -1,6 +1,8 @@
 """Hostile input: every bad file, value or run directory ends with one `error:` paragraph naming
 the file or field, exit status 2, and no output of an earlier run changed."""
+import csv
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -30,8 +32,9 @@ def _user_error(r, *fragments):
     """Exit 2, one `error:` paragraph, no traceback, and every fragment named."""
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    text = " ".join(r.stderr.split())  # the paragraph is wrapped to the terminal width
     for f in fragments:
-        assert f in r.stderr, (f, r.stderr[-2000:])
+        assert f in text, (f, r.stderr[-2000:])
 
 
 def _digest(folder: Path) -> dict:
@@ -64,19 +67,21 @@ def test_a_space_given_as_arch_is_refused_everywhere(tmp_path):
 
 def test_latency_tables_with_impossible_rows(tmp_path):
     shipped = sorted(LATENCY_TABLES.glob("nafnet_tiny_*.csv"))[0]
-    lines = shipped.read_text().splitlines()
-    header, cols, first = lines[0], lines[1].split(","), lines[2]
-    key = first.split(",")[0]
-    for bad in ("-97.11", "inf", "0"):
-        row = first.split(",")
-        row[cols.index("median_ms")] = bad
-        if "ms" in cols:
-            row[cols.index("ms")] = bad
+    header, body = shipped.read_text().split("\n", 1)
+    rows = list(csv.reader(io.StringIO(body)))
+    cols, key = rows[0], rows[1][0]
+    for bad in ("-97.11", "inf", "nan"):
+        first = list(rows[1])
+        for c in ("median_ms", "ms"):
+            if c in cols:
+                first[cols.index(c)] = bad
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([cols, first, *rows[2:]])
         table = tmp_path / f"table_{bad}.csv"
-        table.write_text("\n".join([header, lines[1], ",".join(row), *lines[3:]]) + "\n")
+        table.write_text(header + "\n" + out.getvalue())
         r = _run("search", tmp_path, f"latency.table={table}", "latency.trust_table=true",
                  f"hydra.run.dir={tmp_path / ('s' + bad)}", *SEARCH)
-        _user_error(r, table.name, key.strip('"'))
+        _user_error(r, table.name, key)
 
 
 def test_zero_input_shape_leaves_no_table_behind(tmp_path):

@@ -14,7 +14,7 @@ from torch import nn
 
 import ernas
 from ernas.errors import ErnasError
-from ernas.latency.backends import make_backend
+from ernas.latency.factory import make_backend
 from ernas.latency.onnx_export import export_onnx
 from ernas.latency.ops import build_op
 from ernas.latency.predict import ExpectedLatency, predict_ms

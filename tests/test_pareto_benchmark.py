@@ -1,17 +1,16 @@
 """benchmarks/pareto.py (issue 14): its pure parts, without training or timing: test tiles, the
 fronts, interpolation of the scaled front, the 0.5%-drop selection and the goals."""
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("pareto_benchmark", ROOT / "benchmarks" / "pareto.py")
-pb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pb)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pareto as pb  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import pareto_analysis as pa  # noqa: E402
 
 
 def test_tiles_are_a_centred_non_overlapping_grid():
@@ -26,26 +25,26 @@ def test_tiles_are_a_centred_non_overlapping_grid():
 
 
 def test_front_keeps_non_dominated_points_sorted_by_latency():
-    lat, q = pb.front([10, 5, 20, 7, 5, 30], [30.0, 29.0, 31.0, 28.0, 29.0, 30.5])
+    lat, q = pa.front([10, 5, 20, 7, 5, 30], [30.0, 29.0, 31.0, 28.0, 29.0, 30.5])
     assert lat.tolist() == [5, 10, 20] and q.tolist() == [29.0, 30.0, 31.0]
-    assert pb.front([], [])[0].size == 0
+    assert pa.front([], [])[0].size == 0
 
 
 def test_scaled_front_is_interpolated_in_log_latency_and_not_extrapolated():
     fr = (np.array([10.0, 40.0]), np.array([30.0, 31.0]))
-    assert pb.quality_at(fr, 20.0) == pytest.approx(30.5)     # log-midpoint of 10 and 40
-    assert pb.latency_at(fr, 30.5) == pytest.approx(20.0)
-    assert pb.quality_at(fr, 40.0) == pytest.approx(31.0)
-    assert math.isnan(pb.quality_at(fr, 9.0)) and math.isnan(pb.quality_at(fr, 41.0))
-    assert math.isnan(pb.latency_at(fr, 31.5))
+    assert pa.quality_at(fr, 20.0) == pytest.approx(30.5)     # log-midpoint of 10 and 40
+    assert pa.latency_at(fr, 30.5) == pytest.approx(20.0)
+    assert pa.quality_at(fr, 40.0) == pytest.approx(31.0)
+    assert math.isnan(pa.quality_at(fr, 9.0)) and math.isnan(pa.quality_at(fr, 41.0))
+    assert math.isnan(pa.latency_at(fr, 31.5))
 
 
 def test_faster_than_the_front():
     fr = (np.array([10.0, 40.0]), np.array([30.0, 31.0]))
-    assert pb.faster_than(fr, 10.0, 30.5) == pytest.approx(2.0)
-    assert pb.faster_than(fr, 5.0, 31.2) == math.inf           # better than anything it has
-    assert math.isnan(pb.faster_than(fr, 50.0, 31.2))          # slower than its slowest point
-    assert math.isnan(pb.faster_than(fr, 5.0, 29.0))           # worse than its worst point
+    assert pa.faster_than(fr, 10.0, 30.5) == pytest.approx(2.0)
+    assert pa.faster_than(fr, 5.0, 31.2) == math.inf           # better than anything it has
+    assert math.isnan(pa.faster_than(fr, 50.0, 31.2))          # slower than its slowest point
+    assert math.isnan(pa.faster_than(fr, 5.0, 29.0))           # worse than its worst point
 
 
 def _agg(rows):
@@ -57,8 +56,8 @@ def test_fastest_within_the_allowed_drop():
     t = _agg([("ref", "scaled", True, 100, 100, 31.0), ("a", "searched", False, 40, 42, 30.9),
               ("b", "searched", False, 30, 30, 30.8), ("c", "searched", False, 60, 60, 31.1)])
     threshold = 31.0 * (1 - 0.005)                          # 30.845 dB
-    assert pb.fastest_within(t, threshold)["network"] == "a"
-    assert pb.fastest_within(t, 40.0) is None
+    assert pa.fastest_within(t, threshold)["network"] == "a"
+    assert pa.fastest_within(t, 40.0) is None
 
 
 def test_analyse_gaps_speedups_and_goals():
@@ -67,7 +66,7 @@ def test_analyse_gaps_speedups_and_goals():
               ("s1", "searched", False, 45, 46, 30.9),          # 2.22x, within 0.5%
               ("s2", "searched", False, 30, 40, 29.9),          # predicted 2.5x vs measured 3.33x
               ("s3", "searched", False, 60, 60, 30.2)])         # dominated by s1
-    res = pb.analyse(t)
+    res = pa.analyse(t)
     r = res["table"].set_index("network")
     assert res["threshold"] == pytest.approx(31.0 * 0.995)
     assert r.loc["s1", "speedup_measured"] == pytest.approx(100 / 45)
@@ -83,11 +82,11 @@ def test_analyse_gaps_speedups_and_goals():
     assert g["searched_above_scaled_count"] == [2, 2, 2]
     assert not g["agreement"]                                 # s2: 2.5 / 3.33 = 0.75
     t.loc[t["network"] == "s2", "predicted_ms"] = 31.0
-    assert pb.analyse(t)["goals"]["agreement"]
+    assert pa.analyse(t)["goals"]["agreement"]
     # a searched network faster and better than the whole scaled front counts as ahead
     t2 = t[t["network"].isin(["w16", "w8", "w12"])]
     t2 = pd.concat([t2, _agg([("s4", "searched", False, 20, 20, 31.2)])], ignore_index=True)
-    g2 = pb.analyse(t2)["goals"]
+    g2 = pa.analyse(t2)["goals"]
     assert g2["searched_above_scaled"] and g2["searched_above_scaled_count"] == [1, 1, 1]
 
 

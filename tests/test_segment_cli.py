@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 import ernas
 from ernas.cli.demo import stage_overrides
-from ernas.latency.backends import make_backend
+from ernas.latency.factory import make_backend
 from ernas.latency.ops import parse_key
 from ernas.latency.resolve import required_metadata
 from ernas.latency.table import LatencyTable

@@ -15,7 +15,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     from ernas.checkpoint import load_model, resolve_checkpoint
     from ernas.export import export_all
     from ernas.io import atomic_write_json
-    from ernas.latency.backends import make_backend
+    from ernas.latency.factory import make_backend
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

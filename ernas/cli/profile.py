@@ -18,7 +18,7 @@ from ernas.cli.common import claim_run_dir, hydra_main, output_dir, user_errors
 from ernas.cli.schema import Profile
 from ernas.config import validated
 from ernas.io import atomic_write_json
-from ernas.latency.backends import make_backend
+from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import default_table_path, profile_table, resolve_from_config
 from ernas.space import find_space, load_arch

@@ -149,13 +149,34 @@ class Evaluate:
 
 
 @dataclass
+class Search:
+    task: Any = MISSING
+    latency: Latency = MISSING
+    space: str = MISSING
+    input_shape: List[int] = MISSING
+    search: Any = MISSING               # typed by ConfigStore, ranges by SearchConfig
+    resume: Optional[str] = MISSING
+    seed: int = MISSING
+    threads: Optional[int] = MISSING
+    progress: bool = MISSING
+
+    def __post_init__(self):
+        bad = _shape_problems(self.input_shape)
+        if self.threads is not None and self.threads < 1:
+            bad.append(f"threads={self.threads} must be >= 1 (or null)")
+        check("search config", bad)
+
+
+@dataclass
 class Validate:
     n: int = MISSING
     seed: int = MISSING
     write_corrected: bool = MISSING
 
     def __post_init__(self):
-        check("profile config, validate", [f"n={self.n} must be >= 1"] if self.n < 1 else [])
+        check("profile config, validate", [f"validate.n={self.n} must be >= 0 (networks sampled "
+                                           f"beside the smallest, largest and reference)"]
+              if self.n < 0 else [])
 
 
 @dataclass

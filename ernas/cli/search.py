@@ -8,8 +8,10 @@ from omegaconf import DictConfig, OmegaConf
 from ernas import distributed as D
 from ernas.batches import step_batches
 from ernas.cli.common import claim_run_dir, hydra_main, output_dir, resumed_config, task_of, user_errors
+from ernas.cli.schema import Search
+from ernas.config import validated
 from ernas.errors import ErnasError
-from ernas.latency.backends import make_backend
+from ernas.latency.factory import make_backend
 from ernas.latency.predict import ExpectedLatency
 from ernas.latency.resolve import profile_command, resolve_from_config
 from ernas.search import SearchConfig, run_search
@@ -17,7 +19,7 @@ from ernas.space import find_space
 
 
 # settings that may differ when a run is resumed (they do not change what is computed)
-RESUME_FREE = ("resume", "progress", "search.checkpoint_every", "search.log_every",
+RESUME_FREE = ("resume", "progress", "threads", "search.checkpoint_every", "search.log_every",
                "search.device", "latency.cache_dir", "latency.probe_cache_s")
 
 
@@ -28,6 +30,12 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     if cfg.resume:
         cfg = resumed_config(cfg, "checkpoint.pt", RESUME_FREE,
                              f"search.checkpoint_every={cfg.search.checkpoint_every} steps")
+    params = validated(cfg, Search, "search config")
+    SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))  # ranges, up front
+    if params.threads:
+        import torch
+
+        torch.set_num_threads(params.threads)
     info = D.setup(cfg.search.device)
     try:
         return _run(cfg, info, out)

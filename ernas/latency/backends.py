@@ -9,25 +9,18 @@ Adding a device means adding one small class with ``name``, ``runner`` and ``fin
 
 ``runner(module, example_input)`` prepares once (export, session, compilation) and returns a
 callable giving one latency in ms per call; ``ernas.latency.measure`` turns runners into figures
-(interleaved rounds, one statistic). ``measure(module, x, budget)`` times one model on its own
-with the older stopping rule (``MeasureBudget``).
+(interleaved rounds, one statistic). ``make_backend`` (``ernas.latency.factory``) builds one
+by name; the command backend lives in ``ernas.latency.command``.
 """
 from __future__ import annotations
 
 import abc
-import inspect
 import os
 import platform
-import re
-import shlex
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +28,11 @@ from torch import nn
 
 from ernas.errors import ErnasError
 from ernas.latency.fingerprint import cpu_name, fingerprint, host_hardware, machine_description
-from ernas.latency.measure import MeasureBudget, Runner, plain_mapping, run_with_budget
+from ernas.latency.measure import Runner
 from ernas.latency.onnx_export import export_onnx
 
-__all__ = ["BACKENDS", "COMMAND_PRESETS", "Backend", "CommandBackend", "MeasureBudget",
-           "OnnxRuntimeBackend", "TorchBackend", "cpu_name", "library_versions",
-           "machine_description", "make_backend", "run_with_budget"]
+__all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "cpu_name", "library_versions",
+           "machine_description"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -78,12 +70,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def fingerprint(self) -> dict:
         """What the timings depend on (``ernas.latency.fingerprint``)."""
-
-    def measure(self, module: nn.Module, example_input: torch.Tensor,
-                budget: MeasureBudget | None = None) -> np.ndarray:
-        """Per-run latencies (ms) of ``module`` on ``example_input`` after warm-up, timed on its
-        own under ``budget`` (to compare models, use ``measure.measure_interleaved``)."""
-        return run_with_budget(self.runner(module, example_input), budget or MeasureBudget())
 
     def session_options(self) -> dict:
         """The runtime settings that shape a measurement (the fingerprint's runtime part)."""
@@ -296,183 +282,3 @@ class TorchBackend(Backend):
         meta.update(provider="inductor" if self.compile else "eager",
                     threads=None if self._cuda else self.threads)
         return meta
-
-
-# --------------------------------------------------------------------------- command
-COMMAND_PRESETS: dict[str, dict[str, Any]] = {
-    # onnxruntime_perf_test pushed to /data/local/tmp on an Android phone. Prints one average per
-    # call, so each call is one sample averaged over `runs_per_call` runs.
-    "adb_onnxruntime_perf_test": {
-        "template": "adb push {model} /data/local/tmp/m.onnx && adb shell "
-                    "/data/local/tmp/onnxruntime_perf_test -I -m times -r {repeats} "
-                    "/data/local/tmp/m.onnx",
-        "pattern": r"Average inference time cost: (\S+) ms",
-        "unit": "ms",
-        "runs_per_call": 20,
-    },
-    # TFLite benchmark_model on an Android phone. It needs a .tflite model: converting the
-    # exported ONNX file ({model}) to TFLite is the user's job (wrap the conversion in the
-    # template, e.g. `my_convert {model} /tmp/m.tflite && adb push /tmp/m.tflite ...`).
-    "adb_tflite_benchmark_model": {
-        "template": "adb push {model} /data/local/tmp/m.tflite && adb shell "
-                    "/data/local/tmp/benchmark_model --graph=/data/local/tmp/m.tflite "
-                    "--num_runs={repeats} --num_threads=2",
-        "pattern": r"avg=(\d+(?:\.\d+)?)",
-        "unit": "us",
-        "runs_per_call": 20,
-    },
-    # Local stand-in for a device tool (ernas.latency.time_onnx): one `latency_ms:` line per run.
-    "local_onnx": {
-        "template": "{python} -m ernas.latency.time_onnx {model} --repeats {repeats} --threads 2",
-        "pattern": r"latency_ms: ([0-9.]+)",
-        "unit": "ms",
-        "runs_per_call": 50,
-    },
-}
-
-UNITS = {"ms": 1.0, "us": 1e-3, "s": 1e3}
-
-
-
-class CommandBackend(_ExportingBackend):
-    """Export to ONNX and run an external benchmark command (a phone over adb, a board over ssh).
-
-    ``template`` placeholders: ``{model}`` (the exported ONNX path, shell-quoted), ``{repeats}``
-    (= ``runs_per_call``) and ``{python}`` (this Python interpreter). The filled template is split
-    with ``shlex.split`` and run without a shell; a template containing ``&&`` is run as
-    ``bash -c TEMPLATE`` instead (set ``shell`` to force either way). Every match of ``pattern``
-    in stdout+stderr is one sample; its first group is the number, in ``unit`` (ms | us | s).
-    A tool that prints one line per run yields ``runs_per_call`` samples per call; one that prints
-    an average yields one. The command is called again until the budget's stopping rule is met;
-    warm-up discards the first samples. The model is exported once per runner.
-    ``device``/``threads`` only label the metadata (the command decides what actually runs).
-    """
-
-    name = "command"
-
-    def __init__(self, template: str, pattern: str, unit: str = "ms", runs_per_call: int = 1,
-                 timeout_s: float = 600, opset: int = 17, workdir: str | None = None,
-                 device: str | None = None, threads: int | None = None,
-                 shell: bool | None = None, dtype: str = "float32"):
-        if unit not in UNITS:
-            raise ErnasError(f"Unknown command backend unit {unit!r}; valid values are "
-                             f"{list(UNITS)}.")
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise ErnasError(f"Command backend pattern {pattern!r} is not a valid regex ({e}). "
-                             f"Fix the backend's `pattern` field.") from None
-        if rx.groups < 1:
-            raise ErnasError(f"Command backend pattern {pattern!r} has no capture group; put the "
-                             f"number in parentheses, e.g. 'latency_ms: ([0-9.]+)'.")
-        if int(runs_per_call) < 1:
-            raise ErnasError(f"Command backend runs_per_call={runs_per_call} must be >= 1.")
-        _check_dtype(dtype)
-        self.template, self.pattern, self.unit = template, pattern, unit
-        self.runs_per_call, self.timeout_s, self.opset = int(runs_per_call), timeout_s, int(opset)
-        self.workdir, self.device, self.threads, self.dtype = workdir, device, threads, dtype
-        self.shell = ("&&" in template) if shell is None else bool(shell)
-        self._rx = rx
-
-    def command(self, model_path: str | os.PathLike) -> list[str]:
-        """The argv that runs the benchmark for one model file."""
-        filled = (self.template.replace("{model}", shlex.quote(str(model_path)))
-                  .replace("{repeats}", str(self.runs_per_call))
-                  .replace("{python}", shlex.quote(sys.executable)))
-        return ["bash", "-c", filled] if self.shell else shlex.split(filled)
-
-    def run_command(self, model_path: str | os.PathLike) -> list[float]:
-        """Run the command once and return the parsed samples in ms."""
-        argv = self.command(model_path)
-        shown = shlex.join(argv)
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s)
-        except FileNotFoundError:
-            raise ErnasError(f"Command backend: program {argv[0]!r} not found (command: {shown}). "
-                             f"Fix the backend's `template` or install the tool.") from None
-        except subprocess.TimeoutExpired:
-            raise ErnasError(f"Command backend: `{shown}` ran longer than timeout_s="
-                             f"{self.timeout_s}. Raise `timeout_s` or lower `runs_per_call`."
-                             ) from None
-        output = (proc.stdout or "") + "\n" + (proc.stderr or "")
-        tail = "\n".join(output.strip().splitlines()[-20:])
-        if proc.returncode != 0:
-            raise ErnasError(f"Command backend: `{shown}` exited with status {proc.returncode}. "
-                             f"Last lines of its output:\n{tail}\nFix the backend's `template` "
-                             f"or the device connection.")
-        values = []
-        for m in self._rx.finditer(output):
-            try:
-                values.append(float(m.group(1)) * UNITS[self.unit])
-            except ValueError:
-                raise ErnasError(f"Command backend: pattern {self.pattern!r} matched "
-                                 f"{m.group(0)!r} but {m.group(1)!r} is not a number. Fix the "
-                                 f"backend's `pattern` so its first group captures the number."
-                                 ) from None
-        if not values:
-            raise ErnasError(f"Command backend: pattern {self.pattern!r} matched nothing in the "
-                             f"output of `{shown}`. Last 20 lines of its output:\n{tail}\nFix the "
-                             f"backend's `pattern` (first group = the number) or its `template`.")
-        return values
-
-    def onnx_runner(self, path, input_shape=None):
-        pending: list[float] = []
-
-        def run() -> float:
-            if not pending:
-                pending.extend(self.run_command(path))
-            return pending.pop(0)
-
-        return run
-
-    def fingerprint(self):
-        return fingerprint({"device": self.device or f"command: {self.template}"},
-                           {"runtime": "command", "command": self.template,
-                            "pattern": self.pattern, "unit": self.unit,
-                            "runs_per_call": self.runs_per_call, "opset": self.opset,
-                            "threads": self.threads})
-
-    def metadata(self):
-        return {**super().metadata(), "device": self.device or f"command: {self.template}",
-                "provider": "command", "threads": self.threads, "opset": self.opset,
-                "command": self.template, "pattern": self.pattern, "unit": self.unit,
-                "runs_per_call": self.runs_per_call}
-
-
-# --------------------------------------------------------------------------- factory
-BACKENDS: dict[str, type[Backend]] = {
-    "onnxruntime": OnnxRuntimeBackend, "torch": TorchBackend, "command": CommandBackend}
-
-
-def make_backend(cfg: Mapping[str, Any]) -> Backend:
-    """Build a backend from ``{name: onnxruntime, threads: 2, ...}`` (dict or DictConfig).
-
-    The command backend also takes ``preset: <COMMAND_PRESETS key>``; explicit fields override
-    the preset's.
-    """
-    cfg = plain_mapping(cfg, "latency backend")
-    name = cfg.pop("name", None)
-    if name not in BACKENDS:
-        raise ErnasError(f"Unknown latency backend name {name!r}; valid names are "
-                         f"{sorted(BACKENDS)}. Fix the `name` field of the latency backend config.")
-    cls = BACKENDS[name]
-    if name == "command" and "preset" in cfg:
-        preset = cfg.pop("preset")
-        if preset not in COMMAND_PRESETS:
-            raise ErnasError(f"Unknown command backend preset {preset!r}; valid presets are "
-                             f"{sorted(COMMAND_PRESETS)}.")
-        cfg = {**COMMAND_PRESETS[preset], **cfg}
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self"]
-    unknown = sorted(set(cfg) - set(valid))
-    if unknown:
-        extra = " (or `preset`)" if name == "command" else ""
-        raise ErnasError(f"Unknown field(s) {unknown} for latency backend {name!r}; valid fields "
-                         f"are {valid}{extra}. Fix the latency backend config.")
-    missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty
-               and p not in cfg]
-    if missing:
-        raise ErnasError(f"Latency backend {name!r} needs field(s) {missing}"
-                         + (f" or a `preset` (one of {sorted(COMMAND_PRESETS)})"
-                            if name == "command" else "") + ".")
-    return cls(**cfg)

@@ -29,9 +29,6 @@ Noise floor (``spread``): the statistic is also taken per round (``s_r``), and
 disagrees with another, on average (it does not grow with the number of rounds, unlike the
 range). Prediction errors below it cannot be told apart from single-pass noise; the final
 figure, a statistic over all rounds, is steadier than one pass.
-
-``MeasureBudget``/``run_with_budget`` are the older stopping rule for timing one thing at a time
-(``Backend.measure``); kept for callers that time a single model.
 """
 from __future__ import annotations
 
@@ -47,9 +44,9 @@ import numpy as np
 from ernas.progress import progress as progress_bar
 from ernas.errors import ErnasError
 
-__all__ = ["DEFAULT_STATISTIC", "MeasureBudget", "MeasureProtocol", "Runner", "check_statistic",
+__all__ = ["DEFAULT_STATISTIC", "MeasureProtocol", "Runner", "check_statistic",
            "measure_interleaved", "one_round", "plain_mapping", "round_order", "rounds_left",
-           "run_with_budget", "statistic", "summarize", "warm_up"]
+           "statistic", "summarize", "warm_up"]
 
 Runner = Callable[[], float]
 DEFAULT_STATISTIC = "p20"
@@ -219,64 +216,3 @@ class MeasureProtocol:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- one at a time
-@dataclass
-class MeasureBudget:
-    """How long ``run_with_budget`` times one thing.
-
-    Stopping rule: run ``warmup`` untimed calls, then timed calls. Once at least ``min_repeats``
-    samples exist, stop as soon as the median of all samples and the median of the first half of
-    them differ by less than ``rel_tol`` (relative to the overall median), i.e. the estimate has
-    settled; stop anyway at ``max_repeats`` samples or when the timed runs have used ``time_cap_s``
-    seconds (the time cap is only checked after ``min_repeats``, so every run has at least
-    ``min(min_repeats, max_repeats)`` samples).
-    """
-
-    warmup: int = 3
-    min_repeats: int = 10
-    max_repeats: int = 200
-    rel_tol: float = 0.02
-    time_cap_s: float = 2.0
-
-    def __post_init__(self):
-        problems = []
-        if self.warmup < 0:
-            problems.append(f"warmup={self.warmup} (must be >= 0)")
-        if self.min_repeats < 1:
-            problems.append(f"min_repeats={self.min_repeats} (must be >= 1)")
-        if self.max_repeats < max(self.min_repeats, 1):
-            problems.append(f"max_repeats={self.max_repeats} (must be >= min_repeats)")
-        if self.rel_tol < 0:
-            problems.append(f"rel_tol={self.rel_tol} (must be >= 0)")
-        if self.time_cap_s <= 0:
-            problems.append(f"time_cap_s={self.time_cap_s} (must be > 0)")
-        if problems:
-            raise ErnasError("Invalid measurement budget: " + "; ".join(problems)
-                             + ". Fix these fields of the latency budget config.")
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> MeasureBudget:
-        """Build from a config mapping, with an ErnasError naming unknown fields."""
-        return _from_mapping(cls, cfg, "budget")
-
-
-def run_with_budget(run_once: Runner, budget: MeasureBudget) -> np.ndarray:
-    """Call ``run_once() -> ms`` under ``budget`` (see ``MeasureBudget``); return samples in ms."""
-    for _ in range(budget.warmup):
-        run_once()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < budget.max_repeats:
-        samples.append(float(run_once()))
-        n = len(samples)
-        if n < budget.min_repeats:
-            continue
-        if time.perf_counter() - start >= budget.time_cap_s:
-            break
-        med = float(np.median(samples))
-        half = float(np.median(samples[: max(n // 2, 1)]))
-        if med > 0 and abs(med - half) / med < budget.rel_tol:
-            break
-    return np.asarray(samples, dtype=np.float64)

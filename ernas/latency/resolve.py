@@ -58,7 +58,8 @@ import torch
 
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.latency.backends import Backend, make_backend
+from ernas.latency.backends import Backend
+from ernas.latency.factory import make_backend
 from ernas.latency.consistency import DEFAULT_TOLERANCE, RECHECK_ROUNDS, check_consistency
 from ernas.latency.fingerprint import check_fingerprint, fingerprint_differences
 from ernas.latency.measure import MeasureProtocol, plain_mapping

@@ -265,19 +265,22 @@ class LatencyTable:
         frame.index = pd.Index([str(k) for k in frame.index], dtype=str, name="key")
         numeric = [c for c in STAT_COLUMNS + OPTIONAL_COLUMNS if c in frame.columns]
         for c in numeric:
-            try:
-                frame[c] = pd.to_numeric(frame[c]).astype("int64" if c == "count" else "float64")
-            except (ValueError, TypeError):
-                raise ErnasError(f"Latency table {path}: column {c!r} has non-numeric or empty "
-                                 f"values. Fix those rows or re-profile the table.") from None
+            values = pd.to_numeric(frame[c], errors="coerce")
+            bad = frame.index[values.isna() & (frame[c].notna() | (c != "ms"))]
+            if len(bad):
+                raise ErnasError(f"Latency table {path}: column {c!r} must hold numbers, but row "
+                                 f"{bad[0]!r} has {frame.at[bad[0], c]!r}"
+                                 f"{f' ({len(bad)} such rows in all)' if len(bad) > 1 else ''}. "
+                                 f"Fix those rows or re-profile the table.")
+            frame[c] = values.astype("int64" if c == "count" else "float64")
         for c in (c for c in numeric if c != "count"):
-            ok = np.isfinite(frame[c]) & (frame[c] > 0)
+            ok = np.isfinite(frame[c]) & (frame[c] >= 0)
             if c == "ms":  # rows of older profiles may leave it empty (median_ms is used)
                 ok |= frame[c].isna()
             bad = frame.index[~ok]
             if len(bad):
                 raise ErnasError(f"Latency table {path}: column {c!r} must hold finite latencies "
-                                 f"> 0 ms, but row {bad[0]!r} has {frame.at[bad[0], c]!r}"
+                                 f">= 0 ms, but row {bad[0]!r} has {frame.at[bad[0], c]!r}"
                                  f"{f' ({len(bad)} such rows in all)' if len(bad) > 1 else ''}. "
                                  f"Re-profile those keys (delete the rows, then run "
                                  f"ernas-profile with output={path}: it measures only what is "

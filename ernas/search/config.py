@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ernas.errors import ErnasError
+from ernas.config import check, from_mapping
 from ernas.search.objective import EntropySchedule
 
 
@@ -47,14 +47,36 @@ class SearchConfig:
     device: str = "auto"             # cpu | cuda | auto
     amp: bool = False                # bfloat16 autocast, CUDA only
 
+    def __post_init__(self):
+        ints = ("steps", "batch_size", "crop", "alpha_every", "checkpoint_every", "log_every",
+                "eval_batches")
+        bad = [f"search.{f}={getattr(self, f)!r} must be a positive integer" for f in ints
+               if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), int)
+               or getattr(self, f) < 1]
+        if not bad and not 0 <= self.warmup_steps < self.steps:
+            bad.append(f"search.warmup_steps={self.warmup_steps} must be in [0, steps="
+                       f"{self.steps}) so that α is trained at all")
+        for f in ("lr_w", "lr_alpha", "temperature"):
+            if not getattr(self, f) > 0:
+                bad.append(f"search.{f}={getattr(self, f)} must be > 0")
+        for f in ("lr_min", "weight_decay", "lam", "beta", "entropy_max",
+                  "bn_calibration_batches"):
+            if getattr(self, f) < 0:
+                bad.append(f"search.{f}={getattr(self, f)} must be >= 0")
+        if self.target_ms is not None and not self.target_ms > 0:
+            bad.append(f"search.target_ms={self.target_ms} must be > 0 (or null: the baseline)")
+        choices = {"mode": ("shared", "darts"),
+                   "latency_form": ("additive", "multiplicative", "hinge"),
+                   "entropy_shape": ("linear", "cosine")}
+        bad += [f"search.{f}={getattr(self, f)!r} must be one of {', '.join(c)}"
+                for f, c in choices.items() if getattr(self, f) not in c]
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            bad.append(f"search.device={self.device!r} must be auto, cpu or cuda")
+        check("search config", bad)
+
     @classmethod
     def from_dict(cls, data: dict) -> SearchConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ErnasError(f"search config: unknown field(s) {unknown}; the fields are "
-                             f"{', '.join(sorted(names))}.")
-        return cls(**data)
+        return from_mapping(cls, data, "search config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

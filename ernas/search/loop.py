@@ -126,8 +126,14 @@ class _Run:
         if not self.ckpt.is_file():
             raise ErnasError(f"resume=True but {self.ckpt} does not exist; start the search "
                              f"without resume, or point out_dir at the interrupted run.")
-        ck = torch.load(self.ckpt, map_location=self.device, weights_only=True)
-        old = ck["config"]
+        try:
+            ck = torch.load(self.ckpt, map_location=self.device, weights_only=True)
+            old = ck["config"]
+        except Exception as e:  # noqa: BLE001 - truncated, not a zip, not ours: all one answer
+            raise ErnasError(f"{self.ckpt}: cannot read this search checkpoint ({type(e).__name__}"
+                             f": {str(e).splitlines()[0][:200] if str(e) else ''}); it is damaged "
+                             f"or not a search checkpoint. Start a new search (without resume=), "
+                             f"or restore the file from a copy.") from None
         diff = sorted(k for k, v in self.cfg.to_dict().items()
                       if k not in RESUME_FREE and old.get(k) != v)
         if diff:
@@ -135,7 +141,12 @@ class _Run:
                              f"changed field(s): " + ", ".join(f"{k} ({old.get(k)!r} -> "
                              f"{getattr(self.cfg, k)!r})" for k in diff)
                              + ". Use the original values or start a new out_dir.")
-        self.net.load_state_dict(ck["model"])
+        try:
+            self.net.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise ErnasError(f"{self.ckpt}: the supernet in this checkpoint does not fit space "
+                             f"{self.space.name!r} ({' '.join(str(e).split())[:240]}...); resume "
+                             f"with the space the run was started with.") from None
         self.opt_w.load_state_dict(ck["opt_w"])
         self.opt_a.load_state_dict(ck["opt_a"])
         self.sched.load_state_dict(ck["sched"])

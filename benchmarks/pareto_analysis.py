@@ -1,0 +1,182 @@
+"""Fronts and the printed report of ``benchmarks/pareto.py``: non-dominated sets, interpolation
+of the scaled front in (log latency, PSNR), the goals of issue 14, the plot and the summary."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ernas.pareto import pareto_front
+
+DROP = 0.005          # allowed relative PSNR drop vs the reference
+GOAL_SPEEDUP = 2.0    # measured speed-up of the best searched network at <= DROP
+GOAL_GAP_DB = 0.2     # searched above scaled at equal latency ...
+GOAL_FASTER = 1.3     # ... or this much faster at equal PSNR
+GOAL_AGREE = 0.10     # |predicted/measured speed-up - 1|
+
+
+def front(latency, quality) -> tuple[np.ndarray, np.ndarray]:
+    """The non-dominated points (lower latency, higher quality), sorted by latency; along it
+    both latency and quality increase strictly."""
+    lat, q = np.asarray(latency, float), np.asarray(quality, float)
+    if not len(lat):
+        return lat, q
+    on = pareto_front(lat, q)
+    pts = sorted(set(zip(lat[on], q[on])))
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def quality_at(fr, ms: float) -> float:
+    """The front's quality at latency ``ms`` (linear in log latency); NaN outside its range."""
+    lat, q = fr
+    if not len(lat) or not lat[0] <= ms <= lat[-1]:
+        return math.nan
+    return float(np.interp(math.log(ms), np.log(lat), q))
+
+
+def latency_at(fr, quality: float) -> float:
+    """The front's latency at ``quality`` (the same curve, inverted); NaN outside its range."""
+    lat, q = fr
+    if not len(q) or not q[0] <= quality <= q[-1]:
+        return math.nan
+    return float(math.exp(np.interp(quality, q, np.log(lat))))
+
+
+def faster_than(fr, ms: float, quality: float) -> float:
+    """How much faster a network (``ms``, ``quality``) is than the front at its quality: the
+    front's latency there over ``ms``; inf when the front never reaches that quality and ends at
+    or above ``ms``; NaN when the front has no point of that quality (below its range)."""
+    lat, q = fr
+    if len(q) and quality > q[-1] and ms <= lat[-1]:
+        return math.inf
+    return latency_at(fr, quality) / ms
+
+
+def fastest_within(rows: pd.DataFrame, threshold: float) -> dict | None:
+    """The row of lowest measured latency whose mean PSNR is at least ``threshold``."""
+    ok = rows[rows["psnr"] >= threshold]
+    return None if ok.empty else ok.loc[ok["measured_ms"].idxmin()].to_dict()
+
+
+def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
+    """Everything the summary states, from one row per network (``network``, ``series``
+    (scaled | searched | searched_supernet), ``reference``, ``measured_ms``, ``predicted_ms``,
+    ``psnr`` = mean PSNR σ25 over seeds). Returns ``{"table", "reference_psnr", "threshold",
+    "fastest", "goals"}``; the table gains speed-ups, their agreement, ``on_front``, ``gap_db``
+    (PSNR minus the scaled front's at the same latency) and ``faster_x`` (``faster_than`` the
+    scaled front)."""
+    t = agg.copy()
+    ref = t[t["reference"]].iloc[0]
+    t["speedup_measured"] = ref["measured_ms"] / t["measured_ms"]
+    t["speedup_predicted"] = ref["predicted_ms"] / t["predicted_ms"]
+    t["agreement"] = t["speedup_predicted"] / t["speedup_measured"]
+    t["on_front"] = False
+    for _, rows in t.groupby("series"):
+        t.loc[rows.index, "on_front"] = pareto_front(rows["measured_ms"], rows["psnr"])
+    sc = t[t["series"] == "scaled"]
+    scaled = front(sc["measured_ms"], sc["psnr"])
+    t["gap_db"] = [p - quality_at(scaled, ms) for ms, p in zip(t["measured_ms"], t["psnr"])]
+    t["faster_x"] = [faster_than(scaled, ms, p) for ms, p in zip(t["measured_ms"], t["psnr"])]
+    threshold = float(ref["psnr"]) * (1 - drop)
+    fastest = {s: fastest_within(rows, threshold) for s, rows in t.groupby("series")}
+    goals = {"agreement": bool((abs(t["agreement"] - 1) <= GOAL_AGREE).all())}
+    for s in sorted(set(t["series"]) - {"scaled"}):
+        best = fastest[s]
+        goals[f"{s}_speedup"] = bool(best and best["speedup_measured"] >= GOAL_SPEEDUP)
+        fr = t[(t["series"] == s) & t["on_front"]]
+        comparable = fr[fr["gap_db"].notna() | fr["faster_x"].notna()]
+        ahead = (comparable["gap_db"] >= GOAL_GAP_DB) | (comparable["faster_x"] >= GOAL_FASTER)
+        goals[f"{s}_above_scaled"] = bool(len(comparable) and ahead.sum() > len(comparable) / 2)
+        goals[f"{s}_above_scaled_count"] = [int(ahead.sum()), len(comparable), len(fr)]
+    return {"table": t, "reference_psnr": float(ref["psnr"]), "threshold": threshold,
+            "fastest": fastest, "goals": goals}
+
+
+# --------------------------------------------------------------------------- networks and data
+
+
+def plot(t: pd.DataFrame, threshold: float, path: Path, title: str) -> None:
+    from matplotlib import ticker
+
+    from ernas.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (s, rows) in enumerate(t.groupby("series")):
+        color, marker = f"C{i}", "osv^"[i % 4]
+        ax.errorbar(rows["measured_ms"], rows["psnr"], yerr=rows["psnr_std"], fmt=marker,
+                    c=color, capsize=3, label=s)
+        fr = rows[rows["on_front"]].sort_values("measured_ms")
+        ax.plot(fr["measured_ms"], fr["psnr"], c=color, lw=1)
+        for _, r in rows.iterrows():
+            ax.annotate(r["network"].removeprefix("search_").removeprefix("nafnet_"),
+                        (r["measured_ms"], r["psnr"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ref = t[t["reference"]].iloc[0]
+    ax.plot(ref["measured_ms"], ref["psnr"], "k*", ms=12, label="reference NAFNet")
+    ax.axhline(threshold, c="0.5", ls="--", lw=1, label=f"reference PSNR − {100 * DROP:g}%")
+    ax.set(xscale="log", xlabel="measured latency (ms, log scale)",
+           ylabel="PSNR σ25 (dB), mean ± std over seeds", title=title)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(8))
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path, dpi=120)
+
+
+def _f(v, fmt=".2f") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
+    t, g = res["table"], res["goals"]
+    print(f"train:   {c['command']}\nmeasure: {lat['command']}\nmachine: {lat['machine']}; "
+          f"{lat['backend'].get('backend')} {lat['backend'].get('provider')}, threads "
+          f"{lat['backend'].get('threads')}, spinning {lat['backend'].get('spinning')}, input "
+          f"{lat['input_shape']}, all networks interleaved ({lat['protocol']})")
+    print(f"space {c['space']}; retrain {c['steps']} steps, batch {c['batch']}, crop {c['crop']}, "
+          f"seeds {c['seeds']}; search {c['search_steps']} steps; {n_rows} trained models; "
+          f"PSNR σ25 on the held-out tiles (std over seeds: median "
+          f"{t['psnr_std'].median():.3f} dB, max {t['psnr_std'].max():.3f} dB)")
+    print("| network | series | params | GMACs | measured ms (spread) | predicted ms | speed-up "
+          "meas / pred (agree) | PSNR σ15 | PSNR σ25 | PSNR σ50 | SSIM σ25 | colour σ25 | gap dB "
+          "| faster x |")
+    print("|---" * 14 + "|")
+    for _, r in t.sort_values("measured_ms").iterrows():
+        print(f"| {r['network']}{' *' if r['on_front'] else ''} | {r['series']} | "
+              f"{r['params']:,} | {r['macs'] / 1e9:.3f} | {r['measured_ms']:.2f} "
+              f"({100 * r['spread']:.1f}%) | {r['predicted_ms']:.2f} | "
+              f"{r['speedup_measured']:.2f} / {r['speedup_predicted']:.2f} "
+              f"({r['agreement']:.3f}) | {r['psnr15']:.3f} | {r['psnr']:.3f} ± "
+              f"{r['psnr_std']:.3f} | {r['psnr50']:.3f} | {r['ssim']:.4f} | "
+              f"{r['colour']:.3f} | {_f(r['gap_db'], '+.3f')} | {_f(r['faster_x'])} |")
+    print("(* on its series' front; spread: the measurement's pass-to-pass noise floor; colour: "
+          "PSNR σ25 on the colour-photo tiles only; gap: PSNR minus the scaled front's at the same "
+          "measured latency; faster: the scaled front's latency at the same PSNR / the "
+          "network's, inf: the scaled front never reaches its PSNR; –: outside the scaled front's "
+          "range)")
+    print(f"at the reference's PSNR − {100 * DROP:g}% (≥ {res['threshold']:.3f} dB):")
+    for s, best in res["fastest"].items():
+        print(f"  {s}: " + ("none" if best is None else
+                            f"{best['network']}, {best['measured_ms']:.2f} ms, "
+                            f"{best['speedup_measured']:.2f}x measured / "
+                            f"{best['speedup_predicted']:.2f}x predicted, PSNR "
+                            f"{best['psnr']:.3f} ± {best['psnr_std']:.3f} dB "
+                            f"({100 * (best['psnr'] / res['reference_psnr'] - 1):+.2f}%)"))
+    bad = t[abs(t["agreement"] - 1) > GOAL_AGREE]
+    print("goals:")
+    for s in sorted(set(t["series"]) - {"scaled"}):
+        k, n, m = g[f"{s}_above_scaled_count"]
+        print(f"  [{'met' if g[f'{s}_speedup'] else 'NOT met'}] {s}: ≥{GOAL_SPEEDUP:g}x measured "
+              f"speed-up at ≤{100 * DROP:g}% PSNR drop")
+        print(f"  [{'met' if g[f'{s}_above_scaled'] else 'NOT met'}] {s} front above the scaled "
+              f"front (≥{GOAL_GAP_DB:g} dB or ≥{GOAL_FASTER:g}x): {k} of {n} comparable front "
+              f"networks ({m} on the front)")
+    print(f"  [{'met' if g['agreement'] else 'NOT met'}] predicted vs measured speed-up within "
+          f"{100 * GOAL_AGREE:g}% for every network" + (
+              "" if bad.empty else f" (outside: {', '.join(bad['network'])})"))
