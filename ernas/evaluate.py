@@ -26,7 +26,7 @@ from ernas.progress import progress as progress_bar
 from ernas.checkpoint import load_model, resolve_checkpoint
 from ernas.complexity import count_macs, count_params
 from ernas.io import atomic_write_json, atomic_write_text
-from ernas.space import Arch
+from ernas.space import Arch, SearchSpace
 
 __all__ = ["ModelEntry", "evaluate", "measure_latencies", "quality"]
 
@@ -81,14 +81,43 @@ def measure_latencies(models: dict[str, nn.Module], input_shape, latency_cfg: di
     return measure_interleaved(runners, **(latency_cfg.get("measure") or {})), backend.metadata()
 
 
-def predicted_latency(arch: Arch, input_shape, latency_cfg: dict, progress: bool = False):
-    """``(predicted ms, table path, probe record)`` from the resolved latency table."""
+def joint_space(archs: list[Arch]) -> SearchSpace | None:
+    """The smallest space holding every arch (same family and geometry; per position and
+    decision the values the archs use), so one table can predict them all; None otherwise."""
+    if not archs or any(a.family != archs[0].family or a.geometry != archs[0].geometry
+                        or set(a.values) != set(archs[0].values) for a in archs):
+        return None
+    choices = {}
+    for p, first in archs[0].values.items():
+        choices[p] = {}
+        for d in first:
+            vals = []
+            for a in archs:
+                if all(a.values[p][d] != v for v in vals):
+                    vals.append(a.values[p][d])
+            choices[p][d] = tuple(vals)
+    return SearchSpace(archs[0].family, dict(archs[0].geometry), choices,
+                       name="+".join(a.name for a in archs))
+
+
+def predicted_latency(arch: Arch, input_shape, latency_cfg: dict, progress: bool = False,
+                      resolved: list | None = None):
+    """``(predicted ms, table path, probe record)``. ``resolved`` holds the ``(table, path)``
+    pairs resolved so far in this evaluation: the first that holds every key of ``arch`` is used,
+    so networks compared side by side are predicted from one table (one probe, one machine
+    state); only an arch none of them covers resolves a table of its own."""
     from ernas.latency.predict import predict_ms
     from ernas.latency.resolve import resolve_from_config
 
     shape = tuple(int(s) for s in input_shape)
-    table, path = resolve_from_config(arch.as_space(), shape, latency_cfg, progress)
     gran = latency_cfg.get("granularity", "block")
+    keys = arch.op_keys(shape, gran)
+    found = next(((t, p) for t, p in resolved or [] if all(k in t for k in keys)), None)
+    if found is None:
+        found = resolve_from_config(arch.as_space(), shape, latency_cfg, progress)
+        if resolved is not None:
+            resolved.append(found)
+    table, path = found
     return predict_ms(table, arch, shape, gran), str(path), table.probe
 
 
@@ -137,7 +166,13 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
     for e in entries:
         task.check_arch(e.arch)
     sets = task.eval_sets(seed)
-    per_item, rows, models, probes = [], [], {}, {}
+    per_item, rows, models, probes, tables = [], [], {}, {}, []
+    joint = joint_space([e.arch for e in entries]) if len(entries) > 1 else None
+    if latency_cfg and predict and joint is not None:
+        from ernas.latency.resolve import resolve_from_config
+
+        tables.append(resolve_from_config(joint, tuple(int(v) for v in input_shape), latency_cfg,
+                                          progress))
     bar = progress_bar(len(entries), "evaluate", unit="model", enabled=progress)
     for e in entries:
         model = e.model()
@@ -150,7 +185,7 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
                "predicted_ms": None, "measured_ms": None, "table": None, **q}
         if latency_cfg and predict:
             row["predicted_ms"], row["table"], probes[e.name] = predicted_latency(
-                e.arch, input_shape, latency_cfg, progress)
+                e.arch, input_shape, latency_cfg, progress, tables)
         rows.append(row)
         bar.update(1)
     bar.close()

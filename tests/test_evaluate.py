@@ -67,6 +67,8 @@ def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
     from ernas.latency.table import LatencyTable
     from ernas.space import load_arch
 
+    # one table predicts both networks (one probe, one machine state)
+    assert s["latency_tables"]["tiny_bn"] == s["latency_tables"]["reference"]
     table = LatencyTable.load(s["latency_tables"]["tiny_bn"])
     assert s["predicted_ms"] == pytest.approx(predict_ms(table, load_arch(out / "arch.yaml"),
                                                          (1, 3, 32, 32)))

@@ -20,13 +20,13 @@ class SearchConfig:
     """Search hyper-parameters (module docstring); saved in the checkpoint and the summary."""
 
     steps: int = 600
-    warmup_steps: int = 300          # weight-only steps before α is trained
+    warmup_steps: int = 150          # weight-only steps before α is trained
     batch_size: int = 4
     crop: int = 64                   # training and α crops (the task's train and val splits)
     lr_w: float = 1e-3               # AdamW, cosine to lr_min over `steps`
     lr_min: float = 1e-6
     weight_decay: float = 0.0
-    lr_alpha: float = 3e-3           # Adam, betas (0.5, 0.999)
+    lr_alpha: float = 3e-2           # Adam, betas (0.5, 0.999)
     alpha_every: int = 1
     temperature: float = 1.0
     gumbel: bool = False
