@@ -1,4 +1,5 @@
-"""ernas: hardware-aware differentiable architecture search for NAFNet-style networks."""
+"""ernas: hardware-aware differentiable architecture search for restoration and segmentation
+networks."""
 from ernas.errors import ErnasError
 from ernas.space import Arch, SearchSpace, load_arch, load_space
 
@@ -10,4 +11,11 @@ def build_model(arch: Arch):
     return arch.spec.build(arch)
 
 
-__all__ = ["Arch", "ErnasError", "SearchSpace", "build_model", "load_arch", "load_space"]
+def inference_model(model):
+    """``model`` in eval mode with its inference-time folding applied (``fuse()``: BatchNorm into
+    the next conv, skipped blocks removed) when its family provides one; the same module."""
+    model.eval()
+    return model.fuse() or model if hasattr(model, "fuse") else model
+
+
+__all__ = ["Arch", "ErnasError", "SearchSpace", "build_model", "inference_model", "load_arch", "load_space"]

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ernas import inference_model
 from ernas.progress import progress as progress_bar
 from ernas.checkpoint import load_model, resolve_checkpoint
 from ernas.complexity import count_macs, count_params
@@ -74,10 +75,7 @@ def measure_latencies(models: dict[str, nn.Module], input_shape, latency_cfg: di
     x = torch.rand(tuple(int(s) for s in input_shape), generator=torch.Generator().manual_seed(0))
     runners = {}
     for name, model in models.items():
-        fused = copy.deepcopy(model).cpu().eval()
-        if hasattr(fused, "fuse"):
-            fused.fuse()
-        runners[name] = backend.runner(fused, x)
+        runners[name] = backend.runner(inference_model(copy.deepcopy(model).cpu()), x)
     return measure_interleaved(runners, **(latency_cfg.get("measure") or {})), backend.metadata()
 
 

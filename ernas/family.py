@@ -54,7 +54,7 @@ class Family(abc.ABC):
     decisions: dict[str, tuple] = {}
     reference: dict[str, Any] = {}
     geometry_defaults: dict[str, Any] = {}
-    ops: dict[str, Callable] = {}           # op name -> builder(attrs: dict, channels: int)
+    ops: dict[str, Callable] = {}           # op name -> builder(attrs: dict, shape: tuple)
     super_modes: tuple[str, ...] = ("shared",)
 
     # ------------------------------------------------------------------ geometry

@@ -72,7 +72,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cache):
 
 
 def test_two_process_ddp_search_derives_the_same_arch_on_both_ranks(tmp_path, cache):
-    _search(tmp_path, cache, "warm", "search.steps=1")  # profile the table once
+    _search(tmp_path, cache, "warm", "search.steps=5")  # profile the table once
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", "29533", "-m", "ernas.cli.search", *BASE, "search.steps=12",
             f"latency.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'ddp'}"]

@@ -124,7 +124,7 @@ def probe_table(table: LatencyTable, space, backend: Backend, input_shape, granu
     the table: the record of the module docstring (``action`` is left to the caller)."""
     from dataclasses import replace
 
-    from ernas import build_model
+    from ernas import build_model, inference_model
 
     from ernas.space import arch_of, space_from_dict
 
@@ -137,7 +137,7 @@ def probe_table(table: LatencyTable, space, backend: Backend, input_shape, granu
     arch = arch_of(space_from_dict(base["network"], "probe baseline", base.get("arch"))) \
         if same else probe_arch(space, table, input_shape, granularity)
     predicted = float(table.lookup(arch.op_keys(input_shape, granularity)).sum())
-    model = build_model(arch).eval().fuse()
+    model = inference_model(build_model(arch))
     res = protocol.measure({"probe": backend.runner(model, torch.randn(*input_shape))})["probe"]
     return _judge({"arch": arch.name, "predicted_ms": predicted, "measured_ms": res["ms"],
                    "ratio": res["ms"] / predicted,

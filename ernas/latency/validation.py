@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ernas import build_model
+from ernas import build_model, inference_model
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.latency.backends import Backend
@@ -105,7 +105,7 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     torch.manual_seed(0)
     x = torch.randn(shape)
     archs = validation_archs(space, n, seed)
-    runners = {name: backend.runner(build_model(arch).eval().fuse(), x) for name, arch in archs}
+    runners = {name: backend.runner(inference_model(build_model(arch)), x) for name, arch in archs}
     measured = protocol.measure(runners, progress=progress, desc="validating")
     del runners
     rows = []

@@ -1,0 +1,1 @@
+"""A miniature third-party ernas plug-in: family ``tinyfam`` and task ``tinytask``."""
