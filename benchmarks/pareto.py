@@ -52,7 +52,6 @@ this 2-core VM: ~10 CPU-hours, i.e. ~5 h with 2 workers on 2 free cores.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import shlex
@@ -62,9 +61,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from pareto_analysis import analyse, plot, print_summary
+from pareto_phases import base_overrides, compose_cfg, measure_phase, report_phase
 
 REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca")
 FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
@@ -124,31 +122,6 @@ def write_tiles(folder: Path, size: int) -> dict:
             counts[f"{kind}:{name}"] = len(parts)
     atomic_write_json(folder / "tiles.json", counts)
     return counts
-
-
-def arch_digest(arch) -> str:
-    d = arch.to_dict()
-    d.pop("name")
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-# --------------------------------------------------------------------------- phases
-def compose_cfg(overrides: list[str]):
-    """The ``ernas-search`` config with ``overrides`` (importing the CLI registers its schema)."""
-    from hydra import compose, initialize_config_dir
-
-    import ernas.cli.search  # noqa: F401
-    from ernas.paths import EXPERIMENTS
-
-    with initialize_config_dir(str(EXPERIMENTS), version_base="1.3"):
-        return compose("search", overrides)
-
-
-def base_overrides(c: dict) -> list[str]:
-    return [f"space={c['space']}", f"latency.backend.threads={c['threads']}",
-            f"search.steps={c['search_steps']}", f"search.warmup_steps={c['search_steps'] // 4}",
-            f"search.crop={c['crop']}", "search.device=cpu", "seed=0", "progress=false",
-            *c["overrides"]]
 
 
 def make_task(cfg, tiles_dir: Path):
@@ -314,106 +287,6 @@ def train_phase(a) -> None:
             ex.shutdown(wait=False, cancel_futures=True)
             raise
     print(f"train phase done; next, on a quiet machine: python {sys.argv[0]} measure --out {out}")
-
-
-def measure_phase(a) -> None:
-    from omegaconf import OmegaConf
-
-    from ernas.evaluate import ModelEntry, measure_latencies
-    from ernas.io import atomic_write_json
-    from ernas.latency.backends import machine_description
-    from ernas.latency.predict import predict_ms
-    from ernas.space import find_space, load_arch
-
-    out = Path(a.out)
-    c = json.loads((out / "config.json").read_text())
-    nets = json.loads((out / "networks.json").read_text())["networks"]
-    c["threads"] = a.threads or c["threads"]
-    cfg = compose_cfg(base_overrides(c) + a.overrides)
-    lat_cfg = OmegaConf.to_container(cfg.latency, resolve=True)
-    space, shape = find_space(cfg.space), [int(s) for s in cfg.input_shape]
-    seed = c["seeds"][0]
-    archs = {}  # digest -> (arch, trained run of the first seed)
-    for n in nets:
-        arch = load_arch(n["arch"])
-        archs.setdefault(arch_digest(arch), (arch, out / "runs" / n["name"] / f"seed{seed}"))
-    # one table for every network on the plot, profiled in one interleaved session on this
-    # machine right before the end-to-end timing, so predictions are comparable with each other
-    from ernas.latency.factory import make_backend
-    from ernas.latency.resolve import profile_table
-
-    gran = lat_cfg["granularity"]
-    keys = list(dict.fromkeys(k for arch, _ in archs.values() for k in arch.op_keys(shape, gran)))
-    table_path = out / "plot_table.csv"
-    table = profile_table(space, shape, make_backend(lat_cfg["backend"]), gran, table_path,
-                          lat_cfg.get("measure"), progress=False, keys=keys)
-    predicted = {d: {"predicted_ms": predict_ms(table, arch, shape, gran),
-                     "table": str(table_path)} for d, (arch, _) in archs.items()}
-    models = {d: ModelEntry(d, arch, str(run)).model() for d, (arch, run) in archs.items()}
-    t0 = time.perf_counter()
-    stats, backend = measure_latencies(models, shape, lat_cfg)
-    lat = {n["name"]: {**predicted[d], "measured_ms": stats[d]["ms"],
-                       "measured_spread": stats[d]["spread"], "samples": stats[d]["n"]}
-           for n in nets for d in [arch_digest(load_arch(n["arch"]))]}
-    atomic_write_json(out / "latency.json", {
-        "command": shlex.join([sys.executable, *sys.argv]), "machine": machine_description(),
-        "backend": backend, "input_shape": shape, "protocol": lat_cfg.get("measure"),
-        "seconds": time.perf_counter() - t0, "networks": lat})
-    report_phase(a)
-
-
-def report_phase(a) -> None:
-    from ernas.io import atomic_write_json, atomic_write_text
-
-    out = Path(a.out)
-    c = json.loads((out / "config.json").read_text())
-    nets = json.loads((out / "networks.json").read_text())["networks"]
-    lat = json.loads((out / "latency.json").read_text())
-    missing = [n["name"] for n in nets if n["name"] not in lat["networks"]]
-    if missing:
-        sys.exit(f"no latency for {', '.join(missing)}: run measure again.")
-    rows = []
-    for n in nets:
-        for seed in c["seeds"]:
-            run = out / "runs" / n["name"] / f"seed{seed}"
-            if not (run / "eval" / "summary.json").is_file():
-                continue
-            q = json.loads((run / "eval" / "summary.json").read_text())
-            m = q["models"][0]
-            train = json.loads((run / "summary.json").read_text())
-            per = pd.read_csv(run / "eval" / "per_image.csv")
-            colour = per[(per["set"] == "sigma25") & per["name"].str.startswith("color-")]
-            rows.append({"network": n["name"], "series": n["series"], "init": n["init"],
-                         "reference": n["reference"], "seed": seed, "params": m["params"],
-                         "macs": m["macs"], **lat["networks"][n["name"]],
-                         **{k: m[k] for k in q["columns"]},
-                         "psnr_sigma25_colour": colour["psnr"].mean(),
-                         "best_val_psnr": train["best_val_psnr"],
-                         "train_seconds": train["seconds"], "arch": n["arch"]})
-    df = pd.DataFrame(rows)
-    if df.empty or not df["reference"].any():
-        sys.exit("the reference network has no evaluated run yet: finish the train phase.")
-    atomic_write_text(out / "pareto.csv", df.to_csv(index=False))
-    agg = df.groupby("network", sort=False).agg(
-        series=("series", "first"), reference=("reference", "first"),
-        measured_ms=("measured_ms", "first"), spread=("measured_spread", "first"),
-        predicted_ms=("predicted_ms", "first"),
-        params=("params", "first"), macs=("macs", "first"), psnr=("psnr_sigma25", "mean"),
-        psnr_std=("psnr_sigma25", "std"),
-        psnr15=("psnr_sigma15", "mean"), psnr50=("psnr_sigma50", "mean"),
-        ssim=("ssim_sigma25", "mean"), colour=("psnr_sigma25_colour", "mean")).reset_index()
-    agg["psnr_std"] = agg["psnr_std"].fillna(0.0)
-    res = analyse(agg)
-    t = res["table"]
-    b = lat["backend"]
-    plot(t, res["threshold"], out / "pareto.png", f"{lat['machine']}; {b.get('backend')} "
-         f"{b.get('threads')} threads, input {lat['input_shape']}")
-    print_summary(c, lat, res, f"{len(df)} of {len(nets) * len(c['seeds'])}")
-    atomic_write_json(out / "summary.json", {
-        "train_command": c["command"], "measure_command": lat["command"],
-        "machine": lat["machine"], "backend": lat["backend"], "threshold_psnr": res["threshold"],
-        "fastest": res["fastest"], "goals": res["goals"],
-        "networks": t.to_dict(orient="records")})
 
 
 def main() -> None:

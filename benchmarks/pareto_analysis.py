@@ -98,35 +98,15 @@ def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
 
 
 def plot(t: pd.DataFrame, threshold: float, path: Path, title: str) -> None:
-    from matplotlib import ticker
+    """``ernas.pareto.plot_fronts`` (the figure of ``ernas-evaluate runs=[...]``) of the
+    networks' measured latency and mean ± std PSNR σ25 over seeds, both fronts."""
+    from ernas.pareto import plot_fronts
 
-    from ernas.plots import pyplot, save_png
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for i, (s, rows) in enumerate(t.groupby("series")):
-        color, marker = f"C{i}", "osv^"[i % 4]
-        ax.errorbar(rows["measured_ms"], rows["psnr"], yerr=rows["psnr_std"], fmt=marker,
-                    c=color, capsize=3, label=s)
-        fr = rows[rows["on_front"]].sort_values("measured_ms")
-        ax.plot(fr["measured_ms"], fr["psnr"], c=color, lw=1)
-        for _, r in rows.iterrows():
-            ax.annotate(r["network"].removeprefix("search_").removeprefix("nafnet_"),
-                        (r["measured_ms"], r["psnr"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
-    ref = t[t["reference"]].iloc[0]
-    ax.plot(ref["measured_ms"], ref["psnr"], "k*", ms=12, label="reference NAFNet")
-    ax.axhline(threshold, c="0.5", ls="--", lw=1, label=f"reference PSNR − {100 * DROP:g}%")
-    ax.set(xscale="log", xlabel="measured latency (ms, log scale)",
-           ylabel="PSNR σ25 (dB), mean ± std over seeds", title=title)
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(8))
-    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.title.set_fontsize(8)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_png(fig, path, dpi=120)
+    net = t.rename(columns={"network": "name", "measured_ms": "latency_ms", "psnr": "quality",
+                            "psnr_std": "quality_std"}).assign(latency_kind="measured")
+    net["name"] = [n.removeprefix("search_").removeprefix("nafnet_") for n in net["name"]]
+    plot_fronts(net, path, title, "PSNR σ25 (dB), mean ± std over seeds",
+                (threshold, f"reference PSNR − {100 * DROP:g}%"))
 
 
 def _f(v, fmt=".2f") -> str:

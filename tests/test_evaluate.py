@@ -159,6 +159,34 @@ def test_pareto_front_on_hand_made_runs(tmp_path):
     assert set(s["front"]) == {"g", "a", "b", "d"} and (tmp_path / "p" / "pareto.png").is_file()
 
 
+def test_pareto_pools_seeds_of_a_network_and_fronts_each_series(tmp_path):
+    hand, searched = official_arch(**TINY, name="hand"), official_arch(**TINY, name="t_searched")
+    searched.values[next(iter(searched.values))]["kernel"] = 5  # another architecture
+    #        dir        arch      name      latency  psnr
+    runs = [("h_s0", hand, "hand", 2.0, 30.0), ("h_s1", hand, "hand", 2.2, 31.0),
+            ("slow", hand, "slow", 4.0, 30.2),  # same arch, other name: another network
+            ("s_s0", searched, None, 1.0, 29.0), ("s_s1", searched, None, 1.0, 29.4)]
+    dirs = []
+    for d, arch, name, lat, q in runs:
+        (tmp_path / d).mkdir()
+        arch.save(tmp_path / d / "arch.yaml")
+        s = {"metric": "psnr", "measured_ms": lat, "psnr": q, "arch": arch.name}
+        (tmp_path / d / "summary.json").write_text(json.dumps({**s, "name": name} if name else s))
+        dirs.append(tmp_path / d)
+    df = pareto(dirs, tmp_path / "plot" / "pareto.png")
+    net = pd.read_csv(tmp_path / "plot" / "networks.csv").set_index("name")
+    assert sorted(net.index) == ["hand", "slow", "t_searched"]
+    assert net.loc["hand", "runs"] == 2 and net.loc["hand", "quality"] == pytest.approx(30.5)
+    assert net.loc["hand", "latency_ms"] == pytest.approx(2.1)
+    assert net.loc["hand", "quality_std"] == pytest.approx(np.std([30.0, 31.0], ddof=1))
+    assert net.loc["t_searched", "series"] == "searched" and net.loc["hand", "series"] == \
+        "hand-made"
+    # fronts per series: the searched network is on its own front; "slow" is dominated by the
+    # pooled "hand" (30.5 dB at 2.1 ms) though it beats hand's first seed
+    assert net["on_front"].to_dict() == {"hand": True, "slow": False, "t_searched": True}
+    assert df.groupby("name")["on_front"].all().to_dict() == net["on_front"].to_dict()
+
+
 def test_cli_mismatched_checkpoint_is_a_user_error(tmp_path, trained):
     r = _cli(tmp_path, "arch=reference:nafnet_tiny", f"checkpoint={trained / 'best.pt'}",
              f"hydra.run.dir={tmp_path / 'x'}", "measure_latency=false", "predict_latency=false")

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ernas.pareto import arch_digest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pareto as pb  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import pareto_analysis as pa  # noqa: E402
@@ -90,6 +92,15 @@ def test_analyse_gaps_speedups_and_goals():
     assert g2["searched_above_scaled"] and g2["searched_above_scaled_count"] == [1, 1, 1]
 
 
+def test_plot_draws_both_fronts_from_the_analysis(tmp_path):
+    t = _agg([("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
+              ("s1", "searched", False, 45, 46, 30.9)]).assign(psnr_std=0.1)
+    res = pa.analyse(t)
+    pa.plot(res["table"], res["threshold"], tmp_path / "pareto.png", "title")
+    assert (tmp_path / "pareto.png").stat().st_size > 5000
+    assert list(res["table"]["network"]) == ["w16", "w8", "s1"]  # names untouched by the plot
+
+
 def test_scaled_archs_cover_widths_and_reductions():
     from ernas.space import find_space
 
@@ -98,7 +109,7 @@ def test_scaled_archs_cover_widths_and_reductions():
     assert list(archs) == ["nafnet_w8", "nafnet_w16", "nafnet_w16_shallow", "nafnet_w16_noln",
                            "nafnet_w16_nosca", "nafnet_w16_noln_nosca"]
     assert space.contains(archs["nafnet_w16"])
-    assert pb.arch_digest(archs["nafnet_w16"]) == pb.arch_digest(space.reference())
+    assert arch_digest(archs["nafnet_w16"]) == arch_digest(space.reference())
     g = archs["nafnet_w16_shallow"].geometry
     assert (g["enc_blk_nums"], g["middle_blk_num"], g["dec_blk_nums"]) == ([1] * 4, 1, [1] * 4)
     vals = archs["nafnet_w16_noln_nosca"].values.values()

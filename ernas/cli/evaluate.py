@@ -25,11 +25,11 @@ def run(cfg: DictConfig, out=None) -> dict:
     if params.runs:
         df = pareto(run_dirs(params.runs), out / "pareto.png", cfg.pareto_table)
         summary = {"runs": df.to_dict(orient="records"),
-                   "front": df.loc[df["on_front"], "name"].tolist(),
+                   "front": list(dict.fromkeys(df.loc[df["on_front"], "name"])),
                    "plot": str(out / "pareto.png"), "csv": str(out / "pareto.csv")}
         atomic_write_json(out / "summary.json", summary)
-        print(f"Pareto front of {len(df)} runs: {', '.join(summary['front'])}; wrote "
-              f"{out / 'pareto.png'} and pareto.csv")
+        print(f"Pareto fronts of {len(df)} runs: {', '.join(summary['front'])}; wrote "
+              f"{out / 'pareto.png'}, pareto.csv and networks.csv")
         return summary
     arch = arch_for(cfg.arch, cfg.checkpoint)
     entries = [ModelEntry(cfg.name or arch.name, arch,
