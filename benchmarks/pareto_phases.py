@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ernas.latency.measure import paired_ratio
 from ernas.pareto import arch_digest
 from pareto_analysis import analyse, plot, print_summary
 
@@ -68,7 +69,8 @@ def measure_phase(a) -> None:
     t0 = time.perf_counter()
     stats, backend = measure_latencies(models, shape, lat_cfg)
     lat = {n["name"]: {**predicted[d], "measured_ms": stats[d]["ms"],
-                       "measured_spread": stats[d]["spread"], "samples": stats[d]["n"]}
+                       "measured_spread": stats[d]["spread"], "samples": stats[d]["n"],
+                       "round_ms": stats[d]["round_ms"]}
            for n in nets for d in [arch_digest(load_arch(n["arch"]))]}
     atomic_write_json(out / "latency.json", {
         "command": shlex.join([sys.executable, *sys.argv]), "machine": machine_description(),
@@ -87,8 +89,14 @@ def report_phase(a) -> None:
     missing = [n["name"] for n in nets if n["name"] not in lat["networks"]]
     if missing:
         sys.exit(f"no latency for {', '.join(missing)}: run measure again.")
+    ref_rounds = next(lat["networks"][n["name"]].get("round_ms") for n in nets if n["reference"])
     rows = []
     for n in nets:
+        measured = dict(lat["networks"][n["name"]])
+        rounds = measured.pop("round_ms", None)
+        # the speed-up as the median over rounds of (reference / network) in that round
+        measured["speedup_paired"] = (paired_ratio(ref_rounds, rounds) if ref_rounds and rounds
+                                      else float("nan"))
         for seed in c["seeds"]:
             run = out / "runs" / n["name"] / f"seed{seed}"
             if not (run / "eval" / "summary.json").is_file():
@@ -100,7 +108,7 @@ def report_phase(a) -> None:
             colour = per[(per["set"] == "sigma25") & per["name"].str.startswith("color-")]
             rows.append({"network": n["name"], "series": n["series"], "init": n["init"],
                          "reference": n["reference"], "seed": seed, "params": m["params"],
-                         "macs": m["macs"], **lat["networks"][n["name"]],
+                         "macs": m["macs"], **measured,
                          **{k: m[k] for k in q["columns"]},
                          "psnr_sigma25_colour": colour["psnr"].mean(),
                          "best_val_psnr": train["best_val_psnr"],
@@ -112,7 +120,7 @@ def report_phase(a) -> None:
     agg = df.groupby("network", sort=False).agg(
         series=("series", "first"), reference=("reference", "first"),
         measured_ms=("measured_ms", "first"), spread=("measured_spread", "first"),
-        predicted_ms=("predicted_ms", "first"),
+        predicted_ms=("predicted_ms", "first"), speedup_paired=("speedup_paired", "first"),
         params=("params", "first"), macs=("macs", "first"), psnr=("psnr_sigma25", "mean"),
         psnr_std=("psnr_sigma25", "std"),
         psnr15=("psnr_sigma15", "mean"), psnr50=("psnr_sigma50", "mean"),

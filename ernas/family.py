@@ -12,6 +12,8 @@ instance as ``FAMILY``. It declares
   of its block in the built model (``model.get_submodule(position)``), so its weights are the
   state-dict entries under ``f"{position}."``;
 - ``inactive(choice)``: True when a choice makes the block an identity (no op, no weight);
+  ``skip_decision``: the name of the boolean decision that does so (NAFNet's ``keep``), if any,
+  which the search's weight step can draw as stochastic depth (``SuperNet.drop_paths``);
 - ``build(arch, block=None)``: the discrete model; ``block(position, value)`` overrides the block
   made at each position (the supernet puts its super-blocks there);
 - ``make_block(geometry, position, choice)`` and ``super_block(geometry, position, candidates,
@@ -56,6 +58,7 @@ class Family(abc.ABC):
     geometry_defaults: dict[str, Any] = {}
     ops: dict[str, Callable] = {}           # op name -> builder(attrs: dict, shape: tuple)
     super_modes: tuple[str, ...] = ("shared",)
+    skip_decision: str | None = None        # boolean decision whose False makes an identity
 
     # ------------------------------------------------------------------ geometry
     @abc.abstractmethod
@@ -126,6 +129,12 @@ def register_family(family: Family) -> Family:
 
     if not isinstance(family, Family):
         raise TypeError(f"register_family takes a Family instance, got {type(family).__name__}")
+    d = family.skip_decision
+    if d is not None and [type(v) for v in family.decisions.get(d, ())].count(bool) != 2:
+        raise ErnasError(f"family {family.name!r}: skip_decision={d!r} must name one of its "
+                         f"decisions whose values are False and True (decisions: "
+                         f"{', '.join(family.decisions)}); set it to None if no choice skips a "
+                         f"block.")
     _REGISTRY[family.name] = family
     register_ops(family.ops, owner=family.name)
     return family

@@ -108,6 +108,27 @@ class SuperNet(nn.Module):
                     out[p][d] = F.softmax(a / self.temperature, dim=0)
         return out
 
+    def drop_paths(self, probs: dict, keep_rate: float) -> dict:
+        """``probs`` with every searched skip decision (``Family.skip_decision``) replaced by a
+        hard draw, one-hot on keep with probability ``keep_rate`` and on skip otherwise,
+        independently of α (stochastic depth over the searchable blocks); other decisions are
+        unchanged. For the weight step: each block's weights are then trained at full scale in a
+        network of ``keep_rate``·n blocks on average, however α leans, instead of at scale
+        p_keep, which the weights can absorb (NAFNet's β, γ) so that p_keep is not identifiable
+        and the α step drifts to skip (DARTS's skip collapse)."""
+        d = self.space.spec.skip_decision
+        if d is None:
+            return probs
+        out = {}
+        for p, dec in probs.items():
+            out[p] = dict(dec)
+            cands = self.space.choices[p].get(d, ())
+            if len(cands) > 1:
+                kept = bool(torch.rand(()) < keep_rate)
+                out[p][d] = F.one_hot(torch.tensor(index_of(cands, kept)),
+                                      len(cands)).to(dec[d])
+        return out
+
     def onehot(self, arch: Arch) -> dict[str, dict[str, torch.Tensor]]:
         """One-hot probabilities on ``arch`` (which must lie in the space)."""
         self._check_in_space(arch)

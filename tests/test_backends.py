@@ -15,7 +15,8 @@ from ernas.latency.backends import (
     OnnxRuntimeBackend, TorchBackend)
 from ernas.latency.command import CommandBackend
 from ernas.latency.factory import make_backend
-from ernas.latency.measure import MeasureProtocol, measure_interleaved, statistic, summarize
+from ernas.latency.measure import (MeasureProtocol, measure_interleaved, paired_ratio, statistic,
+                                  summarize)
 from ernas.latency.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +122,25 @@ def test_measure_interleaved_rounds_and_order():
     res = measure_interleaved({"a": runners["a"]}, rounds=2, per_round=1, warmup=0,
                               min_seconds=0.05)
     assert res["a"]["n"] == len(calls) > 2
+
+
+def test_paired_ratio_cancels_drift_shared_by_a_round():
+    factors = [1.0, 3.0, 1.5, 2.0, 1.0, 2.5]  # the machine's slowness in each round
+    calls = []
+
+    def runner(base):
+        def run():
+            calls.append(1)
+            return base * factors[(len(calls) - 1) // 2]  # 2 runners x 1 call per round
+        return run
+
+    res = measure_interleaved({"ref": runner(10.0), "net": runner(4.0)}, rounds=6,
+                              per_round=1, warmup=0, min_seconds=0)
+    assert res["ref"]["round_ms"] == pytest.approx([10 * f for f in factors])
+    assert paired_ratio(res["ref"], res["net"]) == pytest.approx(2.5)
+    assert paired_ratio([10.0, 30.0, 12.0], [5.0, 10.0, 3.0]) == pytest.approx(3.0)  # median
+    with pytest.raises(ErnasError, match="same rounds"):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_statistics_and_protocol():

@@ -116,3 +116,12 @@ def test_scaled_archs_cover_widths_and_reductions():
     assert all(v["norm"] == "none" and v["attention"] == "none" for v in vals)
     assert all(v["norm"] == "none" and v["attention"] == "sca"
                for v in archs["nafnet_w16_noln"].values.values())
+
+
+def test_paired_speedups_get_their_own_agreement():
+    t = _agg([("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
+              ("s1", "searched", False, 45, 50, 30.9)])
+    t["speedup_paired"] = [1.0, 4.0, 2.5]             # s1: predicted 2.0 vs paired 2.5
+    r = pa.analyse(t)["table"].set_index("network")
+    assert r.loc["s1", "agreement_paired"] == pytest.approx(2.0 / 2.5)
+    assert r.loc["w8", "agreement_paired"] == pytest.approx(1.0)

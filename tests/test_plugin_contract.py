@@ -233,3 +233,18 @@ def test_the_latency_probe_takes_a_model_without_fuse(inproc):
     rec = probe_table(table, space, make_backend({"name": "onnxruntime", "threads": 1}), shape,
                       "block", MeasureProtocol(rounds=1, per_round=1, warmup=0, min_seconds=0))
     assert rec["measured_ms"] > 0
+
+
+def test_a_skip_decision_must_be_a_boolean_decision():
+    from ernas import ErnasError
+    from ernas.families.nafnet import NAFNetFamily
+    from ernas.family import _REGISTRY, register_family
+
+    class Bad(NAFNetFamily):
+        name = "bad_skip_family"
+        ops = {}
+        skip_decision = "kernel"  # values 3/5/7: cannot be drawn kept/skipped
+
+    with pytest.raises(ErnasError, match="skip_decision='kernel'"):
+        register_family(Bad())
+    assert "bad_skip_family" not in _REGISTRY

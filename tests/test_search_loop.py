@@ -340,3 +340,24 @@ def test_search_yaml_is_typed_by_search_config():
         search_node("+search.lam_typo=1")
     for exp in sorted((EXPERIMENTS / "experiment").glob("*.yaml")):
         assert search_node(f"experiment={exp.stem}").steps > 0
+
+
+@pytest.mark.parametrize("rate, trained", [(None, True), (1e-9, False)])
+def test_weight_keep_rate_decides_which_blocks_the_weight_step_trains(setup, tmp_path, rate,
+                                                                      trained):
+    """With the α mixture every searchable block is trained; with weight_keep_rate ≈ 0 the
+    weight step draws every block skipped, so its weights stay at their initialisation (the
+    loop applies ``SuperNet.drop_paths``)."""
+    space, expected, train, val = setup
+    run_search(space, expected, train, val, cfg(weight_keep_rate=rate), tmp_path, task=TASK,
+               progress=False)
+    torch.manual_seed(0)
+    init = SuperNet(space).state_dict()
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    keys = [f"net.{p}.conv1.weight" for p in space.searchable
+            if len(space.choices[p]["keep"]) > 1]
+    assert keys
+    assert all(not torch.equal(init[k], final[k]) for k in keys) == trained
+    assert all(torch.equal(init[k], final[k]) for k in keys) != trained
+    fixed = [k for k in final if k.startswith("net.intro.")]  # outside the searched blocks
+    assert fixed and not all(torch.equal(init[k], final[k]) for k in fixed)

@@ -247,3 +247,56 @@ def test_recalibration_repairs_stale_statistics_of_a_far_sub_network(space):
 def test_recalibrating_a_model_without_batchnorm_runs_nothing(space):
     model = build_model(space.reference())
     assert recalibrate_bn(model, iter(lambda: 1 / 0, None)) == 0
+
+
+def _lean_to_skip(net):
+    """α of every keep decision at p_keep ≈ 0.0025 (a supernet that has collapsed to skips)."""
+    with torch.no_grad():
+        for p in net.searchable:
+            a = net.alpha(p, "keep")
+            a.copy_(torch.tensor([6.0, 0.0]) if net.space.choices[p]["keep"][0] is False
+                    else torch.tensor([0.0, 6.0]))
+
+
+def test_drop_paths_draws_keep_at_its_rate_whatever_alpha(space):
+    net = SuperNet(space)
+    _lean_to_skip(net)
+    probs = net.probs(sample=False)
+    torch.manual_seed(0)
+    kept, n = 0, 0
+    for _ in range(200):
+        drawn = net.drop_paths(probs, 0.7)
+        for p in net.searchable:
+            cands = space.choices[p]["keep"]
+            k = drawn[p]["keep"]
+            assert sorted(k.tolist()) == [0.0, 1.0]  # hard, one-hot
+            kept += int(k[cands.index(True)] == 1)
+            n += 1
+            for d in space.choices[p]:
+                if d != "keep":
+                    assert drawn[p][d] is probs[p][d]  # other decisions keep their mixture
+    assert 0.65 < kept / n < 0.75  # n = 200 x positions; independent of α's p_keep ≈ 0.0025
+    always = net.drop_paths(probs, 1.0)
+    assert all(always[p]["keep"][space.choices[p]["keep"].index(True)] == 1
+               for p in net.searchable)
+
+
+def test_drop_paths_trains_blocks_that_alpha_would_skip(space):
+    """Mixed by α at p_keep ≈ 0.0025 a block's weights get ~0 gradient; drawn kept, full."""
+    net = SuperNet(space)
+    _lean_to_skip(net)
+    with torch.no_grad():
+        for name, w in net.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                w.fill_(0.5)
+    x = torch.rand(2, 3, 16, 16)
+    conv = net.net.get_submodule(space.searchable[0]).conv1.weight
+
+    def grad(probs):
+        net.zero_grad()
+        (net(x, probs) - x).pow(2).mean().backward()
+        return float(conv.grad.abs().sum())
+
+    mixed = grad(net.probs(sample=False))
+    kept = grad(net.drop_paths(net.probs(sample=False), 1.0))
+    assert kept > 50 * mixed > 0

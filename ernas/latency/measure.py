@@ -29,6 +29,12 @@ Noise floor (``spread``): the statistic is also taken per round (``s_r``), and
 disagrees with another, on average (it does not grow with the number of rounds, unlike the
 range). Prediction errors below it cannot be told apart from single-pass noise; the final
 figure, a statistic over all rounds, is steadier than one pass.
+
+Paired ratio (``paired_ratio``): to compare two runners measured together (a speed-up), the
+ratio is taken **per round**, where both were timed within one pass, and summarised by its
+median over rounds: ``median_r s_r(a)/s_r(b)``. A slow phase that covers a round scales both
+alike and cancels, so the figure follows the models, not when each of their samples fell; the
+ratio of the two overall statistics does not have that property.
 """
 from __future__ import annotations
 
@@ -45,8 +51,8 @@ from ernas.progress import progress as progress_bar
 from ernas.errors import ErnasError
 
 __all__ = ["DEFAULT_STATISTIC", "MeasureProtocol", "Runner", "check_statistic",
-           "measure_interleaved", "one_round", "plain_mapping", "round_order", "rounds_left",
-           "statistic", "summarize", "warm_up"]
+           "measure_interleaved", "one_round", "paired_ratio", "plain_mapping", "round_order",
+           "rounds_left", "statistic", "summarize", "warm_up"]
 
 Runner = Callable[[], float]
 DEFAULT_STATISTIC = "p20"
@@ -107,7 +113,7 @@ def summarize(rounds: list[list[float]], stat: str = DEFAULT_STATISTIC) -> dict:
     """Figures of one runner from its samples grouped by round (see the module docstring):
     ``ms`` (the statistic of all samples), ``p10``, ``median``, ``p90``, ``mean``, ``n`` and
     ``spread`` (mean pass-to-pass difference of the per-round statistic over its median; 0 for
-    one round)."""
+    one round) and ``round_ms`` (the statistic of each round, for :func:`paired_ratio`)."""
     flat = np.asarray([v for r in rounds for v in r], dtype=np.float64)
     if flat.size == 0 or not np.all(np.isfinite(flat)):
         raise ErnasError(f"Latency samples are empty or not finite ({flat[:5].tolist()}...); the "
@@ -118,7 +124,20 @@ def summarize(rounds: list[list[float]], stat: str = DEFAULT_STATISTIC) -> dict:
     pairs = np.abs(per_round[:, None] - per_round[None, :]).sum() / (k * (k - 1)) if k > 1 else 0.0
     return {"ms": statistic(flat, stat), "p10": float(p10), "median": float(med),
             "p90": float(p90), "mean": float(flat.mean()), "n": int(flat.size),
-            "spread": float(pairs / mid) if mid > 0 else 0.0}
+            "spread": float(pairs / mid) if mid > 0 else 0.0,
+            "round_ms": [float(v) for v in per_round]}
+
+
+def paired_ratio(a: dict | list, b: dict | list) -> float:
+    """``median_r s_r(a) / s_r(b)`` over the rounds both were timed in (module docstring);
+    ``a``/``b``: results of one ``measure_interleaved`` call or their ``round_ms`` lists."""
+    ra = np.asarray(a["round_ms"] if isinstance(a, dict) else a, dtype=np.float64)
+    rb = np.asarray(b["round_ms"] if isinstance(b, dict) else b, dtype=np.float64)
+    if ra.size == 0 or ra.size != rb.size or not (np.all(ra > 0) and np.all(rb > 0)):
+        raise ErnasError(f"paired_ratio needs the per-round figures of two runners measured in "
+                         f"the same rounds (got {ra.size} and {rb.size} rounds); measure them "
+                         f"together in one measure_interleaved call.")
+    return float(np.median(ra / rb))
 
 
 def round_order(names: list[str], seed: int, round_index: int) -> list[str]:

@@ -30,6 +30,7 @@ class SearchConfig:
     alpha_every: int = 1
     temperature: float = 1.0
     gumbel: bool = False
+    weight_keep_rate: float | None = None  # weight step: keep each block w.p. q (None: α mix)
     mode: str = "shared"             # shared (weight sharing) | darts (all paths, NAFNet only)
     latency_form: str = "additive"   # additive λ·r | multiplicative r^β | hinge λ·max(0, r−1)
     lam: float = 0.5                 # additive/hinge weight (for the PSNR loss: dB per unit r)
@@ -63,6 +64,9 @@ class SearchConfig:
                   "bn_calibration_batches"):
             if getattr(self, f) < 0:
                 bad.append(f"search.{f}={getattr(self, f)} must be >= 0")
+        if self.weight_keep_rate is not None and not 0 < self.weight_keep_rate <= 1:
+            bad.append(f"search.weight_keep_rate={self.weight_keep_rate} must be in (0, 1] (the "
+                       f"probability that the weight step keeps a searchable block) or null")
         if self.target_ms is not None and not self.target_ms > 0:
             bad.append(f"search.target_ms={self.target_ms} must be > 0 (or null: the baseline)")
         choices = {"mode": ("shared", "darts"),

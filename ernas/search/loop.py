@@ -3,7 +3,9 @@
 Each step s:
   1. weights w ← AdamW step on the task loss of a training batch (probabilities p(α) detached;
      the latency and entropy terms do not depend on w, and a multiplicative latency factor is
-     not applied to the weight loss);
+     not applied to the weight loss). With ``weight_keep_rate`` q, the skip decisions of this
+     step are hard draws, keep with probability q independent of α
+     (``SuperNet.drop_paths``: stochastic depth, so α's lean to skip does not starve a block);
   2. after ``warmup_steps``, every ``alpha_every`` steps: α ← Adam step on the full objective
      task + latency + w_H(s)·H of a validation batch (``SearchObjective``), with the weights
      frozen and BatchNorm normalising with the batch's statistics without updating its running
@@ -242,6 +244,8 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
             x, y = (t.to(dev) for t in train_batch(step))
             with torch.no_grad():
                 probs = net.probs()
+                if cfg.weight_keep_rate is not None:
+                    probs = net.drop_paths(probs, cfg.weight_keep_rate)
             with autocast:
                 pred = net(x, probs)
             loss = run.objective.task(pred.float(), y)

@@ -76,6 +76,7 @@ class NAFNetFamily(Family):
                          "middle_blk_num": 12, "dec_blk_nums": [2, 2, 2, 2]}
     ops = keys.OPS
     super_modes = tuple(SUPER_BLOCKS)
+    skip_decision = "keep"
 
     def validate_geometry(self, geometry, source):
         _validate_geometry(geometry, source)
