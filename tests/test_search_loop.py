@@ -123,10 +123,11 @@ def test_end_to_end_outputs(setup, tmp_path):
     build_model(arch).load_state_dict(torch.load(tmp_path / "inherited.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("gumbel", [False, True])
-def test_resume_matches_uninterrupted(setup, tmp_path, gumbel):
+@pytest.mark.parametrize("gumbel, keep_rate", [(False, None), (True, 0.5)])
+def test_resume_matches_uninterrupted(setup, tmp_path, gumbel, keep_rate):
+    """Exact resume, also with the random draws of Gumbel-softmax and weight_keep_rate."""
     space, expected, train, val = setup
-    c = cfg(checkpoint_every=5, gumbel=gumbel, entropy_max=0.3)
+    c = cfg(checkpoint_every=5, gumbel=gumbel, entropy_max=0.3, weight_keep_rate=keep_rate)
     full, part = tmp_path / "full", tmp_path / "part"
     run_search(space, expected, train, val, c, full, task=TASK, progress=False)
     stopped = run_search(space, expected, train, val, c, part, task=TASK, progress=False, stop_after=12)
