@@ -5,7 +5,8 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
 1. **Scaled-NAFNet front**: the official NAFNet of the space's geometry (the reference) and its
    uniform reductions: other widths at the same depth (``--widths``), and at the reference width
    one block per level and one middle block (``shallow``), LayerNorm-free (``noln``: norm=none),
-   attention-free (``nosca``: attention=none) and both (``noln_nosca``) (``--reductions``).
+   attention-free (``nosca``: attention=none), both (``noln_nosca``) and LayerNorm replaced by
+   BatchNorm, which is folded into the convolutions at export (``bn``) (``--reductions``).
 2. **Searched front**: one search per λ of the additive latency term (``--lams``: λ·E/T,
    T = the reference's predicted latency) and one per hinge target (``--targets``: fractions f of
    the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
@@ -45,9 +46,9 @@ Phases (all resumable: finished runs are skipped, files are written atomically):
 ``train`` resolves the search space's latency table first (profiling it here if no table holds on
 this machine) and pins it (``<out>/search_table.csv``) for every search of the run and for the
 hinge targets (fractions of the reference's prediction from it). Its jobs run in ``--workers``
-processes of ``--train-threads`` torch threads each. Budget of the defaults (13 networks x 3
+processes of ``--train-threads`` torch threads each. Budget of the defaults (14 networks x 3
 seeds x 2500 steps, 6 searches x 1000 steps), from per-step CPU times measured at 1 thread on
-this 2-core VM: ~10 CPU-hours, i.e. ~5 h with 2 workers on 2 free cores.
+this 2-core VM: ~11 CPU-hours, i.e. ~5.5 h with 2 workers on 2 free cores.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ import numpy as np
 
 from pareto_phases import base_overrides, compose_cfg, measure_phase, report_phase
 
-REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca")
+REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn")
 FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
          "overrides")
 
@@ -96,6 +97,8 @@ def scaled_archs(space, widths, reductions) -> dict:
         for v in arch.values.values():
             if "noln" in r:
                 v["norm"] = "none"
+            if r == "bn":
+                v["norm"] = "batchnorm"
             if "nosca" in r:
                 v["attention"] = "none"
         out[name] = arch

@@ -107,7 +107,7 @@ def test_scaled_archs_cover_widths_and_reductions():
     space = find_space("nafnet_ern_small")
     archs = pb.scaled_archs(space, [8], pb.REDUCTIONS)
     assert list(archs) == ["nafnet_w8", "nafnet_w16", "nafnet_w16_shallow", "nafnet_w16_noln",
-                           "nafnet_w16_nosca", "nafnet_w16_noln_nosca"]
+                           "nafnet_w16_nosca", "nafnet_w16_noln_nosca", "nafnet_w16_bn"]
     assert space.contains(archs["nafnet_w16"])
     assert arch_digest(archs["nafnet_w16"]) == arch_digest(space.reference())
     g = archs["nafnet_w16_shallow"].geometry
@@ -116,6 +116,8 @@ def test_scaled_archs_cover_widths_and_reductions():
     assert all(v["norm"] == "none" and v["attention"] == "none" for v in vals)
     assert all(v["norm"] == "none" and v["attention"] == "sca"
                for v in archs["nafnet_w16_noln"].values.values())
+    assert all(v["norm"] == "batchnorm" and v["attention"] == "sca" and v["kernel"] == 3
+               for v in archs["nafnet_w16_bn"].values.values())
 
 
 def test_paired_speedups_get_their_own_agreement():
