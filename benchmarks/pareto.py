@@ -42,6 +42,7 @@ Phases (all resumable: finished runs are skipped, files are written atomically):
     python benchmarks/pareto.py train --out DIR     # searches, retraining, quality (hours)
     python benchmarks/pareto.py measure --out DIR   # latency of every network, then report
     python benchmarks/pareto.py report --out DIR
+    python benchmarks/pareto.py merge --out ALL DIR DIR2 ...  # search attempts on one plot
 
 ``train`` resolves the search space's latency table first (profiling it here if no table holds on
 this machine) and pins it (``<out>/search_table.csv``) for every search of the run and for the
@@ -63,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pareto_phases import base_overrides, compose_cfg, measure_phase, report_phase
+from pareto_phases import base_overrides, compose_cfg, measure_phase, merge_phase, report_phase
 
 REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn")
 FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
@@ -298,8 +299,10 @@ def main() -> None:
     tr = sub.add_parser("train", help="searches, retraining and quality (resumable)")
     ms = sub.add_parser("measure", help="latency of every network (quiet machine), then report")
     rp = sub.add_parser("report", help="pareto.csv, pareto.png, summary")
-    for p in (tr, ms, rp):
+    mg = sub.add_parser("merge", help="several train runs (search attempts) on one plot")
+    for p in (tr, ms, rp, mg):
         p.add_argument("--out", required=True)
+    mg.add_argument("runs", nargs="+", help="train-phase output folders (same recipe)")
     tr.add_argument("--space", default="nafnet_ern_small")
     tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     tr.add_argument("--steps", type=int, default=2500, help="retraining steps")
@@ -329,7 +332,8 @@ def main() -> None:
                        help="extra Hydra override of the search config (also the latency "
                             "config of measure), e.g. -o latency.cache_dir=DIR; repeatable")
     a = ap.parse_args()
-    {"train": train_phase, "measure": measure_phase, "report": report_phase}[a.phase](a)
+    {"train": train_phase, "measure": measure_phase, "report": report_phase,
+     "merge": merge_phase}[a.phase](a)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""The ``measure`` and ``report`` phases of ``benchmarks/pareto.py`` (see its docstring), and the
-config helpers its phases share."""
+"""The ``measure``, ``report`` and ``merge`` phases of ``benchmarks/pareto.py`` (see its
+docstring), and the config helpers its phases share."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -137,3 +139,54 @@ def report_phase(a) -> None:
         "machine": lat["machine"], "backend": lat["backend"], "threshold_psnr": res["threshold"],
         "fastest": res["fastest"], "goals": res["goals"],
         "networks": t.to_dict(orient="records")})
+
+
+# the training recipe and test set that runs must share to be compared on one plot
+MERGE_SAME = ("seeds", "steps", "crop", "batch", "tile", "threads", "input_shape")
+
+
+def merge_phase(a) -> None:
+    """One plot for several ``train`` runs (attempts at the search with other ``-o`` overrides or
+    spaces, the same recipe): ``--out`` gets the scaled networks once and every other network
+    of each run, named ``<name>@<run folder>`` and in series ``<series> @<run folder>``; the
+    runs are hard-linked, not copied. Then ``measure --out`` times them all in one session."""
+    from ernas.io import atomic_write_json
+    from ernas.space import load_arch
+
+    out, runs = Path(a.out), [Path(d) for d in a.runs]
+    cfgs = [json.loads((d / "config.json").read_text()) for d in runs]
+    bad = [k for k in MERGE_SAME if any(c.get(k) != cfgs[0].get(k) for c in cfgs)]
+    if bad:
+        values = "; ".join(f"{d}: " + ", ".join(f"{k}={c.get(k)}" for k in bad)
+                           for d, c in zip(runs, cfgs))
+        sys.exit(f"cannot merge: the runs differ in {', '.join(bad)} ({values}); only runs with "
+                 f"one training recipe and test set can share a plot.")
+    nets, scaled = [], {}
+    for d in runs:
+        meta = json.loads((d / "networks.json").read_text())
+        for n in meta["networks"]:
+            arch = Path(n["arch"])
+            digest = arch_digest(load_arch(arch))
+            if n["series"] == "scaled":
+                if scaled.setdefault(n["name"], digest) != digest:
+                    sys.exit(f"cannot merge: {n['name']} has another architecture in {d}.")
+                if any(m["name"] == n["name"] for m in nets):
+                    continue
+                name = n["name"]
+            else:
+                name = f"{n['name']}@{d.name}"
+                n = {**n, "series": f"{n['series']} @{d.name}"}
+            (out / "archs").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(arch, out / "archs" / f"{name}.yaml")
+            dst = out / "runs" / name
+            if not dst.exists():
+                shutil.copytree(d / "runs" / n["name"], dst, copy_function=os.link)
+            nets.append({**n, "name": name, "arch": str(out / "archs" / f"{name}.yaml")})
+    first = json.loads((runs[0] / "networks.json").read_text())
+    atomic_write_json(out / "networks.json", {**first, "networks": nets})
+    atomic_write_json(out / "config.json", {
+        **cfgs[0], "merged_from": [str(d) for d in runs],
+        "command": " ; ".join([c["command"] for c in cfgs]
+                              + [shlex.join([sys.executable, *sys.argv])])})
+    print(f"merged {len(nets)} networks of {len(runs)} runs into {out}; next, on a quiet machine: "
+          f"python {sys.argv[0]} measure --out {out}")

@@ -127,3 +127,56 @@ def test_paired_speedups_get_their_own_agreement():
     r = pa.analyse(t)["table"].set_index("network")
     assert r.loc["s1", "agreement_paired"] == pytest.approx(2.0 / 2.5)
     assert r.loc["w8", "agreement_paired"] == pytest.approx(1.0)
+
+
+def _train_dir(root: Path, name: str, space, steps: int = 1000) -> Path:
+    """A train-phase folder as ``pareto.py train`` leaves it: config, networks, archs, runs."""
+    import json
+
+    d = root / name
+    scaled = pb.scaled_archs(space, [8], [])
+    searched = space.sample(int(steps) + len(name))
+    nets = []
+    for n, arch, series in [(k, a, "scaled") for k, a in scaled.items()] + [
+            ("search_t0.7", searched, "searched")]:
+        (d / "archs").mkdir(parents=True, exist_ok=True)
+        arch.save(d / "archs" / f"{n}.yaml")
+        (d / "runs" / n / "seed0").mkdir(parents=True)
+        (d / "runs" / n / "seed0" / "summary.json").write_text(json.dumps({"name": n}))
+        nets.append({"name": n, "series": series, "reference": n == "nafnet_w16",
+                     "arch": str(d / "archs" / f"{n}.yaml"), "init": "scratch"})
+    (d / "networks.json").write_text(json.dumps({"reference_predicted_ms": 100.0,
+                                                 "networks": nets}))
+    (d / "config.json").write_text(json.dumps({
+        "seeds": [0], "steps": steps, "crop": 64, "batch": 8, "tile": 128, "threads": 2,
+        "input_shape": [1, 3, 256, 256], "space": "nafnet_ern_small", "command": f"train {name}"}))
+    return d
+
+
+def test_merge_puts_search_attempts_on_one_plot(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import pareto_phases as pp
+    from ernas.space import find_space, load_arch
+
+    space = find_space("nafnet_ern_small")
+    a, b = _train_dir(tmp_path, "plain", space), _train_dir(tmp_path, "q0.5", space)
+    out = tmp_path / "all"
+    pp.merge_phase(SimpleNamespace(out=str(out), runs=[str(a), str(b)]))
+    nets = {n["name"]: n for n in json.loads((out / "networks.json").read_text())["networks"]}
+    assert sorted(nets) == ["nafnet_w16", "nafnet_w8", "search_t0.7@plain", "search_t0.7@q0.5"]
+    assert nets["search_t0.7@q0.5"]["series"] == "searched @q0.5"
+    assert nets["nafnet_w16"]["series"] == "scaled" and nets["nafnet_w16"]["reference"]
+    # the run folders are hard links of the originals, under the merged names
+    src = b / "runs" / "search_t0.7" / "seed0" / "summary.json"
+    assert (out / "runs" / "search_t0.7@q0.5" / "seed0" / "summary.json").stat().st_ino == \
+        src.stat().st_ino
+    assert arch_digest(load_arch(nets["search_t0.7@q0.5"]["arch"])) == \
+        arch_digest(load_arch(b / "archs" / "search_t0.7.yaml"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["merged_from"] == [str(a), str(b)] and "train q0.5" in cfg["command"]
+    # another recipe cannot share the plot
+    c = _train_dir(tmp_path, "long", space, steps=2500)
+    with pytest.raises(SystemExit, match="steps"):
+        pp.merge_phase(SimpleNamespace(out=str(tmp_path / "x"), runs=[str(a), str(c)]))
