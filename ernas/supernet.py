@@ -114,8 +114,8 @@ class SuperNet(nn.Module):
         independently of α (stochastic depth over the searchable blocks); other decisions are
         unchanged. For the weight step: each block's weights are then trained at full scale in a
         network of ``keep_rate``·n blocks on average, however α leans, instead of at scale
-        p_keep, which the weights can absorb (NAFNet's β, γ) so that p_keep is not identifiable
-        and the α step drifts to skip (DARTS's skip collapse)."""
+        p_keep, which the weights largely absorb (NAFNet's residual scales β, γ), so that p_keep
+        is barely identifiable and the α step drifts to skip (DARTS's skip collapse)."""
         d = self.space.spec.skip_decision
         if d is None:
             return probs
