@@ -60,6 +60,15 @@ def fastest_within(rows: pd.DataFrame, threshold: float) -> dict | None:
     return None if ok.empty else ok.loc[ok["measured_ms"].idxmin()].to_dict()
 
 
+def split_finite(df: pd.DataFrame, column: str = "psnr_sigma25") -> tuple[pd.DataFrame, dict]:
+    """The runs of the networks whose ``column`` is finite in every seed, and
+    ``{network: seeds with a non-finite value}`` of the others (a model whose output overflows
+    on some test tiles has no PSNR to put on a front)."""
+    bad = df[~np.isfinite(df[column].astype(float))]
+    excluded = {n: sorted(int(s) for s in g["seed"]) for n, g in bad.groupby("network")}
+    return df[~df["network"].isin(list(excluded))], excluded
+
+
 def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
     """Everything the summary states, from one row per network (``network``, ``series``
     (scaled | searched | searched_supernet), ``reference``, ``measured_ms``, ``predicted_ms``,

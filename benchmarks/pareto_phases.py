@@ -14,7 +14,7 @@ import pandas as pd
 
 from ernas.latency.measure import paired_ratio
 from ernas.pareto import arch_digest
-from pareto_analysis import analyse, plot, print_summary
+from pareto_analysis import analyse, plot, print_summary, split_finite
 
 
 def compose_cfg(overrides: list[str]):
@@ -115,7 +115,10 @@ def report_phase(a) -> None:
                          "psnr_sigma25_colour": colour["psnr"].mean(),
                          "best_val_psnr": train["best_val_psnr"],
                          "train_seconds": train["seconds"], "arch": n["arch"]})
-    df = pd.DataFrame(rows)
+    df, excluded = split_finite(pd.DataFrame(rows))
+    for name, seeds in excluded.items():
+        print(f"excluded {name}: PSNR σ25 not finite for seed(s) {seeds} (its output overflows on "
+              f"some test tiles; see {out / 'runs' / name}/seed*/eval/per_image.csv)")
     if df.empty or not df["reference"].any():
         sys.exit("the reference network has no evaluated run yet: finish the train phase.")
     atomic_write_text(out / "pareto.csv", df.to_csv(index=False))

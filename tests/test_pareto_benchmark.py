@@ -180,3 +180,11 @@ def test_merge_puts_search_attempts_on_one_plot(tmp_path):
     c = _train_dir(tmp_path, "long", space, steps=2500)
     with pytest.raises(SystemExit, match="steps"):
         pp.merge_phase(SimpleNamespace(out=str(tmp_path / "x"), runs=[str(a), str(c)]))
+
+
+def test_networks_with_non_finite_quality_are_left_off_the_fronts():
+    df = pd.DataFrame({"network": ["a", "a", "bn", "bn", "c"], "seed": [0, 1, 0, 1, 0],
+                       "psnr_sigma25": [30.0, 30.2, float("nan"), 29.0, float("inf")]})
+    kept, excluded = pa.split_finite(df)
+    assert list(kept["network"]) == ["a", "a"]
+    assert excluded == {"bn": [0], "c": [0]}
