@@ -49,17 +49,22 @@ class ModelEntry:
 @torch.no_grad()
 def quality(model: nn.Module, task, sets: dict, name: str, device="cpu"
             ) -> tuple[list[dict], dict[str, float]]:
-    """Per-item rows and the metrics ``{f"{metric}_{set}": value}`` of one model."""
+    """Per-item rows and the metrics ``{f"{metric}_{set}": value}`` of one model, and
+    ``nonfinite_<set>``: how many items' outputs hold inf/NaN (a model that overflows; a NaN
+    output makes the item's metric and the set's NaN)."""
     model = model.to(device).eval()
     rows, metrics = [], {}
     for label, ds in sets.items():
         ev = task.evaluator()
+        nonfinite = 0
         for i in range(len(ds)):
             item = ds[i]
-            ev.update(model(item["input"][None].to(device)).float().cpu(), item["target"][None],
-                      item["name"])
+            out = model(item["input"][None].to(device)).float().cpu()
+            nonfinite += int(not torch.isfinite(out).all())
+            ev.update(out, item["target"][None], item["name"])
         metrics.update({f"{k}_{label}": v for k, v in ev.compute().items()
                         if not isinstance(v, (list, tuple))})
+        metrics[f"nonfinite_{label}"] = nonfinite
         rows += [{"model": name, "set": label, **r} for r in ev.rows()]
     return rows, metrics
 

@@ -192,3 +192,25 @@ def test_cli_mismatched_checkpoint_is_a_user_error(tmp_path, trained):
              f"hydra.run.dir={tmp_path / 'x'}", "measure_latency=false", "predict_latency=false")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "does not match" in r.stderr and "encoders.1.0" in r.stderr
+
+
+def test_outputs_that_overflow_are_counted_and_reported():
+    from ernas.cli.evaluate import _line
+    from ernas.evaluate import quality
+    from ernas.task import make_task
+
+    class Overflows(torch.nn.Module):  # NaN/inf where the input is bright, like a model whose
+        def forward(self, x):          # activations overflow on some images
+            m = float(x.mean())
+            return x * (torch.nan if m > 1.5 else torch.inf if m > 0.5 else 1.0)
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"input": torch.rand(3, 16, 16, generator=g) * s, "target": torch.rand(3, 16, 16),
+              "name": f"im{i}"} for i, s in enumerate((0.5, 3.9, 1.9, 0.5))]
+    rows, q = quality(Overflows(), make_task({"name": "denoise"}), {"sigma25": items}, "m")
+    assert q["nonfinite_sigma25"] == 2 and math.isnan(q["psnr_sigma25"])
+    s = {"name": "m", "metric": "psnr", "psnr": q["psnr_sigma25"], "metric_set": "sigma25",
+         "measured_ms": 1.0, "predicted_ms": None, "models": [{"name": "m", **q}]}
+    assert "non-finite output (the model overflows) on 2 item(s) of sigma25" in _line(s)
+    s["models"][0]["nonfinite_sigma25"] = 0
+    assert "non-finite" not in _line(s)

@@ -81,6 +81,12 @@ def _line(s: dict) -> str:
         r = b[f"{kind}_ms"] / lat
         line += (f"; {max(r, 1 / r):.2f}x {'faster' if r >= 1 else 'slower'} than "
                  f"{b['name']} ({kind})")
+    main = next((r for r in s.get("models", []) if r["name"] == s["name"]), {})
+    bad = {k.removeprefix("nonfinite_"): v for k, v in main.items()
+           if k.startswith("nonfinite_") and v}
+    if bad:
+        line += ("; WARNING: non-finite output (the model overflows) on " + ", ".join(
+            f"{v} item(s) of {k}" for k, v in bad.items()) + f": their {m} is NaN")
     return line
 
 
