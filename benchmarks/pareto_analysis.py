@@ -78,11 +78,14 @@ def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
     scaled front)."""
     t = agg.copy()
     ref = t[t["reference"]].iloc[0]
-    t["speedup_measured"] = ref["measured_ms"] / t["measured_ms"]
+    t["speedup_statistic"] = ref["measured_ms"] / t["measured_ms"]
+    # the measured speed-up: paired per round (median over rounds of reference/network, which
+    # drift between rounds does not move) when the rounds were recorded
+    paired = "speedup_paired" in t and bool(t["speedup_paired"].notna().all())
+    t["speedup_measured"] = t["speedup_paired"] if paired else t["speedup_statistic"]
     t["speedup_predicted"] = ref["predicted_ms"] / t["predicted_ms"]
     t["agreement"] = t["speedup_predicted"] / t["speedup_measured"]
-    if "speedup_paired" in t:  # median over rounds of reference/network (drift between rounds)
-        t["agreement_paired"] = t["speedup_predicted"] / t["speedup_paired"]
+    t["agreement_statistic"] = t["speedup_predicted"] / t["speedup_statistic"]
     t["on_front"] = False
     for _, rows in t.groupby("series"):
         t.loc[rows.index, "on_front"] = pareto_front(rows["measured_ms"], rows["psnr"])
@@ -171,8 +174,7 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
     print(f"  [{'met' if g['agreement'] else 'NOT met'}] predicted vs measured speed-up within "
           f"{100 * GOAL_AGREE:g}% for every network" + (
               "" if bad.empty else f" (outside: {', '.join(bad['network'])})"))
-    if t.get("agreement_paired") is not None and t["agreement_paired"].notna().all():
-        out = t[abs(t["agreement_paired"] - 1) > GOAL_AGREE]
-        print(f"  (with paired per-round speed-ups: {len(t) - len(out)} of {len(t)} within "
-              f"{100 * GOAL_AGREE:g}%" + ("" if out.empty else
-                                          f"; outside: {', '.join(out['network'])}") + ")")
+    if not (t["agreement_statistic"] == t["agreement"]).all():
+        out = t[abs(t["agreement_statistic"] - 1) > GOAL_AGREE]
+        print(f"  (measured speed-ups are paired per round; as ratios of the overall statistics "
+              f"instead, {len(t) - len(out)} of {len(t)} would be within {100 * GOAL_AGREE:g}%)")

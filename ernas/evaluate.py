@@ -10,6 +10,9 @@ Latency: *predicted* = the latency table's corrected sum of op latencies (``pred
 *measured* = every model (BatchNorm folded) timed end to end on the table's backend with the
 same session options, all models interleaved in shuffled rounds
 (``ernas.latency.measure.measure_interleaved``), so a slow period of the machine hits them alike.
+The measured speed-up over the baseline is the paired ratio (``paired_ratio``: the median over
+rounds of the baseline's time over the model's in that round), which drift of the machine
+between rounds does not move (measured: it halves the run-to-run spread of speed-ups).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from ernas.progress import progress as progress_bar
 from ernas.checkpoint import load_model, resolve_checkpoint
 from ernas.complexity import count_macs, count_params
 from ernas.io import atomic_write_json, atomic_write_text
+from ernas.latency.measure import paired_ratio
 from ernas.space import Arch, SearchSpace
 
 __all__ = ["ModelEntry", "evaluate", "measure_latencies", "quality"]
@@ -215,12 +219,13 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
         "columns": columns, "seed": seed, "input_shape": list(input_shape),
         "latency_backend": backend_meta, "latency_tables": {r["name"]: r["table"] for r in rows},
         "table_probes": probes,
+        "measured_round_ms": {n: st["round_ms"] for n, st in stats.items()},
     }
     if len(rows) > 1:
         b = rows[1]
         summary["baseline"] = {k: b[k] for k in ("name", "predicted_ms", "measured_ms", head)}
         if b["measured_ms"] and main["measured_ms"]:
-            summary["measured_speedup"] = b["measured_ms"] / main["measured_ms"]
+            summary["measured_speedup"] = paired_ratio(stats[b["name"]], stats[main["name"]])
         if b["predicted_ms"] and main["predicted_ms"]:
             summary["predicted_speedup"] = b["predicted_ms"] / main["predicted_ms"]
     atomic_write_json(out / "summary.json", summary)

@@ -74,8 +74,11 @@ def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
                                                          (1, 3, 32, 32)))
     # both models measured in the same interleaved rounds, with the configured session options
     assert s["latency_backend"]["threads"] == 1 and s["latency_backend"]["spinning"] is False
-    assert s["measured_speedup"] == pytest.approx(res.loc[1, "measured_ms"] /
-                                                  res.loc[0, "measured_ms"])
+    # the speed-up is paired: the median over rounds of baseline / model in that round
+    rounds = s["measured_round_ms"]
+    assert len(rounds["reference"]) == len(rounds["tiny_bn"]) >= 1
+    assert s["measured_speedup"] == pytest.approx(float(np.median(
+        np.array(rounds["reference"]) / np.array(rounds["tiny_bn"]))))
     report = (out / "report.md").read_text()
     assert "| tiny_bn |" in report and "reference (untrained)" in report
     assert "BasicSR" in report and "MACs" in report and "interleaved" in report

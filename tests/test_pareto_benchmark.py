@@ -120,13 +120,16 @@ def test_scaled_archs_cover_widths_and_reductions():
                for v in archs["nafnet_w16_bn"].values.values())
 
 
-def test_paired_speedups_get_their_own_agreement():
+def test_measured_speedups_are_the_paired_ones_when_rounds_were_recorded():
     t = _agg([("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
               ("s1", "searched", False, 45, 50, 30.9)])
     t["speedup_paired"] = [1.0, 4.0, 2.5]             # s1: predicted 2.0 vs paired 2.5
     r = pa.analyse(t)["table"].set_index("network")
-    assert r.loc["s1", "agreement_paired"] == pytest.approx(2.0 / 2.5)
-    assert r.loc["w8", "agreement_paired"] == pytest.approx(1.0)
+    assert r.loc["s1", "speedup_measured"] == pytest.approx(2.5)       # the paired one
+    assert r.loc["s1", "speedup_statistic"] == pytest.approx(100 / 45)
+    assert r.loc["s1", "agreement"] == pytest.approx(2.0 / 2.5)
+    assert r.loc["s1", "agreement_statistic"] == pytest.approx(2.0 / (100 / 45))
+    assert r.loc["w8", "agreement"] == pytest.approx(1.0)
 
 
 def _train_dir(root: Path, name: str, space, steps: int = 1000) -> Path:

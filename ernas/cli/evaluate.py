@@ -78,7 +78,8 @@ def _line(s: dict) -> str:
             f"{'n/a' if lat is None else f'{lat:.2f} ms'}")
     b = s.get("baseline")
     if b and lat is not None and b.get(f"{kind}_ms"):
-        r = b[f"{kind}_ms"] / lat
+        r = s.get("measured_speedup") if kind == "measured" else None
+        r = r or b[f"{kind}_ms"] / lat  # measured: paired per round (ernas.evaluate)
         line += (f"; {max(r, 1 / r):.2f}x {'faster' if r >= 1 else 'slower'} than "
                  f"{b['name']} ({kind})")
     main = next((r for r in s.get("models", []) if r["name"] == s["name"]), {})

@@ -4,7 +4,8 @@ quantisation-aware fine-tuning exported as QDQ ONNX (``qat``), judged side by si
 :func:`export_all` writes ``model.onnx`` (fp32), ``model_int8.onnx`` (PTQ) and, with QAT steps,
 ``model_qat.onnx`` (the fine-tuned model's own QDQ graph, its learned ranges included), then
 reports for each file the task's metrics on whole test images (``onnx.onnx_quality``) and its
-latency, all files timed interleaved in shuffled rounds on the onnxruntime backend.
+latency, all files timed interleaved in shuffled rounds on the onnxruntime backend; a speed-up
+over fp32 is the paired ratio of the rounds (``ernas.latency.measure.paired_ratio``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ernas.export.onnx import export_model, onnx_quality, static_hw
 from ernas.export.ptq import quantize_int8
 from ernas.export.qat import qat_finetune
+from ernas.latency.measure import paired_ratio
 from ernas.latency.onnx_export import export_onnx
 
 __all__ = ["export_all", "export_model", "onnx_quality", "qat_finetune", "quantize_int8"]
@@ -66,7 +68,7 @@ def export_all(arch, model, task, out_dir, backend, measure_cfg: dict | None = N
         summary[f"{kind}_ms"] = st["ms"]
     for kind in files:
         if kind != "fp32":
-            summary[f"{kind}_speedup"] = summary["fp32_ms"] / summary[f"{kind}_ms"]
+            summary[f"{kind}_speedup"] = paired_ratio(lat["fp32"], lat[kind])
     summary.update(eval_set=task.headline_set, eval_tile=list(hw),
                    latency_backend=backend.metadata(), measure=measure_cfg)
     return summary
