@@ -50,7 +50,11 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
 def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):
     steps = ["search.steps=40"]
     _search(tmp_path, cache, "full", *steps)
+    # the killed run starts from the full run's table (a busy machine can fail a probe and
+    # re-profile, which would change the objective); the resume must then keep that table
+    first = tmp_path / "full" / "latency_table.csv"
     args = [sys.executable, "-m", "ernas.cli.search", *BASE, *steps, f"latency.cache_dir={cache}",
+            f"latency.table={first}", "latency.trust_table=true",
             f"hydra.run.dir={tmp_path / 'killed'}"]
     p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
@@ -58,10 +62,15 @@ def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):
     deadline = time.time() + 120
     while not ckpt.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists(), "the run ended before the kill"
-    _search(tmp_path, cache, "resumed", *steps, f"resume={tmp_path / 'killed'}")
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, "the run ended before the kill"
+    empty = tmp_path / "empty_cache"  # cache_dir may change on resume; nothing is profiled there
+    r = _search(tmp_path, empty, "resumed", *steps, f"resume={tmp_path / 'killed'}")
+    assert "resuming with the latency table the run started with" in r.stdout
+    assert not list(empty.glob("*.csv"))
+    s = json.loads((tmp_path / "killed/summary.json").read_text())
+    assert s["latency_table"] == str(first) and s["table_probe"]["action"] == "resumed"
     assert (tmp_path / "killed/arch.yaml").read_text() == (tmp_path / "full/arch.yaml").read_text()
 
 

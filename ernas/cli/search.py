@@ -14,6 +14,7 @@ from ernas.errors import ErnasError
 from ernas.latency.factory import make_backend
 from ernas.latency.predict import ExpectedLatency
 from ernas.latency.resolve import profile_command, resolve_from_config
+from ernas.latency.table import LatencyTable
 from ernas.search import SearchConfig, run_search
 from ernas.space import find_space
 
@@ -21,6 +22,9 @@ from ernas.space import find_space
 # settings that may differ when a run is resumed (they do not change what is computed)
 RESUME_FREE = ("resume", "progress", "threads", "search.checkpoint_every", "search.log_every",
                "search.device", "latency.cache_dir", "latency.probe_cache_s")
+# the table a run started with, copied into its directory: a resumed run continues with it, so a
+# probe that fails on a busy machine (and re-profiles) cannot change the objective mid-run
+RUN_TABLE = "latency_table.csv"
 
 
 @user_errors
@@ -43,10 +47,29 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
         D.cleanup()
 
 
+def run_table(run_dir: Path) -> tuple[LatencyTable, str] | None:
+    """The latency table a search in ``run_dir`` started with (``RUN_TABLE``, written by
+    ``keep_run_table``) and the path it was resolved from; None when the run has no copy."""
+    path = Path(run_dir) / RUN_TABLE
+    if not path.is_file():
+        return None
+    t = LatencyTable.load(path)
+    origin = t.metadata.pop("search_run", {})
+    t.probe = {**origin.get("probe", {}), "action": "resumed", "copy": str(path)}
+    return t, origin.get("source", str(path))
+
+
+def keep_run_table(table: LatencyTable, source: Path, run_dir: Path) -> None:
+    """Copy the resolved ``table`` (with its probe record and source path) into ``run_dir``."""
+    copy = LatencyTable(table.to_frame(), {**table.metadata, "search_run": {
+        "source": str(source), "probe": table.probe}})
+    copy.save(Path(run_dir) / RUN_TABLE)
+
+
 def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     """Everything ``run_search`` needs from a search config: the space, the task, the latency
     table and its differentiable expectation, the search config, and per-step batch functions
-    (keyed by seed and rank)."""
+    (keyed by seed and rank). A resumed run uses the table copied into its directory."""
     space = find_space(cfg.space)
     task = task_of(cfg)
     task.check_arch(space.reference())
@@ -56,7 +79,13 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     lat = cfg.latency
     shape = [int(s) for s in cfg.input_shape]
     backend = make_backend(lat.backend)
-    table, table_path = resolve_from_config(space, shape, lat, cfg.progress)
+    kept = run_table(Path(cfg.resume)) if cfg.resume else None
+    if kept:
+        table, table_path = kept
+        print(f"resuming with the latency table the run started with ({RUN_TABLE}, resolved "
+              f"from {table_path})", flush=True)
+    else:
+        table, table_path = resolve_from_config(space, shape, lat, cfg.progress)
     expected = ExpectedLatency(space, table, shape, lat.granularity,
                                profile_command(space, shape, backend, lat.granularity))
     data_seed = cfg.seed + 1000 * rank
@@ -79,6 +108,8 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
         out = claim_run_dir(out, main=main) if out else output_dir(main=main)
     if info.enabled:
         scfg.device = info.device
+    if main and not cfg.resume:
+        keep_run_table(table, p["table_path"], out)
     s = run_search(space, p["expected"], p["train_batch"], p["val_batch"], scfg, out, p["task"],
                    resume=bool(cfg.resume), progress=cfg.progress, input_shape=shape)
     s["latency_table"] = str(p["table_path"])
