@@ -9,6 +9,8 @@ interleaved rounds on the same onnxruntime session options. One row per (space, 
 - plain / corrected MAPE: key sums, and the leave-one-out linear correction;
 - within ±5% / ±10%, Spearman ρ, Kendall τ (of the plain sums);
 - noise: the noise floor (median over networks of the mean pass-to-pass difference);
+- speed-up MAPE / within ±10%: predicted speed-ups over the reference against measured ones
+  paired per round (drift cancels: the table's own error);
 - pairs before/after: single-decision pairs listing the cheaper choice >5% slower, before and
   after the re-check (of all pairs);
 - the session options (threads, spinning, graph optimisation) and the fingerprint digest.
@@ -70,7 +72,9 @@ def run_one(space_name, threads, shape, args, protocol, out: Path) -> dict:
             "validate_s": round(validate_s, 1), "mape_plain": plain["mape"],
             "mape_corrected": loo["mape"], "within_5": plain["within_5pct"],
             "within_10": plain["within_10pct"], "spearman": plain["spearman"],
-            "kendall": plain["kendall"], "noise_floor": s["noise_floor"], "pairs": c["pairs"],
+            "kendall": plain["kendall"], "noise_floor": s["noise_floor"],
+            "speedup_mape": s["speedup"]["mape"], "speedup_within_10": s["speedup"]["within_10pct"],
+            "speedup_spearman": s["speedup"]["spearman"], "pairs": c["pairs"],
             "inconsistent_before": c["before"], "inconsistent_after": c["after"],
             "probe_baseline_ratio": table.metadata["probe_baseline"]["ratio"],
             "spinning": opts["spinning"], "graph_optimization": opts["graph_optimization"],
@@ -118,14 +122,17 @@ def main() -> None:
                   f"{100 * r['mape_plain']:.1f}% / corrected {100 * r['mape_corrected']:.1f}%, "
                   f"±5% {100 * r['within_5']:.0f}%, ±10% {100 * r['within_10']:.0f}%, Spearman "
                   f"{r['spearman']:.3f}, Kendall {r['kendall']:.3f}, noise floor "
-                  f"{100 * r['noise_floor']:.1f}%, inconsistent pairs {r['inconsistent_before']}"
+                  f"{100 * r['noise_floor']:.1f}%, speed-ups (paired) MAPE "
+                  f"{100 * r['speedup_mape']:.1f}% / ±10% {100 * r['speedup_within_10']:.0f}%, "
+                  f"inconsistent pairs {r['inconsistent_before']}"
                   f"->{r['inconsistent_after']}/{r['pairs']} (spinning {r['spinning']})",
                   flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "latency_fidelity.csv", index=False)
     (out / "latency_fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = ["space", "threads", "profile_s", "mape_plain", "mape_corrected", "within_5",
-            "within_10", "spearman", "kendall", "noise_floor", "inconsistent_before",
+            "within_10", "spearman", "kendall", "noise_floor", "speedup_mape",
+            "speedup_within_10", "inconsistent_before",
             "inconsistent_after", "spinning"]
     print()
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -309,6 +310,44 @@ def test_validate_in_process_leaves_the_table_object_alone(tiny, cost_table, tmp
     assert (tmp_path / f"{cost_table.stem}_corrected.csv").exists()
     for name in ("validation.csv", "validation.png", "summary.json"):
         assert (tmp_path / name).exists()
+
+
+class DriftingCostBackend(CostBackend):
+    """CostBackend on a machine whose speed changes every round of ``n`` calls (one call per
+    network per round): round r runs ``factors[r]`` times slower, as a VM's slow phases do."""
+
+    def __init__(self, n: int, factors):
+        super().__init__()
+        self.n, self.factors, self.calls = n, list(factors), 0
+
+    def runner(self, module, example_input):
+        ms = super().runner(module, example_input)()
+
+        def run():
+            f = self.factors[(self.calls // self.n) % len(self.factors)]
+            self.calls += 1
+            return ms * f
+        return run
+
+
+def test_validation_speedups_are_paired_so_drift_cancels(tiny, cost_table, tmp_path):
+    """Rounds at 1x, 3x, 1.5x and 2x the table's machine speed: absolute predictions are off
+    (the p20 of the samples is ~1.3x), the speed-ups over the reference are exact. Fails when
+    speed-ups are judged on absolute figures, inverted, taken against another network than the
+    reference, or when the reference's trivial 1.0 is counted."""
+    n = 4
+    backend = DriftingCostBackend(n + 3, [1, 3, 1.5, 2])
+    proto = MeasureProtocol(rounds=4, per_round=1, warmup=0, min_seconds=0)
+    s = validate_table(tiny, LatencyTable.load(cost_table), backend, tmp_path, n=n,
+                       protocol=proto, progress=False)
+    assert backend.calls == 4 * (n + 3)
+    assert s["mape"] > 0.2
+    assert s["speedup"]["n"] == n + 2 and s["speedup"]["mape"] == pytest.approx(0, abs=1e-9)
+    df = pd.read_csv(tmp_path / "validation.csv")
+    sm = df.set_index("arch")
+    assert sm.loc["reference", "measured_speedup"] == pytest.approx(1.0)
+    assert sm.loc["smallest", "measured_speedup"] > 1.3  # a real spread, not all ones
+    assert np.allclose(df["measured_speedup"], df["predicted_speedup"])
 
 
 @pytest.mark.slow

@@ -40,6 +40,8 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
     print(f"validated {path} on {s['n']} networks: MAPE {100 * s['mape']:.2f}%, within ±10% "
           f"{100 * s['within_10pct']:.0f}%, Spearman {s['spearman']:.3f}, noise floor "
           f"{100 * s['noise_floor']:.1f}% (leave-one-out corrected: MAPE {100 * c['mape']:.2f}%)"
+          f"; speed-ups over the reference (paired per round): MAPE "
+          f"{100 * s['speedup']['mape']:.2f}%, within ±10% {100 * s['speedup']['within_10pct']:.0f}%"
           f"; wrote {out}/validation.csv, validation.png"
           + (f", {s['corrected_table']}" if s["corrected_table"] else ""))
     return s

@@ -14,6 +14,13 @@ Spearman ρ and Kendall τ between p and m. They are given for
 - ``corrected_loo``: the linear correction ``m ≈ a·Σ t + b`` fitted by least squares, judged out
   of sample by leave-one-out (each network predicted by a fit on the others).
 
+``speedup``: the same figures for speed-ups over the reference network, predicted
+``p_ref / p_i`` against measured ``paired_ratio(ref, i)`` (the median over rounds of the per-round
+ratio, ``ernas.latency.measure``), over every network but the reference. A slow phase of the
+machine scales a whole round alike and cancels in the paired ratio, while it shifts absolute
+figures; so ``speedup`` tells the table's error apart from the machine's drift, and it is the
+figure a search's trade-off (and the Pareto benchmark's agreement) depends on.
+
 ``noise_floor`` is the median over networks of their pass-to-pass spread (mean difference of
 the per-round statistic between two rounds, over its median; ``ernas.latency.measure``): errors
 below it cannot be told from the noise of a single pass. All networks are live at once so that
@@ -37,7 +44,7 @@ from ernas import build_model, inference_model
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.latency.backends import Backend
-from ernas.latency.measure import MeasureProtocol
+from ernas.latency.measure import MeasureProtocol, paired_ratio
 from ernas.latency.predict import predict_ms
 from ernas.latency.table import LatencyTable
 from ernas.paths import LATENCY_TABLES
@@ -117,6 +124,10 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
                      "measured_ms": m["ms"], "median_ms": m["median"], "p10_ms": m["p10"],
                      "p90_ms": m["p90"], "pass_spread": m["spread"], "samples": m["n"]})
     df = pd.DataFrame(rows)
+    ref = df.index[df["arch"] == "reference"][0]
+    df["predicted_speedup"] = df.loc[ref, "predicted_ms"] / df["predicted_ms"]
+    df["measured_speedup"] = [paired_ratio(measured["reference"], measured[a]) for a in df["arch"]]
+    others = df.drop(index=ref)
     raw, pred, meas = (df[c].to_numpy() for c in ("sum_ms", "predicted_ms", "measured_ms"))
     loo = loo_predictions(raw, meas) if len(df) >= 3 else raw.copy()
     a, b = fit_correction(raw, meas)
@@ -125,6 +136,8 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     as_pred = accuracy(pred, meas)
     summary = {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
                "corrected_loo": accuracy(loo, meas), "noise_floor": float(df["pass_spread"].median()),
+               "speedup": accuracy(others["predicted_speedup"].to_numpy(),
+                                   others["measured_speedup"].to_numpy()),
                "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(df)},
                "table_correction": copy.deepcopy(table.metadata.get("correction")),
                "space": space.name, "granularity": gran, "input_shape": list(shape),
@@ -165,7 +178,9 @@ def _plot(df: pd.DataFrame, path: Path, s: dict) -> None:
     ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", xlim=(lo, hi),
            ylim=(lo, hi), title=f"{s['space']} · {s['backend']} · {s['granularity']} keys\n"
            f"MAPE {100 * s['mape']:.1f}%, ±10% {100 * s['within_10pct']:.0f}%, "
-           f"ρ {s['spearman']:.3f}, noise floor {100 * s['noise_floor']:.1f}%")
+           f"ρ {s['spearman']:.3f}, noise floor {100 * s['noise_floor']:.1f}%\n"
+           f"speed-ups over the reference (paired): MAPE {100 * s['speedup']['mape']:.1f}%, "
+           f"±10% {100 * s['speedup']['within_10pct']:.0f}%")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
