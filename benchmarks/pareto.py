@@ -11,7 +11,8 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
    T = the reference's predicted latency) and one per hinge target (``--targets``: fractions f of
    the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
    ``ernas.cli.search.run``; the derived arch is retrained from scratch (and, with
-   ``--init scratch supernet``, also from the supernet's inherited weights, a separate series).
+   ``--init scratch supernet``, also from the supernet's inherited weights, a separate series
+   that shares the scratch series' architectures and hence their timings).
 3. Every network is retrained with the same recipe and budget (``ernas.train.retrain``, NAFNet's
    recipe, ``--steps``/``--batch``/``--crop``), for every seed of ``--seeds``, and evaluated
    (``ernas.evaluate.evaluate``) at σ 15/25/50 on the held-out tiles: every bundled image the

@@ -81,6 +81,27 @@ def measure_phase(a) -> None:
     report_phase(a)
 
 
+def latencies_by_arch(nets: list[dict], measured: dict) -> dict:
+    """Each network's latency record: its own from ``measured`` (latency.json's networks), else
+    that of a measured network with the same architecture (the supernet-init series of a search:
+    same arch, other weights), marked ``measured_as``; networks with neither are left out."""
+    from ernas.space import load_arch
+
+    digest = {n["name"]: arch_digest(load_arch(n["arch"])) for n in nets}
+    by_digest: dict = {}
+    for name, rec in measured.items():
+        if name in digest:
+            by_digest.setdefault(digest[name], (name, rec))
+    out = {}
+    for n in nets:
+        if n["name"] in measured:
+            out[n["name"]] = measured[n["name"]]
+        elif digest[n["name"]] in by_digest:
+            other, rec = by_digest[digest[n["name"]]]
+            out[n["name"]] = {**rec, "measured_as": other}
+    return out
+
+
 def report_phase(a) -> None:
     from ernas.io import atomic_write_json, atomic_write_text
 
@@ -88,13 +109,14 @@ def report_phase(a) -> None:
     c = json.loads((out / "config.json").read_text())
     nets = json.loads((out / "networks.json").read_text())["networks"]
     lat = json.loads((out / "latency.json").read_text())
-    missing = [n["name"] for n in nets if n["name"] not in lat["networks"]]
+    timed = latencies_by_arch(nets, lat["networks"])
+    missing = [n["name"] for n in nets if n["name"] not in timed]
     if missing:
         sys.exit(f"no latency for {', '.join(missing)}: run measure again.")
-    ref_rounds = next(lat["networks"][n["name"]].get("round_ms") for n in nets if n["reference"])
+    ref_rounds = next(timed[n["name"]].get("round_ms") for n in nets if n["reference"])
     rows = []
     for n in nets:
-        measured = dict(lat["networks"][n["name"]])
+        measured = dict(timed[n["name"]])
         rounds = measured.pop("round_ms", None)
         # the speed-up as the median over rounds of (reference / network) in that round
         measured["speedup_paired"] = (paired_ratio(ref_rounds, rounds) if ref_rounds and rounds

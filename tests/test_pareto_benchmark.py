@@ -191,3 +191,23 @@ def test_networks_with_non_finite_quality_are_left_off_the_fronts():
     kept, excluded = pa.split_finite(df)
     assert list(kept["network"]) == ["a", "a"]
     assert excluded == {"bn": [0], "c": [0]}
+
+
+def test_networks_sharing_an_arch_share_its_measurement(tmp_path):
+    """The supernet-init series of a search has the scratch series' arch: report uses that
+    network's timing (marked), and still refuses a network whose arch was never timed."""
+    import pareto_phases as pp
+    from ernas.space import find_space
+
+    space = find_space("nafnet_ern_small")
+    a, b = space.sample(1), space.sample(2)
+    assert arch_digest(a) != arch_digest(b)
+    paths = {}
+    for name, arch in (("s", a), ("s_supernet", a), ("other", b)):
+        paths[name] = tmp_path / f"{name}.yaml"
+        arch.save(paths[name])
+    nets = [{"name": k, "arch": str(v)} for k, v in paths.items()]
+    timed = pp.latencies_by_arch(nets, {"s": {"measured_ms": 42.0, "round_ms": [41.0, 43.0]}})
+    assert timed["s"] == {"measured_ms": 42.0, "round_ms": [41.0, 43.0]}
+    assert timed["s_supernet"] == {**timed["s"], "measured_as": "s"}
+    assert "other" not in timed
