@@ -79,13 +79,20 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     lat = cfg.latency
     shape = [int(s) for s in cfg.input_shape]
     backend = make_backend(lat.backend)
-    kept = run_table(Path(cfg.resume)) if cfg.resume else None
-    if kept:
-        table, table_path = kept
-        print(f"resuming with the latency table the run started with ({RUN_TABLE}, resolved "
-              f"from {table_path})", flush=True)
-    else:
-        table, table_path = resolve_from_config(space, shape, lat, cfg.progress)
+    # rank 0 alone resolves (a probe, perhaps a profile) and the others receive its table, so
+    # every rank optimises one objective and no two processes profile one cache file at once
+    resolved = None
+    if D.is_main():
+        kept = run_table(Path(cfg.resume)) if cfg.resume else None
+        if kept:
+            print(f"resuming with the latency table the run started with ({RUN_TABLE}, resolved "
+                  f"from {kept[1]})", flush=True)
+        resolved = kept or resolve_from_config(space, shape, lat, cfg.progress)
+        resolved = (resolved[0].to_frame(), resolved[0].metadata, resolved[0].probe,
+                    str(resolved[1]))
+    frame, meta, probe, table_path = D.broadcast_object(resolved)
+    table = LatencyTable(frame, meta, table_path)
+    table.probe = probe
     expected = ExpectedLatency(space, table, shape, lat.granularity,
                                profile_command(space, shape, backend, lat.granularity))
     data_seed = cfg.seed + 1000 * rank

@@ -322,7 +322,7 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
     path = default_table_path(space, backend, shape, granularity, cache)
     if any(r["table"] == str(path) for r in refused):
         _note(f"re-profiling {path} (the cached table there was refused).")
-        path.unlink()
+        path.unlink(missing_ok=True)
         sidecar_path(path).unlink(missing_ok=True)
     _note(f"profiling a latency table for {space.name} at {shape} on this machine: {path}")
     t = profile_table(space, shape, backend, granularity, path, protocol, consistency_tolerance,
