@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/ernas-demo
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: setup
 	$(PY) -m pytest -q

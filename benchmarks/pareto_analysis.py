@@ -171,9 +171,14 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
         print(f"  [{'met' if g[f'{s}_above_scaled'] else 'NOT met'}] {s} front above the scaled "
               f"front (≥{GOAL_GAP_DB:g} dB or ≥{GOAL_FASTER:g}x): {k} of {n} comparable front "
               f"networks ({m} on the front)")
+    noise = ("" if "speedup_spread" not in t or t["speedup_spread"].isna().all() else
+             f"; the paired speed-ups' pass-to-pass noise floor: median "
+             f"{100 * t.loc[~t['reference'], 'speedup_spread'].median():.1f}%")
     print(f"  [{'met' if g['agreement'] else 'NOT met'}] predicted vs measured speed-up within "
           f"{100 * GOAL_AGREE:g}% for every network" + (
-              "" if bad.empty else f" (outside: {', '.join(bad['network'])})"))
+              "" if bad.empty else " (outside: " + ", ".join(
+                  f"{r['network']} {r['agreement']:.3f}" for _, r in bad.iterrows()) + ")")
+          + noise)
     if not (t["agreement_statistic"] == t["agreement"]).all():
         out = t[abs(t["agreement_statistic"] - 1) > GOAL_AGREE]
         print(f"  (measured speed-ups are paired per round; as ratios of the overall statistics "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ernas.latency.measure import paired_ratio
+from ernas.latency.measure import paired_ratio, paired_spread
 from ernas.pareto import arch_digest
 from pareto_analysis import analyse, plot, print_summary, split_finite
 
@@ -121,6 +121,8 @@ def report_phase(a) -> None:
         # the speed-up as the median over rounds of (reference / network) in that round
         measured["speedup_paired"] = (paired_ratio(ref_rounds, rounds) if ref_rounds and rounds
                                       else float("nan"))
+        measured["speedup_spread"] = (paired_spread(ref_rounds, rounds) if ref_rounds and rounds
+                                      else float("nan"))
         for seed in c["seeds"]:
             run = out / "runs" / n["name"] / f"seed{seed}"
             if not (run / "eval" / "summary.json").is_file():
@@ -148,6 +150,7 @@ def report_phase(a) -> None:
         series=("series", "first"), reference=("reference", "first"),
         measured_ms=("measured_ms", "first"), spread=("measured_spread", "first"),
         predicted_ms=("predicted_ms", "first"), speedup_paired=("speedup_paired", "first"),
+        speedup_spread=("speedup_spread", "first"),
         params=("params", "first"), macs=("macs", "first"), psnr=("psnr_sigma25", "mean"),
         psnr_std=("psnr_sigma25", "std"),
         psnr15=("psnr_sigma15", "mean"), psnr50=("psnr_sigma50", "mean"),

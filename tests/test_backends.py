@@ -15,8 +15,8 @@ from ernas.latency.backends import (
     OnnxRuntimeBackend, TorchBackend)
 from ernas.latency.command import CommandBackend
 from ernas.latency.factory import make_backend
-from ernas.latency.measure import (MeasureProtocol, measure_interleaved, paired_ratio, statistic,
-                                  summarize)
+from ernas.latency.measure import (MeasureProtocol, measure_interleaved, paired_ratio,
+                                   paired_spread, statistic, summarize)
 from ernas.latency.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,9 @@ def test_paired_ratio_cancels_drift_shared_by_a_round():
     assert paired_ratio([10.0, 30.0, 12.0], [5.0, 10.0, 3.0]) == pytest.approx(3.0)  # median
     with pytest.raises(ErnasError, match="same rounds"):
         paired_ratio([1.0, 2.0], [1.0])
+    assert paired_spread(res["ref"], res["net"]) == 0.0  # every pass agrees on 2.5
+    # per-round ratios 2, 3, 4: pass-to-pass |2-3|, |2-4|, |3-4| -> mean 4/3, over the median 3
+    assert paired_spread([10.0, 30.0, 12.0], [5.0, 10.0, 3.0]) == pytest.approx(4 / 9)
 
 
 def test_statistics_and_protocol():

@@ -42,7 +42,7 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
           f"{100 * s['noise_floor']:.1f}% (leave-one-out corrected: MAPE {100 * c['mape']:.2f}%)"
           f"; speed-ups over the reference (paired per round): MAPE "
           f"{100 * s['speedup']['mape']:.2f}%, within ±10% {100 * s['speedup']['within_10pct']:.0f}%"
-          f"; wrote {out}/validation.csv, validation.png"
+          f", noise floor {100 * s['speedup']['noise_floor']:.1f}%; wrote {out}/validation.csv, validation.png"
           + (f", {s['corrected_table']}" if s["corrected_table"] else ""))
     return s
 

@@ -34,7 +34,8 @@ Paired ratio (``paired_ratio``): to compare two runners measured together (a spe
 ratio is taken **per round**, where both were timed within one pass, and summarised by its
 median over rounds: ``median_r s_r(a)/s_r(b)``. A slow phase that covers a round scales both
 alike and cancels, so the figure follows the models, not when each of their samples fell; the
-ratio of the two overall statistics does not have that property.
+ratio of the two overall statistics does not have that property. Its noise floor
+(``paired_spread``) is the same pass-to-pass spread taken over the per-round ratios.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ from ernas.progress import progress as progress_bar
 from ernas.errors import ErnasError
 
 __all__ = ["DEFAULT_STATISTIC", "MeasureProtocol", "Runner", "check_statistic",
-           "measure_interleaved", "one_round", "paired_ratio", "plain_mapping", "round_order",
-           "rounds_left", "statistic", "summarize", "warm_up"]
+           "measure_interleaved", "one_round", "paired_ratio", "paired_spread", "pass_spread",
+           "plain_mapping", "round_order", "rounds_left", "statistic", "summarize", "warm_up"]
 
 Runner = Callable[[], float]
 DEFAULT_STATISTIC = "p20"
@@ -120,24 +121,40 @@ def summarize(rounds: list[list[float]], stat: str = DEFAULT_STATISTIC) -> dict:
                          f"backend produced no usable timing. Check the backend's output.")
     per_round = np.array([statistic(r, stat) for r in rounds if len(r)])
     p10, med, p90 = np.percentile(flat, [10, 50, 90])
-    mid, k = float(np.median(per_round)), len(per_round)
-    pairs = np.abs(per_round[:, None] - per_round[None, :]).sum() / (k * (k - 1)) if k > 1 else 0.0
     return {"ms": statistic(flat, stat), "p10": float(p10), "median": float(med),
             "p90": float(p90), "mean": float(flat.mean()), "n": int(flat.size),
-            "spread": float(pairs / mid) if mid > 0 else 0.0,
-            "round_ms": [float(v) for v in per_round]}
+            "spread": pass_spread(per_round), "round_ms": [float(v) for v in per_round]}
+
+
+def pass_spread(per_round) -> float:
+    """``mean_{r≠r'} |v_r − v_r'| / median_r v_r`` of per-round figures (0 for one round)."""
+    v = np.asarray(per_round, dtype=np.float64)
+    mid, k = float(np.median(v)), len(v)
+    if k < 2 or mid <= 0:
+        return 0.0
+    return float(np.abs(v[:, None] - v[None, :]).sum() / (k * (k - 1)) / mid)
 
 
 def paired_ratio(a: dict | list, b: dict | list) -> float:
     """``median_r s_r(a) / s_r(b)`` over the rounds both were timed in (module docstring);
     ``a``/``b``: results of one ``measure_interleaved`` call or their ``round_ms`` lists."""
+    return float(np.median(_round_ratios(a, b)))
+
+
+def paired_spread(a: dict | list, b: dict | list) -> float:
+    """The noise floor of :func:`paired_ratio`: :func:`pass_spread` of the per-round ratios
+    ``s_r(a)/s_r(b)`` — how much one pass's speed-up disagrees with another's."""
+    return pass_spread(_round_ratios(a, b))
+
+
+def _round_ratios(a: dict | list, b: dict | list) -> np.ndarray:
     ra = np.asarray(a["round_ms"] if isinstance(a, dict) else a, dtype=np.float64)
     rb = np.asarray(b["round_ms"] if isinstance(b, dict) else b, dtype=np.float64)
     if ra.size == 0 or ra.size != rb.size or not (np.all(ra > 0) and np.all(rb > 0)):
         raise ErnasError(f"paired_ratio needs the per-round figures of two runners measured in "
                          f"the same rounds (got {ra.size} and {rb.size} rounds); measure them "
                          f"together in one measure_interleaved call.")
-    return float(np.median(ra / rb))
+    return ra / rb
 
 
 def round_order(names: list[str], seed: int, round_index: int) -> list[str]:

@@ -19,7 +19,9 @@ Spearman ρ and Kendall τ between p and m. They are given for
 ratio, ``ernas.latency.measure``), over every network but the reference. A slow phase of the
 machine scales a whole round alike and cancels in the paired ratio, while it shifts absolute
 figures; so ``speedup`` tells the table's error apart from the machine's drift, and it is the
-figure a search's trade-off (and the Pareto benchmark's agreement) depends on.
+figure a search's trade-off (and the Pareto benchmark's agreement) depends on. Its
+``noise_floor`` is the median over networks of the pass-to-pass spread of the per-round ratio
+(``paired_spread``), the noise a single pass's speed-up carries.
 
 ``noise_floor`` is the median over networks of their pass-to-pass spread (mean difference of
 the per-round statistic between two rounds, over its median; ``ernas.latency.measure``): errors
@@ -44,7 +46,7 @@ from ernas import build_model, inference_model
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.latency.backends import Backend
-from ernas.latency.measure import MeasureProtocol, paired_ratio
+from ernas.latency.measure import MeasureProtocol, paired_ratio, paired_spread
 from ernas.latency.predict import predict_ms
 from ernas.latency.table import LatencyTable
 from ernas.paths import LATENCY_TABLES
@@ -127,6 +129,7 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     ref = df.index[df["arch"] == "reference"][0]
     df["predicted_speedup"] = df.loc[ref, "predicted_ms"] / df["predicted_ms"]
     df["measured_speedup"] = [paired_ratio(measured["reference"], measured[a]) for a in df["arch"]]
+    df["speedup_spread"] = [paired_spread(measured["reference"], measured[a]) for a in df["arch"]]
     others = df.drop(index=ref)
     raw, pred, meas = (df[c].to_numpy() for c in ("sum_ms", "predicted_ms", "measured_ms"))
     loo = loo_predictions(raw, meas) if len(df) >= 3 else raw.copy()
@@ -136,8 +139,9 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     as_pred = accuracy(pred, meas)
     summary = {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
                "corrected_loo": accuracy(loo, meas), "noise_floor": float(df["pass_spread"].median()),
-               "speedup": accuracy(others["predicted_speedup"].to_numpy(),
-                                   others["measured_speedup"].to_numpy()),
+               "speedup": {**accuracy(others["predicted_speedup"].to_numpy(),
+                                      others["measured_speedup"].to_numpy()),
+                           "noise_floor": float(others["speedup_spread"].median())},
                "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(df)},
                "table_correction": copy.deepcopy(table.metadata.get("correction")),
                "space": space.name, "granularity": gran, "input_shape": list(shape),

@@ -30,7 +30,7 @@ class SearchConfig:
     alpha_every: int = 1
     temperature: float = 1.0
     gumbel: bool = False
-    weight_keep_rate: float | None = None  # weight step: keep each block w.p. q (None: α mix)
+    weight_keep_rate: float | None = 0.5   # weight step: keep each block w.p. q (None: α mix)
     mode: str = "shared"             # shared (weight sharing) | darts (all paths, NAFNet only)
     latency_form: str = "additive"   # additive λ·r | multiplicative r^β | hinge λ·max(0, r−1)
     lam: float = 0.5                 # additive/hinge weight (for the PSNR loss: dB per unit r)
