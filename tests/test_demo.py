@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _stage(name, overrides):
     return f"stages.{name}=[" + ",".join(f"'{o}'" for o in overrides) + "]"
@@ -32,6 +34,11 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
     assert [m["name"] for m in s["models"]] == ["derived", "baseline"]
     assert s["export"]["max_abs_diff"] < 1e-4
     d, b = s["models"]
+    # predictions come from the table the search optimised (its run copy), not a re-resolved one
+    found = json.loads((out / "search" / "summary.json").read_text())
+    assert d["table"] == b["table"] == str(out / "search" / "latency_table.csv")
+    assert d["predicted_ms"] == pytest.approx(found["predicted_latency_ms"])
+    assert b["predicted_ms"] == pytest.approx(found["baseline_latency_ms"])
     # the verdict is read off the numbers, whichever way they fall
     # (the measured speed-up is paired per round: between the two ratios of the per-round times)
     sp = s["measured_speedup"]

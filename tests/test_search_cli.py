@@ -45,6 +45,15 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
     arch = ernas.load_arch(out / "arch.yaml")
     assert ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").contains(arch)
     assert "predicted latency" in r.stdout and "baseline" in r.stdout
+    assert "never bound" not in r.stdout  # additive λ 0.5: the latency term acts
+
+
+def test_search_cli_says_when_the_hinge_target_never_bound(tmp_path, cache):
+    r = _search(tmp_path, cache, "h", "search.steps=8", "search.latency_form=hinge",
+                "search.target_ms=1000000")
+    s = json.loads((tmp_path / "h" / "summary.json").read_text())
+    assert s["latency_active_fraction"] == 0.0
+    assert "hinge target 1000000.00 ms never bound" in r.stdout and "λ=0" in r.stdout
 
 
 def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):

@@ -317,6 +317,26 @@ def test_multiplicative_beta_zero_is_no_latency_term(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_summary_says_whether_the_hinge_ever_bound(setup, tmp_path):
+    """A hinge target above every expected latency never acts (fraction 0; the search is the
+    λ=0 one, α for α); a target below the smallest network acts in every α step."""
+    space, expected, train, val = setup
+    loose = run_search(space, expected, train, val, cfg(latency_form="hinge", lam=5.0,
+                                                         target_ms=1e6), tmp_path / "loose",
+                       task=TASK, progress=False)
+    free = run_search(space, expected, train, val, cfg(lam=0.0), tmp_path / "free", task=TASK,
+                      progress=False)
+    tight = run_search(space, expected, train, val, cfg(latency_form="hinge", lam=5.0,
+                                                        target_ms=1e-6), tmp_path / "tight",
+                       task=TASK, progress=False)
+    assert loose["latency_active_fraction"] == 0.0 and tight["latency_active_fraction"] == 1.0
+    assert free["max_expected_ms"] == pytest.approx(loose["max_expected_ms"])
+    assert 0 < loose["max_expected_ms"] <= expected.of_arch(space.largest()) + 1e-6
+    a, b = alphas_of(tmp_path / "loose"), alphas_of(tmp_path / "free")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 def test_search_yaml_is_typed_by_search_config():
     """experiments/search.yaml's search node has SearchConfig's schema and defaults: one source,
     unknown keys and wrong types refused at composition, every experiment composes."""

@@ -3,7 +3,9 @@
 The task (``task=...``) and its settings apply to every stage. ``experiment`` (default: the
 task's preset, ``presets.<task>.experiment`` in demo.yaml, e.g. ``unet_seg`` for segment) is
 composed into the search stage, and the search's ``input_shape`` is where evaluation and export
-measure latency and MACs; a task's preset adds per-stage overrides, then ``stages.<name>=[...]``
+measure latency and MACs; evaluation predicts latency from the table the search used (its run
+copy, ``search/latency_table.csv``), so the predicted speed-up is the one the search optimised.
+A task's preset adds per-stage overrides, then ``stages.<name>=[...]``
 adds the user's."""
 from __future__ import annotations
 
@@ -84,10 +86,12 @@ def run(cfg: DictConfig) -> dict:
                 out / "retrain_derived")
     retrain.run(_stage("retrain", [f"arch=reference:{s_cfg.space}", *common], task),
                 out / "retrain_baseline")
+    # predicted latencies from the table the search optimised (resolved and probed minutes ago)
+    pinned = [f"latency.table={out / 'search' / search.RUN_TABLE}", "latency.trust_table=true"]
     ev = evaluate.run(_stage("evaluate", [
         f"checkpoint={out / 'retrain_derived'}", "name=derived",
         f"baseline.arch=reference:{s_cfg.space}", f"baseline.checkpoint={out / 'retrain_baseline'}",
-        "baseline.name=baseline", shape, *st["evaluate"]], task), out / "evaluate")
+        "baseline.name=baseline", shape, *pinned, *st["evaluate"]], task), out / "evaluate")
     ex = export.run(_stage("export", [f"checkpoint={out / 'retrain_derived'}", shape,
                                       *st["export"]], task), out / "export")
     text = table(ev, ex)

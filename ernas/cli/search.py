@@ -140,6 +140,12 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
             f"{s['decisiveness']:.3f}; supernet val {s['metric']} "
             f"{s['supernet_val_' + s['metric']]:.3f} "
             f"({table.metadata.get('backend')}, {table.metadata.get('device')}, input {shape})")
+    if scfg.lam > 0 and scfg.latency_form == "hinge" and s["latency_active_fraction"] == 0:
+        print(f"note: the hinge target {s['target_ms']:.2f} ms never bound: the expected latency "
+              f"stayed below it (at most {s['max_expected_ms']:.2f} ms in the α steps), so the "
+              f"latency term never acted and this is the architecture of a λ=0 search; set "
+              f"search.target_ms below {s['max_expected_ms']:.2f} ms to trade quality for "
+              f"latency.")
     return s
 
 

@@ -378,6 +378,12 @@ def _finish(run: _Run, train_batch: Batch, val_batch: Batch, input_shape) -> dic
         "space": space.name, "config": cfg.to_dict(),
     }
     summary["discretisation_gap"] = summary[f"supernet_val_{m}"] - summary[f"inherited_val_{m}"]
+    # how often the latency term acted (non-zero) in the logged α steps: 0 for a hinge whose
+    # target the expected latency never exceeded, i.e. a search the latency term did not shape
+    acted = [r["latency"] != 0 for r in run.log_rows if r["alpha_updated"]]
+    summary["latency_active_fraction"] = float(sum(acted) / len(acted)) if acted else 0.0
+    summary["max_expected_ms"] = max((r["expected_ms"] for r in run.log_rows
+                                      if r["alpha_updated"]), default=None)
     if summary["baseline_latency_ms"]:
         summary["speedup"] = summary["baseline_latency_ms"] / summary["predicted_latency_ms"]
     if D.is_main():
