@@ -169,7 +169,10 @@ def test_profile_and_validate_cli(tmp_path):
     assert out.read_bytes() == before  # validation never writes into the table
 
 
+@pytest.mark.slow
 def test_profile_cli_command_backend(tmp_path):
+    """ernas-profile through the command backend config (``latency=command_local``, ~80 s: one
+    process per timing call); CommandBackend itself is tested fast in test_backends.py."""
     arch = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest()
     arch.save(tmp_path / "small.yaml")
     out = tmp_path / "cmd.csv"
