@@ -11,6 +11,10 @@ interleaved rounds on the same onnxruntime session options. One row per (space, 
 - noise: the noise floor (median over networks of the mean pass-to-pass difference);
 - speed-up MAPE / within ±10%: predicted speed-ups over the reference against measured ones
   paired per round (drift cancels: the table's own error);
+- split-half noise: how much two half-length measurements of one figure disagree (absolute /
+  speed-up); errors well above it are the table's;
+- anchored ±10%: absolute and speed-up accuracy with the table anchored at the reference and the
+  smallest network measured in the same pass (``ernas.latency.validation``), on the others;
 - pairs before/after: single-decision pairs listing the cheaper choice >5% slower, before and
   after the re-check (of all pairs);
 - the session options (threads, spinning, graph optimisation) and the fingerprint digest.
@@ -75,12 +79,26 @@ def run_one(space_name, threads, shape, args, protocol, out: Path) -> dict:
             "kendall": plain["kendall"], "noise_floor": s["noise_floor"],
             "speedup_mape": s["speedup"]["mape"], "speedup_within_10": s["speedup"]["within_10pct"],
             "speedup_spearman": s["speedup"]["spearman"],
-            "speedup_noise_floor": s["speedup"]["noise_floor"], "pairs": c["pairs"],
+            "speedup_noise_floor": s["speedup"]["noise_floor"],
+            "measurement_noise": s["measurement_noise"],
+            "speedup_measurement_noise": s["speedup"]["measurement_noise"],
+            **_anchored_columns(s["anchored"]), "pairs": c["pairs"],
             "inconsistent_before": c["before"], "inconsistent_after": c["after"],
             "probe_baseline_ratio": table.metadata["probe_baseline"]["ratio"],
             "spinning": opts["spinning"], "graph_optimization": opts["graph_optimization"],
             "onnxruntime": opts["version"], "fingerprint": backend.fingerprint()["digest"],
             "table": str(path)}
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def _anchored_columns(an: dict | None) -> dict:
+    keys = ("anchored_mape", "anchored_within_10", "anchored_speedup_within_10")
+    if an is None:
+        return dict.fromkeys(keys)
+    return dict(zip(keys, (an["mape"], an["within_10pct"], an["speedup"]["within_10pct"])))
 
 
 def main() -> None:
@@ -124,16 +142,22 @@ def main() -> None:
                   f"±5% {100 * r['within_5']:.0f}%, ±10% {100 * r['within_10']:.0f}%, Spearman "
                   f"{r['spearman']:.3f}, Kendall {r['kendall']:.3f}, noise floor "
                   f"{100 * r['noise_floor']:.1f}%, speed-ups (paired) MAPE "
-                  f"{100 * r['speedup_mape']:.1f}% / ±10% {100 * r['speedup_within_10']:.0f}% (noise floor "
-                  f"{100 * r['speedup_noise_floor']:.1f}%), inconsistent pairs {r['inconsistent_before']}"
-                  f"->{r['inconsistent_after']}/{r['pairs']} (spinning {r['spinning']})",
+                  f"{100 * r['speedup_mape']:.1f}% / ±10% {100 * r['speedup_within_10']:.0f}% "
+                  f"(noise floor {100 * r['speedup_noise_floor']:.1f}%), split-half noise "
+                  f"{100 * r['measurement_noise']:.1f}% / "
+                  f"{100 * r['speedup_measurement_noise']:.1f}%, anchored ±10% "
+                  f"{_pct(r['anchored_within_10'])} / speed-ups "
+                  f"{_pct(r['anchored_speedup_within_10'])}, inconsistent pairs "
+                  f"{r['inconsistent_before']}->{r['inconsistent_after']}/{r['pairs']} "
+                  f"(spinning {r['spinning']})",
                   flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "latency_fidelity.csv", index=False)
     (out / "latency_fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = ["space", "threads", "profile_s", "mape_plain", "mape_corrected", "within_5",
             "within_10", "spearman", "kendall", "noise_floor", "speedup_mape",
-            "speedup_within_10", "speedup_noise_floor", "inconsistent_before",
+            "speedup_within_10", "speedup_noise_floor", "measurement_noise",
+            "anchored_within_10", "anchored_speedup_within_10", "inconsistent_before",
             "inconsistent_after", "spinning"]
     print()
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -15,8 +15,8 @@ from ernas.latency.backends import (
     OnnxRuntimeBackend, TorchBackend)
 from ernas.latency.command import CommandBackend
 from ernas.latency.factory import make_backend
-from ernas.latency.measure import (MeasureProtocol, measure_interleaved, paired_ratio,
-                                   paired_spread, statistic, summarize)
+from ernas.latency.measure import (MeasureProtocol, measure_interleaved, paired_half_gap,
+                                   paired_ratio, paired_spread, statistic, summarize)
 from ernas.latency.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +144,18 @@ def test_paired_ratio_cancels_drift_shared_by_a_round():
     assert paired_spread(res["ref"], res["net"]) == 0.0  # every pass agrees on 2.5
     # per-round ratios 2, 3, 4: pass-to-pass |2-3|, |2-4|, |3-4| -> mean 4/3, over the median 3
     assert paired_spread([10.0, 30.0, 12.0], [5.0, 10.0, 3.0]) == pytest.approx(4 / 9)
+    # split halves: per-round ratios 2, 3, 4, 5 -> even rounds' median 3, odd rounds' 4, of 3.5
+    assert paired_half_gap([2.0, 3.0, 4.0, 5.0], [1.0] * 4) == pytest.approx(1 / 3.5)
+    assert paired_half_gap(res["ref"], res["net"]) == 0.0
+    assert paired_half_gap([2.0], [1.0]) == 0.0
+
+
+def test_half_gap_compares_even_and_odd_rounds():
+    """Even rounds at 10 ms, odd at 20: the halves disagree by 10 ms over the p20 of all (10);
+    a steady runner has no gap, one round has none to measure."""
+    assert summarize([[10.0], [20.0], [10.0], [20.0]])["half_gap"] == pytest.approx(1.0)
+    assert summarize([[10.0, 11.0], [10.0, 11.0]])["half_gap"] == 0.0
+    assert summarize([[10.0, 30.0]])["half_gap"] == 0.0
 
 
 def test_statistics_and_protocol():

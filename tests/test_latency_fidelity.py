@@ -350,6 +350,40 @@ def test_validation_speedups_are_paired_so_drift_cancels(tiny, cost_table, tmp_p
     assert np.allclose(df["measured_speedup"], df["predicted_speedup"])
     # the drift is all shared by a round: each pass's speed-up is the same, its absolute isn't
     assert s["noise_floor"] > 0.3 and s["speedup"]["noise_floor"] == pytest.approx(0, abs=1e-9)
+    # anchoring at two networks of the same pass absorbs the drift (a pure scale here)
+    an = s["anchored"]
+    assert an["mape"] == pytest.approx(0, abs=1e-9)
+    assert an["offset_ms"] == pytest.approx(0, abs=1e-9)
+    assert an["scale"] == pytest.approx(sm.loc["reference", "measured_ms"]
+                                        / sm.loc["reference", "sum_ms"])
+
+
+class OverheadCostBackend(CostBackend):
+    """CostBackend on a device that runs 2x slower and adds 5 ms per network call (dispatch,
+    copies): whole networks are an affine, not proportional, function of their key sums."""
+
+    def runner(self, module, example_input):
+        ms = super().runner(module, example_input)()
+        return lambda: 2 * ms + 5
+
+
+def test_anchored_validation_absorbs_scale_and_overhead(tiny, cost_table, tmp_path):
+    """The line through the reference and the smallest recovers 2x + 5 ms exactly and predicts
+    the other networks (not the anchors: n + 1 scored) and their speed-ups without error, where
+    the plain table is off in both. Fails if the anchors are scored, the line is fitted on other
+    points, or anchored speed-ups ignore the offset."""
+    n = 5
+    s = validate_table(tiny, LatencyTable.load(cost_table), OverheadCostBackend(), tmp_path, n=n,
+                       protocol=QUICK, progress=False)
+    an = s["anchored"]
+    assert an["n"] == n + 1 and an["anchors"] == ["reference", "smallest"]
+    assert an["scale"] == pytest.approx(2) and an["offset_ms"] == pytest.approx(5)
+    assert an["mape"] == pytest.approx(0, abs=1e-9) and an["within_10pct"] == 1.0
+    assert an["speedup"]["mape"] == pytest.approx(0, abs=1e-9)
+    assert s["mape"] > 0.5 and s["speedup"]["mape"] > 0.01
+    df = pd.read_csv(tmp_path / "validation.csv")
+    assert np.allclose(df["anchored_ms"], df["measured_ms"])
+    assert s["measurement_noise"] == 0.0 and (df["half_gap"] == 0).all()  # a steady device
 
 
 @pytest.mark.slow

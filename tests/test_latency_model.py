@@ -158,9 +158,12 @@ def test_profile_and_validate_cli(tmp_path):
     assert p["consistency"]["pairs"] == 256 and p["session_options"]["spinning"] is False
     assert p["fingerprint"]["digest"] == table.metadata["fingerprint"]["digest"]
     before = out.read_bytes()
-    _cli("ernas.cli.profile", *common, "mode=validate", "validate.n=6",
-         f"hydra.run.dir={tmp_path}/v", cwd=tmp_path)
+    r = _cli("ernas.cli.profile", *common, "mode=validate", "validate.n=6",
+             f"hydra.run.dir={tmp_path}/v", cwd=tmp_path)
     s = json.loads((tmp_path / "v/summary.json").read_text())
+    an = s["anchored"]  # scored on the 7 networks that are not anchors, and said so
+    assert an["n"] == 7 and f"within ±10% {100 * an['within_10pct']:.0f}%" in r.stdout
+    assert "anchored at the reference and the smallest" in r.stdout
     for k in ("mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_floor"):
         assert k in s
     assert s["n"] == 9 and s["plain_sum"]["n"] == 9 and s["corrected_loo"]["n"] == 9

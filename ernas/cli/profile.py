@@ -36,13 +36,21 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
     backend = make_backend(lat.backend)
     s = validate_table(space, table, backend, out, cfg.validate.n, cfg.validate.seed, protocol,
                        path, cfg.validate.write_corrected, cfg.progress)
-    c = s["corrected_loo"]
+    c, sp, an = s["corrected_loo"], s["speedup"], s["anchored"]
     print(f"validated {path} on {s['n']} networks: MAPE {100 * s['mape']:.2f}%, within ±10% "
           f"{100 * s['within_10pct']:.0f}%, Spearman {s['spearman']:.3f}, noise floor "
-          f"{100 * s['noise_floor']:.1f}% (leave-one-out corrected: MAPE {100 * c['mape']:.2f}%)"
-          f"; speed-ups over the reference (paired per round): MAPE "
-          f"{100 * s['speedup']['mape']:.2f}%, within ±10% {100 * s['speedup']['within_10pct']:.0f}%"
-          f", noise floor {100 * s['speedup']['noise_floor']:.1f}%; wrote {out}/validation.csv, validation.png"
+          f"{100 * s['noise_floor']:.1f}% per pass, {100 * s['measurement_noise']:.1f}% split-half"
+          f" (leave-one-out corrected: MAPE {100 * c['mape']:.2f}%)\n"
+          f"  speed-ups over the reference (paired per round): MAPE {100 * sp['mape']:.2f}%, "
+          f"within ±10% {100 * sp['within_10pct']:.0f}%, noise floor "
+          f"{100 * sp['noise_floor']:.1f}%"
+          f" per pass, {100 * sp['measurement_noise']:.1f}% split-half")
+    if an:
+        print(f"  anchored at the reference and the smallest measured now (ms ≈ {an['scale']:.3f}"
+              f"·sum {an['offset_ms']:+.2f}): MAPE {100 * an['mape']:.2f}%, within ±10% "
+              f"{100 * an['within_10pct']:.0f}%; speed-ups within ±10% "
+              f"{100 * an['speedup']['within_10pct']:.0f}% ({an['n']} other networks)")
+    print(f"  wrote {out}/validation.csv, validation.png"
           + (f", {s['corrected_table']}" if s["corrected_table"] else ""))
     return s
 

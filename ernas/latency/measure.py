@@ -28,14 +28,20 @@ Noise floor (``spread``): the statistic is also taken per round (``s_r``), and
 ``spread = mean_{r≠r'} |s_r − s_r'| / median_r s_r`` — how much one pass over the runners
 disagrees with another, on average (it does not grow with the number of rounds, unlike the
 range). Prediction errors below it cannot be told apart from single-pass noise; the final
-figure, a statistic over all rounds, is steadier than one pass.
+figure, a statistic over all rounds, is steadier than one pass. How much steadier is
+``half_gap = |stat(even rounds) − stat(odd rounds)| / ms``: two half-length measurements, made
+interleaved in the same session, disagree by this much (for independent halves the full
+figure's standard error is ≈ 0.63·half_gap). A prediction error well above it is the table's,
+not the measurement's (drift between sessions is not in it: see the probe and validation).
 
 Paired ratio (``paired_ratio``): to compare two runners measured together (a speed-up), the
 ratio is taken **per round**, where both were timed within one pass, and summarised by its
 median over rounds: ``median_r s_r(a)/s_r(b)``. A slow phase that covers a round scales both
 alike and cancels, so the figure follows the models, not when each of their samples fell; the
 ratio of the two overall statistics does not have that property. Its noise floor
-(``paired_spread``) is the same pass-to-pass spread taken over the per-round ratios.
+(``paired_spread``) is the same pass-to-pass spread taken over the per-round ratios, and its
+split-half gap (``paired_half_gap``) the relative difference of the median ratio over even and
+over odd rounds.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ from ernas.progress import progress as progress_bar
 from ernas.errors import ErnasError
 
 __all__ = ["DEFAULT_STATISTIC", "MeasureProtocol", "Runner", "check_statistic",
-           "measure_interleaved", "one_round", "paired_ratio", "paired_spread", "pass_spread",
+           "measure_interleaved", "one_round", "paired_half_gap", "paired_ratio", "paired_spread",
+           "pass_spread",
            "plain_mapping", "round_order", "rounds_left", "statistic", "summarize", "warm_up"]
 
 Runner = Callable[[], float]
@@ -119,11 +126,18 @@ def summarize(rounds: list[list[float]], stat: str = DEFAULT_STATISTIC) -> dict:
     if flat.size == 0 or not np.all(np.isfinite(flat)):
         raise ErnasError(f"Latency samples are empty or not finite ({flat[:5].tolist()}...); the "
                          f"backend produced no usable timing. Check the backend's output.")
-    per_round = np.array([statistic(r, stat) for r in rounds if len(r)])
+    rounds = [r for r in rounds if len(r)]
+    per_round = np.array([statistic(r, stat) for r in rounds])
     p10, med, p90 = np.percentile(flat, [10, 50, 90])
-    return {"ms": statistic(flat, stat), "p10": float(p10), "median": float(med),
+    ms = statistic(flat, stat)
+    half_gap = 0.0
+    if len(rounds) >= 2:
+        even, odd = ([v for r in rounds[k::2] for v in r] for k in (0, 1))
+        half_gap = abs(statistic(even, stat) - statistic(odd, stat)) / ms if ms > 0 else 0.0
+    return {"ms": ms, "p10": float(p10), "median": float(med),
             "p90": float(p90), "mean": float(flat.mean()), "n": int(flat.size),
-            "spread": pass_spread(per_round), "round_ms": [float(v) for v in per_round]}
+            "spread": pass_spread(per_round), "half_gap": float(half_gap),
+            "round_ms": [float(v) for v in per_round]}
 
 
 def pass_spread(per_round) -> float:
@@ -145,6 +159,15 @@ def paired_spread(a: dict | list, b: dict | list) -> float:
     """The noise floor of :func:`paired_ratio`: :func:`pass_spread` of the per-round ratios
     ``s_r(a)/s_r(b)`` — how much one pass's speed-up disagrees with another's."""
     return pass_spread(_round_ratios(a, b))
+
+
+def paired_half_gap(a: dict | list, b: dict | list) -> float:
+    """``|median(even rounds' ratios) − median(odd rounds' ratios)| / paired_ratio(a, b)``: how
+    much two half-length measurements of the speed-up disagree (0 for one round)."""
+    r = _round_ratios(a, b)
+    if len(r) < 2:
+        return 0.0
+    return float(abs(np.median(r[0::2]) - np.median(r[1::2])) / np.median(r))
 
 
 def _round_ratios(a: dict | list, b: dict | list) -> np.ndarray:

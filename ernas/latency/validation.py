@@ -23,6 +23,18 @@ figure a search's trade-off (and the Pareto benchmark's agreement) depends on. I
 ``noise_floor`` is the median over networks of the pass-to-pass spread of the per-round ratio
 (``paired_spread``), the noise a single pass's speed-up carries.
 
+``anchored``: the table anchored in this session at two networks, the reference and the
+smallest, measured with the others: ``m ≈ a·Σ t + b`` through both points, so
+``a = (m_ref − m_min)/(Σ_ref − Σ_min)`` and ``b = m_ref − a·Σ_ref``; scored (absolute and
+speed-ups ``(a·Σ_ref + b)/(a·Σ_i + b)``) out of sample, on every network but the two anchors.
+It is what a user gets who times those two networks on the day (a few seconds): the machine's
+drift since profiling (a scale) and a per-network overhead the keys do not add (an offset) are
+absorbed, and what is left is the table's error in the shape of the front.
+
+``measurement_noise`` (and ``speedup.measurement_noise``) is the median over networks of the
+split-half gap (``half_gap``/``paired_half_gap``, ``ernas.latency.measure``): how much two
+half-length measurements of one figure disagree; an error well above it is the table's.
+
 ``noise_floor`` is the median over networks of their pass-to-pass spread (mean difference of
 the per-round statistic between two rounds, over its median; ``ernas.latency.measure``): errors
 below it cannot be told from the noise of a single pass. All networks are live at once so that
@@ -46,12 +58,14 @@ from ernas import build_model, inference_model
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.latency.backends import Backend
-from ernas.latency.measure import MeasureProtocol, paired_ratio, paired_spread
+from ernas.latency.measure import (MeasureProtocol, paired_half_gap, paired_ratio,
+                                   paired_spread)
 from ernas.latency.predict import predict_ms
 from ernas.latency.table import LatencyTable
 from ernas.paths import LATENCY_TABLES
 
-__all__ = ["accuracy", "fit_correction", "loo_predictions", "validate_table", "validation_archs"]
+__all__ = ["accuracy", "anchored_fit", "fit_correction", "loo_predictions", "validate_table",
+           "validation_archs"]
 
 
 def accuracy(pred: np.ndarray, meas: np.ndarray) -> dict:
@@ -75,6 +89,31 @@ def loo_predictions(raw: np.ndarray, meas: np.ndarray) -> np.ndarray:
         a, b = fit_correction(raw[keep], meas[keep])
         out[i] = a * raw[i] + b
     return out
+
+
+def anchored_fit(raw: np.ndarray, meas: np.ndarray, i: int, j: int) -> tuple[float, float] | None:
+    """(a, b) of the line ``meas ≈ a·raw + b`` through points ``i`` and ``j``; None when their
+    ``raw`` values coincide (no line through them)."""
+    if abs(raw[i] - raw[j]) <= 1e-9 * max(abs(raw[i]), abs(raw[j])):
+        return None
+    a = (meas[i] - meas[j]) / (raw[i] - raw[j])
+    return float(a), float(meas[i] - a * raw[i])
+
+
+def _anchored(df: pd.DataFrame, ref: int) -> dict | None:
+    """Accuracy of the table anchored at the reference and the smallest (module docstring),
+    on the other networks; None with fewer than 3 of them or coinciding anchors."""
+    small = df.index[df["arch"] == "smallest"][0]
+    raw, meas = df["sum_ms"].to_numpy(), df["measured_ms"].to_numpy()
+    fit = anchored_fit(raw, meas, ref, small)
+    rest = df.drop(index=[ref, small])
+    if fit is None or len(rest) < 3:
+        return None
+    a, b = fit
+    pred = a * rest["sum_ms"].to_numpy() + b
+    return {**accuracy(pred, rest["measured_ms"].to_numpy()), "scale": a, "offset_ms": b,
+            "anchors": ["reference", "smallest"],
+            "speedup": accuracy((a * raw[ref] + b) / pred, rest["measured_speedup"].to_numpy())}
 
 
 def validation_archs(space, n: int, seed: int):
@@ -124,24 +163,33 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
                      "sum_ms": float(table.lookup(arch.op_keys(shape, gran)).sum()),
                      "predicted_ms": predict_ms(table, arch, shape, gran),
                      "measured_ms": m["ms"], "median_ms": m["median"], "p10_ms": m["p10"],
-                     "p90_ms": m["p90"], "pass_spread": m["spread"], "samples": m["n"]})
+                     "p90_ms": m["p90"], "pass_spread": m["spread"], "half_gap": m["half_gap"],
+                     "samples": m["n"]})
     df = pd.DataFrame(rows)
     ref = df.index[df["arch"] == "reference"][0]
     df["predicted_speedup"] = df.loc[ref, "predicted_ms"] / df["predicted_ms"]
     df["measured_speedup"] = [paired_ratio(measured["reference"], measured[a]) for a in df["arch"]]
     df["speedup_spread"] = [paired_spread(measured["reference"], measured[a]) for a in df["arch"]]
+    df["speedup_half_gap"] = [paired_half_gap(measured["reference"], measured[a])
+                              for a in df["arch"]]
     others = df.drop(index=ref)
     raw, pred, meas = (df[c].to_numpy() for c in ("sum_ms", "predicted_ms", "measured_ms"))
     loo = loo_predictions(raw, meas) if len(df) >= 3 else raw.copy()
     a, b = fit_correction(raw, meas)
     df["loo_corrected_ms"] = loo
+    anchored = _anchored(df, ref)
+    df["anchored_ms"] = (anchored["scale"] * df["sum_ms"] + anchored["offset_ms"]
+                         if anchored else np.nan)
     df["rel_error"] = (pred - meas) / meas
     as_pred = accuracy(pred, meas)
     summary = {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
-               "corrected_loo": accuracy(loo, meas), "noise_floor": float(df["pass_spread"].median()),
+               "corrected_loo": accuracy(loo, meas), "anchored": anchored,
+               "noise_floor": float(df["pass_spread"].median()),
+               "measurement_noise": float(df["half_gap"].median()),
                "speedup": {**accuracy(others["predicted_speedup"].to_numpy(),
                                       others["measured_speedup"].to_numpy()),
-                           "noise_floor": float(others["speedup_spread"].median())},
+                           "noise_floor": float(others["speedup_spread"].median()),
+                           "measurement_noise": float(others["speedup_half_gap"].median())},
                "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(df)},
                "table_correction": copy.deepcopy(table.metadata.get("correction")),
                "space": space.name, "granularity": gran, "input_shape": list(shape),
@@ -179,6 +227,10 @@ def _plot(df: pd.DataFrame, path: Path, s: dict) -> None:
     ax.scatter(df["measured_ms"], df["predicted_ms"], s=14, c="tab:gray", label="predicted")
     ax.scatter(df["measured_ms"], df["loo_corrected_ms"], s=16, c="tab:blue",
                label="corrected (leave-one-out)")
+    if s["anchored"]:
+        rest = ~df["arch"].isin(s["anchored"]["anchors"])
+        ax.scatter(df.loc[rest, "measured_ms"], df.loc[rest, "anchored_ms"], s=14, marker="x",
+                   c="tab:orange", label="anchored at reference + smallest")
     ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", xlim=(lo, hi),
            ylim=(lo, hi), title=f"{s['space']} · {s['backend']} · {s['granularity']} keys\n"
            f"MAPE {100 * s['mape']:.1f}%, ±10% {100 * s['within_10pct']:.0f}%, "
