@@ -22,6 +22,7 @@ import torch
 
 import ernas
 from ernas.errors import ErnasError
+from ernas.latency.anchor import anchor_table
 from ernas.latency.backends import Backend, OnnxRuntimeBackend
 from ernas.latency.consistency import (check_consistency, inconsistent_pairs,
                                        single_decision_pairs)
@@ -406,3 +407,33 @@ def test_profile_and_validate_tiny_end_to_end(tiny, tmp_path):
     assert s["spearman"] >= 0.8, s
     assert s["corrected_loo"]["mape"] <= 0.25, s
     assert s["plain_sum"]["mape"] <= 1.0, s
+
+
+def test_anchor_table_calibrates_predictions_on_the_day(tiny, cost_table):
+    """Anchored on a device 2x slower with 5 ms per call, predictions (exact and E[LAT]) of
+    networks never timed equal their measurement; the file is untouched, a second anchoring
+    keeps the first line, a space of one architecture has no line to fit. Fails if the line is
+    not applied in predict_ms or E[LAT], is fitted on other networks, or is written to disk."""
+    import random
+
+    before = cost_table.read_bytes()
+    table = LatencyTable.load(cost_table)
+    rec = anchor_table(table, tiny, OverheadCostBackend(), SHAPE, "block", QUICK)
+    assert rec["scale"] == pytest.approx(2) and rec["offset_ms"] == pytest.approx(5)
+    assert rec["networks"] == {"reference": tiny.reference().name,
+                               "smallest": tiny.smallest().name}
+    device = OverheadCostBackend()
+    exp = ExpectedLatency(tiny, table, SHAPE, "block")
+    rng = random.Random(3)
+    for arch in (tiny.largest(), *(tiny.sample(rng) for _ in range(3))):
+        measured = device.runner(ernas.inference_model(ernas.build_model(arch)), None)()
+        assert predict_ms(table, arch, SHAPE, "block") == pytest.approx(measured)
+        assert exp.of_arch(arch) == pytest.approx(measured)
+    assert cost_table.read_bytes() == before
+    again = anchor_table(table, tiny, CostBackend(), SHAPE, "block", QUICK)
+    assert "kept" in again["skipped"] and table.metadata["correction"]["scale"] == rec["scale"]
+    one = tiny.reference().as_space()
+    fresh = LatencyTable.load(cost_table)
+    assert "not anchored" in anchor_table(fresh, one, CostBackend(), SHAPE, "block",
+                                          QUICK)["skipped"]
+    assert "correction" not in fresh.metadata

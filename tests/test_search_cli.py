@@ -9,6 +9,7 @@ import time
 import pytest
 
 import ernas
+from ernas.latency.table import LatencyTable
 from ernas.paths import SEARCH_SPACES
 
 BASE = ["input_shape=[1,3,32,32]", "latency.backend.threads=1", "latency.measure.rounds=2",
@@ -34,9 +35,11 @@ def _search(tmp_path, cache, run, *extra, check=True):
 
 def test_search_cli_writes_all_outputs(tmp_path, cache):
     """Every output, from a hinge search whose target is never reached: the CLI says so (the
-    default additive searches of the tests below must not print that note)."""
+    default additive searches of the tests below must not print that note). With
+    latency.anchor=true its predictions are the line through the two networks it timed, and the
+    run's copy of the table keeps that line."""
     r = _search(tmp_path, cache, "a", "search.steps=10", "search.latency_form=hinge",
-                "search.target_ms=1000000")
+                "search.target_ms=1000000", "latency.anchor=true")
     out = tmp_path / "a"
     for f in ("arch.yaml", "alphas.csv", "log.csv", "probs.png", "curves.png", "checkpoint.pt",
               "summary.json"):
@@ -50,6 +53,13 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
     assert "predicted latency" in r.stdout and "baseline" in r.stdout
     assert s["latency_active_fraction"] == 0.0
     assert "hinge target 1000000.00 ms never bound" in r.stdout and "λ=0" in r.stdout
+    anchor = s["table_probe"]["anchor"]
+    assert anchor["networks"]["smallest"] and "latency.anchor:" in r.stderr
+    copy = LatencyTable.load(out / "latency_table.csv")
+    assert copy.metadata["correction"]["anchored"]["measured_ms"] == anchor["measured_ms"]
+    keys = arch.op_keys((1, 3, 32, 32), "block")
+    assert s["predicted_latency_ms"] == pytest.approx(
+        anchor["scale"] * copy.lookup(keys).sum() + anchor["offset_ms"])
 
 
 def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):

@@ -34,6 +34,7 @@ class Latency:
     consistency_tolerance: float = MISSING
     profile_group: int = MISSING
     recheck_rounds: int = MISSING
+    anchor: bool = MISSING
 
     def __post_init__(self):
         MeasureProtocol.from_mapping(self.measure)

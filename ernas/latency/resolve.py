@@ -58,6 +58,7 @@ import torch
 
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
+from ernas.latency.anchor import anchor_table
 from ernas.latency.backends import Backend
 from ernas.latency.factory import make_backend
 from ernas.latency.consistency import DEFAULT_TOLERANCE, RECHECK_ROUNDS, check_consistency
@@ -336,10 +337,12 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
     """``resolve_table`` from a latency config group (``experiments/latency/*.yaml``:
     backend, granularity, table, cache_dir, measure, probe_tolerance, on_mismatch, trust_table,
     probe_cache_s, consistency_tolerance, profile_group, recheck_rounds); ``table`` overrides
-    the config's."""
+    the config's. With ``anchor: true`` the table is then calibrated on the day
+    (``ernas.latency.anchor``), recorded in ``table.probe['anchor']``."""
     lat = plain_mapping(latency_cfg, "latency")
-    return resolve_table(
-        space, input_shape, lat["backend"], lat.get("granularity", "block"),
+    gran = lat.get("granularity", "block")
+    t, path = resolve_table(
+        space, input_shape, lat["backend"], gran,
         table or lat.get("table", "auto"), lat.get("cache_dir"), lat.get("measure"), progress,
         probe_tolerance=float(lat.get("probe_tolerance", PROBE_TOLERANCE)),
         on_mismatch=lat.get("on_mismatch", "profile"),
@@ -348,3 +351,16 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
         consistency_tolerance=float(lat.get("consistency_tolerance", DEFAULT_TOLERANCE)),
         profile_group=int(lat.get("profile_group", 64)),
         recheck_rounds=int(lat.get("recheck_rounds", RECHECK_ROUNDS)))
+    if lat.get("anchor"):
+        shape = [int(s) for s in input_shape]
+        rec = anchor_table(t, space, make_backend(lat["backend"]), shape, gran,
+                           as_protocol(lat.get("measure")), probe_arch(space, t, shape, gran))
+        t.probe = {**(t.probe or {}), "anchor": rec}
+        if "skipped" in rec:
+            _note(f"latency.anchor: {rec['skipped']}.")
+        else:
+            _note(f"latency.anchor: {rec['networks']['reference']} measured "
+                  f"{rec['measured_ms']['reference']:.3g} ms and {rec['networks']['smallest']} "
+                  f"{rec['measured_ms']['smallest']:.3g} ms now; predictions are "
+                  f"{rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms.")
+    return t, path

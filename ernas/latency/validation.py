@@ -29,7 +29,8 @@ smallest, measured with the others: ``m ≈ a·Σ t + b`` through both points, s
 speed-ups ``(a·Σ_ref + b)/(a·Σ_i + b)``) out of sample, on every network but the two anchors.
 It is what a user gets who times those two networks on the day (a few seconds): the machine's
 drift since profiling (a scale) and a per-network overhead the keys do not add (an offset) are
-absorbed, and what is left is the table's error in the shape of the front.
+absorbed, and what is left is the table's error in the shape of the front. ``latency.anchor=true``
+makes the same fit at use time (``ernas.latency.anchor``).
 
 ``measurement_noise`` (and ``speedup.measurement_noise``) is the median over networks of the
 split-half gap (``half_gap``/``paired_half_gap``, ``ernas.latency.measure``): how much two
@@ -57,6 +58,7 @@ from scipy import stats
 from ernas import build_model, inference_model
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
+from ernas.latency.anchor import anchored_fit
 from ernas.latency.backends import Backend
 from ernas.latency.measure import (MeasureProtocol, paired_half_gap, paired_ratio,
                                    paired_spread)
@@ -64,8 +66,7 @@ from ernas.latency.predict import predict_ms
 from ernas.latency.table import LatencyTable
 from ernas.paths import LATENCY_TABLES
 
-__all__ = ["accuracy", "anchored_fit", "fit_correction", "loo_predictions", "validate_table",
-           "validation_archs"]
+__all__ = ["accuracy", "fit_correction", "loo_predictions", "validate_table", "validation_archs"]
 
 
 def accuracy(pred: np.ndarray, meas: np.ndarray) -> dict:
@@ -89,15 +90,6 @@ def loo_predictions(raw: np.ndarray, meas: np.ndarray) -> np.ndarray:
         a, b = fit_correction(raw[keep], meas[keep])
         out[i] = a * raw[i] + b
     return out
-
-
-def anchored_fit(raw: np.ndarray, meas: np.ndarray, i: int, j: int) -> tuple[float, float] | None:
-    """(a, b) of the line ``meas ≈ a·raw + b`` through points ``i`` and ``j``; None when their
-    ``raw`` values coincide (no line through them)."""
-    if abs(raw[i] - raw[j]) <= 1e-9 * max(abs(raw[i]), abs(raw[j])):
-        return None
-    a = (meas[i] - meas[j]) / (raw[i] - raw[j])
-    return float(a), float(meas[i] - a * raw[i])
 
 
 def _anchored(df: pd.DataFrame, ref: int) -> dict | None:
