@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ernas.latency.anchor import anchored_fit
 from ernas.pareto import pareto_front
 
 DROP = 0.005          # allowed relative PSNR drop vs the reference
@@ -86,6 +87,12 @@ def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
     t["speedup_predicted"] = ref["predicted_ms"] / t["predicted_ms"]
     t["agreement"] = t["speedup_predicted"] / t["speedup_measured"]
     t["agreement_statistic"] = t["speedup_predicted"] / t["speedup_statistic"]
+    t["speedup_anchored"], anchored = anchored_speedups(t, ref.name)
+    t["agreement_anchored"] = t["speedup_anchored"] / t["speedup_measured"]
+    if anchored:
+        rest = t.drop(index=[ref.name, anchored.pop("index")])
+        anchored.update(n=len(rest), within=int((abs(rest["agreement_anchored"] - 1)
+                                                 <= GOAL_AGREE).sum()))
     t["on_front"] = False
     for _, rows in t.groupby("series"):
         t.loc[rows.index, "on_front"] = pareto_front(rows["measured_ms"], rows["psnr"])
@@ -105,7 +112,23 @@ def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
         goals[f"{s}_above_scaled"] = bool(len(comparable) and ahead.sum() > len(comparable) / 2)
         goals[f"{s}_above_scaled_count"] = [int(ahead.sum()), len(comparable), len(fr)]
     return {"table": t, "reference_psnr": float(ref["psnr"]), "threshold": threshold,
-            "fastest": fastest, "goals": goals}
+            "fastest": fastest, "goals": goals, "anchored": anchored}
+
+
+def anchored_speedups(t: pd.DataFrame, ref) -> tuple[pd.Series, dict | None]:
+    """Predicted speed-ups after ``latency.anchor``'s calibration (``ernas.latency.anchor``):
+    the line ``m ≈ a·p + b`` through the measured latencies of the reference (row ``ref``) and
+    of the network predicted fastest, so ``speedup_i = m_ref / (a·p_i + b)``; with the anchor's
+    name, row, a and b (None, and NaN speed-ups, when there is no line)."""
+    small = t.drop(index=ref)["predicted_ms"].idxmin() if len(t) > 1 else None
+    fit = None if small is None else anchored_fit(
+        [t.loc[ref, "predicted_ms"], t.loc[small, "predicted_ms"]],
+        [t.loc[ref, "measured_ms"], t.loc[small, "measured_ms"]], 0, 1)
+    if fit is None:
+        return pd.Series(float("nan"), index=t.index), None
+    a, b = fit
+    return (t.loc[ref, "measured_ms"] / (a * t["predicted_ms"] + b),
+            {"anchor": t.loc[small, "network"], "index": small, "scale": a, "offset_ms": b})
 
 
 # --------------------------------------------------------------------------- networks and data
@@ -183,3 +206,9 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
         out = t[abs(t["agreement_statistic"] - 1) > GOAL_AGREE]
         print(f"  (measured speed-ups are paired per round; as ratios of the overall statistics "
               f"instead, {len(t) - len(out)} of {len(t)} would be within {100 * GOAL_AGREE:g}%)")
+    an = res.get("anchored")
+    if an:
+        print(f"  calibrated on the day (latency.anchor: the line through the measured latencies "
+              f"of the reference and {an['anchor']}, ms ≈ {an['scale']:.3f}·predicted "
+              f"{an['offset_ms']:+.2f}): {an['within']} of {an['n']} other networks' predicted "
+              f"speed-ups within {100 * GOAL_AGREE:g}%")

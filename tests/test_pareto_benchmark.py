@@ -92,6 +92,21 @@ def test_analyse_gaps_speedups_and_goals():
     assert g2["searched_above_scaled"] and g2["searched_above_scaled_count"] == [1, 1, 1]
 
 
+def test_anchored_speedups_follow_the_line_through_two_measured_networks():
+    """Measured = 2·predicted − 10 ms: plain predicted speed-ups are off, the ones calibrated on
+    the reference and the network predicted fastest (w8) are exact for the others; the anchor
+    is left out of the count. Fails if the line goes through other points or is not applied."""
+    t = _agg([("w16", "scaled", True, 190, 100, 31.0), ("w8", "scaled", False, 30, 20, 29.0),
+              ("w12", "scaled", False, 90, 50, 30.0), ("s1", "searched", False, 70, 40, 30.5)])
+    res = pa.analyse(t)
+    r, an = res["table"].set_index("network"), res["anchored"]
+    assert an["anchor"] == "w8" and an["scale"] == pytest.approx(2)
+    assert an["offset_ms"] == pytest.approx(-10) and (an["within"], an["n"]) == (2, 2)
+    assert r.loc["s1", "speedup_anchored"] == pytest.approx(190 / 70)
+    assert r.loc["s1", "agreement"] == pytest.approx((100 / 40) / (190 / 70))   # 0.92: plain
+    assert np.allclose(r["agreement_anchored"], 1.0)
+
+
 def test_plot_draws_both_fronts_from_the_analysis(tmp_path):
     t = _agg([("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
               ("s1", "searched", False, 45, 46, 30.9)]).assign(psnr_std=0.1)
