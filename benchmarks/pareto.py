@@ -12,7 +12,11 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
    the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
    ``ernas.cli.search.run``; the derived arch is retrained from scratch (and, with
    ``--init scratch supernet``, also from the supernet's inherited weights, a separate series
-   that shares the scratch series' architectures and hence their timings).
+   that shares the scratch series' architectures and hence their timings). ``--distill W``
+   adds, for each of those, a series ``<series>_kd`` distilled from the reference network of the
+   same seed (``ernas.distill``: output L1 weight W, feature weight ``--distill-feat``), trained
+   once its search and that reference run have finished. It is another recipe than the scaled
+   front's, so its figures are an attempt beside the goals, not a claim on them.
 3. Every network is retrained with the same recipe and budget (``ernas.train.retrain``, NAFNet's
    recipe, ``--steps``/``--batch``/``--crop``), for every seed of ``--seeds``, and evaluated
    (``ernas.evaluate.evaluate``) at σ 15/25/50 on the held-out tiles: every bundled image the
@@ -169,7 +173,23 @@ def search_job(tag: str, overrides: list[str], out: Path, threads: int) -> dict:
     return {"predicted_ms": s["predicted_latency_ms"], "seconds": time.perf_counter() - t0}
 
 
-def train_job(n: dict, seed: int, out: Path, task, tc, space, shape, threads: int) -> str:
+def teacher_of(n: dict, seed: int, out: Path, ref_arch: str, w_out: float, w_feat: float):
+    """The ``DistillConfig`` of network ``n`` for ``seed`` (its teacher's best checkpoint);
+    None for a network without a teacher or while the teacher's run has not finished."""
+    from ernas.distill import DistillConfig
+    from ernas.space import load_arch
+
+    if not n.get("teacher"):
+        return None
+    run = out / "runs" / n["teacher"] / f"seed{seed}"
+    s = run / "summary.json"
+    if not (s.is_file() and json.loads(s.read_text()).get("finished")):
+        return None
+    return DistillConfig(load_arch(ref_arch), str(run / "best.pt"), w_out, w_feat)
+
+
+def train_job(n: dict, seed: int, out: Path, task, tc, space, shape, threads: int,
+              distill=None) -> str:
     """Retrain one network for one seed (resumed from ``last.pt``, skipped when finished) and
     evaluate it on the test tiles (skipped when done)."""
     import torch
@@ -188,7 +208,7 @@ def train_job(n: dict, seed: int, out: Path, task, tc, space, shape, threads: in
             resume(run, progress=False)
         else:
             retrain(arch, run, task, tc, init=n["init"], source=n["source"], progress=False,
-                    space=space)
+                    space=space, distill=distill)
     if not (run / "eval" / "summary.json").is_file():
         evaluate([ModelEntry(n["name"], arch, str(run))], run / "eval", task, seed=0,
                  latency_cfg=None, input_shape=shape, progress=False)
@@ -211,7 +231,8 @@ def train_phase(a) -> None:
 
     out = Path(a.out)
     c = {k: getattr(a, k) for k in ("space", "seeds", "steps", "search_steps", "lams", "targets",
-                                     "hinge_lam", "widths", "reductions", "init", "crop", "batch",
+                                     "hinge_lam", "widths", "reductions", "init", "distill",
+                                     "distill_feat", "crop", "batch",
                                      "threads", "tile", "overrides", "workers", "train_threads")}
     if (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
@@ -258,20 +279,42 @@ def train_phase(a) -> None:
                      "source": None, "search": None})
     for tag in searches:
         for init in a.init:
-            suffix = "" if init == "scratch" else f"_{init}"
-            nets.append({"name": f"search_{tag}{suffix}", "series": f"searched{suffix}",
-                         "reference": False, "arch": str(out / "search" / tag / "arch.yaml"),
-                         "init": init, "source": str(out / "search" / tag), "search": tag})
+            for kd in ([False, True] if a.distill is not None else [False]):
+                suffix = ("" if init == "scratch" else f"_{init}") + ("_kd" if kd else "")
+                nets.append({"name": f"search_{tag}{suffix}", "series": f"searched{suffix}",
+                             "reference": False, "arch": str(out / "search" / tag / "arch.yaml"),
+                             "init": init, "source": str(out / "search" / tag), "search": tag,
+                             "teacher": ref_name if kd else None})
     atomic_write_json(out / "networks.json", {"reference_predicted_ms": ref_ms,
                                               "search_table": str(pinned), "networks": nets})
 
     tcs = {seed: TrainConfig(steps=a.steps, batch_size=a.batch, crop=a.crop, seed=seed,
                              val_every=max(50, a.steps // 10), device="cpu") for seed in a.seeds}
 
+    ref_arch = next(n["arch"] for n in nets if n["reference"])
+    waiting: list = []  # distilled jobs whose teacher run has not finished yet
+
     def train_jobs(tag):
-        return {ex.submit(train_job, n, seed, out, task, tcs[seed], space, shape,
-                          a.train_threads): None
-                for seed in a.seeds for n in nets if n["search"] == tag}
+        jobs = {}
+        for seed in a.seeds:
+            for n in (n for n in nets if n["search"] == tag):
+                kd = teacher_of(n, seed, out, ref_arch, a.distill, a.distill_feat)
+                if n.get("teacher") and kd is None:
+                    waiting.append((n, seed))
+                    continue
+                jobs[ex.submit(train_job, n, seed, out, task, tcs[seed], space, shape,
+                               a.train_threads, kd)] = None
+        return jobs
+
+    def released():
+        jobs = {}
+        for n, seed in list(waiting):
+            kd = teacher_of(n, seed, out, ref_arch, a.distill, a.distill_feat)
+            if kd is not None:
+                waiting.remove((n, seed))
+                jobs[ex.submit(train_job, n, seed, out, task, tcs[seed], space, shape,
+                               a.train_threads, kd)] = None
+        return jobs
 
     with ex:
         todo = {ex.submit(search_job, tag, base_overrides(c) + pin + ov, out / "search" / tag,
@@ -284,6 +327,7 @@ def train_phase(a) -> None:
                     tag, r = todo.pop(f), f.result()
                     if tag is None:
                         print(r, flush=True)
+                        todo.update(released())
                         continue
                     print(f"search {tag}: predicted {r['predicted_ms']:.2f} ms "
                           f"({ref_ms / r['predicted_ms']:.2f}x) [{r['seconds']:.0f} s]", flush=True)
@@ -291,6 +335,9 @@ def train_phase(a) -> None:
         except BaseException:
             ex.shutdown(wait=False, cancel_futures=True)
             raise
+    for n, seed in waiting:
+        print(f"{n['name']} seed {seed}: not trained, its teacher {n['teacher']} seed {seed} "
+              f"did not finish", flush=True)
     print(f"train phase done; next, on a quiet machine: python {sys.argv[0]} measure --out {out}")
 
 
@@ -318,6 +365,11 @@ def main() -> None:
     tr.add_argument("--reductions", nargs="*", default=list(REDUCTIONS), choices=REDUCTIONS)
     tr.add_argument("--init", nargs="+", default=["scratch"], choices=["scratch", "supernet"],
                     help="initialisations of the searched networks (supernet: a second series)")
+    tr.add_argument("--distill", type=float, default=None, metavar="W",
+                    help="also train each searched network distilled from the reference of the "
+                         "same seed, output L1 weight W (a series <series>_kd)")
+    tr.add_argument("--distill-feat", type=float, default=0.1,
+                    help="feature-distillation weight of --distill")
     tr.add_argument("--crop", type=int, default=64)
     tr.add_argument("--batch", type=int, default=8)
     tr.add_argument("--tile", type=int, default=128, help="side of the test tiles")

@@ -107,6 +107,30 @@ def test_anchored_speedups_follow_the_line_through_two_measured_networks():
     assert np.allclose(r["agreement_anchored"], 1.0)
 
 
+def test_a_distilled_network_waits_for_its_teacher_run(tmp_path):
+    """teacher_of: nothing for a network without a teacher, nothing while the teacher's run of
+    that seed is unfinished (or absent), then the teacher's arch, best checkpoint and weights."""
+    import json
+
+    import ernas
+    from ernas.paths import SEARCH_SPACES
+
+    ref = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").reference()
+    ref.save(tmp_path / "ref.yaml")
+    n = {"name": "search_t0.5_kd", "teacher": "nafnet_w16"}
+    assert pb.teacher_of({**n, "teacher": None}, 0, tmp_path, tmp_path / "ref.yaml", 1, 0) is None
+    assert pb.teacher_of(n, 0, tmp_path, tmp_path / "ref.yaml", 1.0, 0.1) is None
+    run = tmp_path / "runs" / "nafnet_w16" / "seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"finished": False}))
+    assert pb.teacher_of(n, 0, tmp_path, tmp_path / "ref.yaml", 1.0, 0.1) is None
+    (run / "summary.json").write_text(json.dumps({"finished": True}))
+    kd = pb.teacher_of(n, 0, tmp_path, tmp_path / "ref.yaml", 0.5, 0.2)
+    assert kd.checkpoint == str(run / "best.pt") and (kd.w_out, kd.w_feat) == (0.5, 0.2)
+    assert kd.arch.to_dict() == ref.to_dict()
+    assert pb.teacher_of(n, 1, tmp_path, tmp_path / "ref.yaml", 1.0, 0.1) is None  # seed 1
+
+
 def test_plot_draws_both_fronts_from_the_analysis(tmp_path):
     t = _agg([("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
               ("s1", "searched", False, 45, 46, 30.9)]).assign(psnr_std=0.1)
