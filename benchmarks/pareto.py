@@ -77,6 +77,18 @@ FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile",
 
 
 # --------------------------------------------------------------------------- pure parts
+def distill_change(old: dict, new: dict) -> list[str]:
+    """The distillation settings a resumed run may not change: a finished ``_kd`` run is kept,
+    so resuming with another weight (or feature weight) would mix two recipes in one series.
+    Adding distillation to a run without it is allowed (a new series); a ``config.json`` from
+    before ``--distill`` existed had none."""
+    was, now = old.get("distill"), new.get("distill")
+    if was is None or now is None:
+        return []
+    return [k for k, default in (("distill", None), ("distill_feat", 0.1))
+            if old.get(k, default) != new.get(k, default)]
+
+
 def tiles(img: np.ndarray, size: int) -> list[tuple[int, int, np.ndarray]]:
     """``(row, col, tile)`` for the non-overlapping ``size`` squares of an H x W x C image
     (the grid centred; the margins left over are dropped)."""
@@ -144,7 +156,9 @@ def make_task(cfg, tiles_dir: Path):
 def pin_table(overrides: list[str], path: Path) -> str:
     """Resolve the search space's latency table as a search would (``resolve_from_config``:
     a table that holds on this machine, else one profiled here) and save it to ``path``, so every
-    search of the run, and the hinge targets, use this one table; returns where it came from."""
+    search of the run, and the hinge targets, use this one table; with ``latency.anchor=true``
+    among ``overrides`` the saved table carries the anchored line, which every search keeps.
+    Returns where the table came from."""
     from ernas.latency.resolve import resolve_from_config
     from ernas.space import find_space
 
@@ -236,10 +250,10 @@ def train_phase(a) -> None:
                                      "threads", "tile", "overrides", "workers", "train_threads")}
     if (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
-        diff = [k for k in FIXED if old[k] != c[k]]
+        diff = [k for k in FIXED if old[k] != c[k]] + distill_change(old, c)
         if diff:
             sys.exit(f"{out} was trained with other {', '.join(diff)} "
-                     f"({', '.join(f'{k}={old[k]}' for k in diff)}); use a new --out.")
+                     f"({', '.join(f'{k}={old.get(k)}' for k in diff)}); use a new --out.")
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose_cfg(base_overrides(c))
     c.update(command=shlex.join([sys.executable, *sys.argv]),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ernas.latency.anchor import anchored_fit
+from ernas.latency.anchor import anchor_problem, anchored_fit
 from ernas.pareto import pareto_front
 
 DROP = 0.005          # allowed relative PSNR drop vs the reference
@@ -90,7 +90,12 @@ def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
     t["speedup_anchored"], anchored = anchored_speedups(t, ref.name)
     t["agreement_anchored"] = t["speedup_anchored"] / t["speedup_measured"]
     if anchored:
-        rest = t.drop(index=[ref.name, anchored.pop("index")])
+        # scored on the networks other than the anchors and their twins (same architecture,
+        # other weights: the same timing)
+        anchors = [ref.name, anchored.pop("index")]
+        twins = (t.index[t["digest"].isin(t.loc[anchors, "digest"])] if "digest" in t
+                 else anchors)
+        rest = t.drop(index=sorted(set(anchors) | set(twins)))
         anchored.update(n=len(rest), within=int((abs(rest["agreement_anchored"] - 1)
                                                  <= GOAL_AGREE).sum()))
     t["on_front"] = False
@@ -119,14 +124,12 @@ def anchored_speedups(t: pd.DataFrame, ref) -> tuple[pd.Series, dict | None]:
     """Predicted speed-ups after ``latency.anchor``'s calibration (``ernas.latency.anchor``):
     the line ``m ≈ a·p + b`` through the measured latencies of the reference (row ``ref``) and
     of the network predicted fastest, so ``speedup_i = m_ref / (a·p_i + b)``; with the anchor's
-    name, row, a and b (None, and NaN speed-ups, when there is no line)."""
+    name, row, a and b (None, and NaN speed-ups, when ``anchor_problem`` draws no line)."""
     small = t.drop(index=ref)["predicted_ms"].idxmin() if len(t) > 1 else None
-    fit = None if small is None else anchored_fit(
-        [t.loc[ref, "predicted_ms"], t.loc[small, "predicted_ms"]],
-        [t.loc[ref, "measured_ms"], t.loc[small, "measured_ms"]], 0, 1)
-    if fit is None:
+    rows = [ref, small]
+    if small is None or anchor_problem(t.loc[rows, "predicted_ms"], t.loc[rows, "measured_ms"]):
         return pd.Series(float("nan"), index=t.index), None
-    a, b = fit
+    a, b = anchored_fit(t.loc[rows, "predicted_ms"], t.loc[rows, "measured_ms"], 0, 1)
     return (t.loc[ref, "measured_ms"] / (a * t["predicted_ms"] + b),
             {"anchor": t.loc[small, "network"], "index": small, "scale": a, "offset_ms": b})
 

@@ -104,6 +104,7 @@ def latencies_by_arch(nets: list[dict], measured: dict) -> dict:
 
 def report_phase(a) -> None:
     from ernas.io import atomic_write_json, atomic_write_text
+    from ernas.space import load_arch
 
     out = Path(a.out)
     c = json.loads((out / "config.json").read_text())
@@ -154,7 +155,9 @@ def report_phase(a) -> None:
         params=("params", "first"), macs=("macs", "first"), psnr=("psnr_sigma25", "mean"),
         psnr_std=("psnr_sigma25", "std"),
         psnr15=("psnr_sigma15", "mean"), psnr50=("psnr_sigma50", "mean"),
-        ssim=("ssim_sigma25", "mean"), colour=("psnr_sigma25_colour", "mean")).reset_index()
+        ssim=("ssim_sigma25", "mean"), colour=("psnr_sigma25_colour", "mean"),
+        arch=("arch", "first")).reset_index()
+    agg["digest"] = [arch_digest(load_arch(a)) for a in agg["arch"]]
     agg["psnr_std"] = agg["psnr_std"].fillna(0.0)
     res = analyse(agg)
     t = res["table"]

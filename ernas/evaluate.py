@@ -179,7 +179,7 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
         from ernas.latency.resolve import resolve_from_config
 
         tables.append(resolve_from_config(joint, tuple(int(v) for v in input_shape), latency_cfg,
-                                          progress))
+                                          progress, scored=[e.arch for e in entries]))
     bar = progress_bar(len(entries), "evaluate", unit="model", enabled=progress)
     for e in entries:
         model = e.model()

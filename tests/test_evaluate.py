@@ -42,7 +42,7 @@ def _cli(tmp_path, *args):
 
 def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
     r = _cli(tmp_path, f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'ev'}",
-             f"latency.cache_dir={tmp_path / 'cache'}", *LATENCY)
+             f"latency.cache_dir={tmp_path / 'cache'}", "latency.anchor=true", *LATENCY)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "ev"
     for f in ("per_image.csv", "results.csv", "report.md", "summary.json", "arch.yaml"):
@@ -72,6 +72,10 @@ def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
     table = LatencyTable.load(s["latency_tables"]["tiny_bn"])
     assert s["predicted_ms"] == pytest.approx(predict_ms(table, load_arch(out / "arch.yaml"),
                                                          (1, 3, 32, 32)))
+    # the smallest network of {tiny_bn, reference} is tiny_bn itself: anchoring on it would
+    # make its prediction its own measurement, so latency.anchor=true draws no line
+    assert "being evaluated" in s["table_probes"]["tiny_bn"]["anchor"]["skipped"]
+    assert "latency.anchor: not anchored" in r.stderr
     # both models measured in the same interleaved rounds, with the configured session options
     assert s["latency_backend"]["threads"] == 1 and s["latency_backend"]["spinning"] is False
     # the speed-up is paired: the median over rounds of baseline / model in that round

@@ -22,7 +22,7 @@ import torch
 
 import ernas
 from ernas.errors import ErnasError
-from ernas.latency.anchor import anchor_table
+from ernas.latency.anchor import anchor_problem, anchor_table
 from ernas.latency.backends import Backend, OnnxRuntimeBackend
 from ernas.latency.consistency import (check_consistency, inconsistent_pairs,
                                        single_decision_pairs)
@@ -31,7 +31,7 @@ from ernas.latency.measure import MeasureProtocol
 from ernas.latency.predict import ExpectedLatency, predict_ms
 from ernas.latency.resolve import resolve_table
 from ernas.latency.table import LatencyTable
-from ernas.latency.validation import validate_table
+from ernas.latency.validation import validate_table, validation_archs
 from ernas.paths import LATENCY_TABLES, SEARCH_SPACES
 from ernas.space import find_space
 
@@ -118,6 +118,18 @@ def test_explicit_table_from_another_fingerprint_is_refused(tiny, cost_table, tm
     with pytest.warns(UserWarning, match="l3_cache_kib"):
         t, p = _resolve(tiny, table=path, trust_table=True)
     assert p == path and t.probe["action"] == "trusted"
+    # a table of another CPU (its device name too) is still usable knowingly: validating a
+    # shipped table of another machine here is what trust_table is for
+    def other_cpu(meta):
+        other_host(meta)
+        meta["device"] = meta["fingerprint"]["hardware"]["cpu_model"] = "Other CPU"
+
+    path = _edit_metadata(cost_table, tmp_path / "other_cpu.csv", other_cpu)
+    with pytest.raises(ErnasError, match="device"):
+        _resolve(tiny, table=path)
+    with pytest.warns(UserWarning, match="Other CPU"):
+        t, _ = _resolve(tiny, table=path, trust_table=True)
+    assert any("Other CPU" in d for d in t.probe["fingerprint_differences"])
 
 
 def test_auto_refuses_unknown_and_foreign_hosts(tiny, cost_table, tmp_path, capsys):
@@ -437,3 +449,64 @@ def test_anchor_table_calibrates_predictions_on_the_day(tiny, cost_table):
     assert "not anchored" in anchor_table(fresh, one, CostBackend(), SHAPE, "block",
                                           QUICK)["skipped"]
     assert "correction" not in fresh.metadata
+
+
+class SwappedCostBackend(CostBackend):
+    """CostBackend whose smaller networks run slower (ms = 1000 / cost): a disturbed timing."""
+
+    def runner(self, module, example_input):
+        ms = super().runner(module, example_input)()
+        return lambda: 1000 / ms
+
+
+def test_anchor_refuses_lines_it_cannot_trust(tiny, cost_table):
+    """No line (and no correction on the table) for: one architecture (anchoring it on itself),
+    a smallest network that is being evaluated, anchors measured in the opposite order to
+    their sums, sums within 20% of each other. A kept line is reported with its scale and
+    offset. Fails if any of these anchors anyway, or the kept record loses its line."""
+    def fresh():
+        return LatencyTable.load(cost_table)
+
+    cases = [
+        (tiny.largest().as_space(), CostBackend(), {"reference": tiny.reference()},
+         "one architecture"),
+        (tiny, CostBackend(), {"exclude": [tiny.sample(1), tiny.smallest()]},
+         "a network being evaluated"),
+        (tiny, SwappedCostBackend(), {}, "invert the order"),
+    ]
+    for space, backend, kw, why in cases:
+        t = fresh()
+        rec = anchor_table(t, space, backend, SHAPE, "block", QUICK, **kw)
+        assert why in rec["skipped"] and "correction" not in t.metadata, (why, rec)
+    # evaluated networks other than the smallest do not stop the anchoring
+    t = fresh()
+    rec = anchor_table(t, tiny, OverheadCostBackend(), SHAPE, "block", QUICK,
+                       exclude=[tiny.sample(1), tiny.reference()])
+    assert "skipped" not in rec and rec["scale"] == pytest.approx(2)
+    kept = anchor_table(t, tiny, CostBackend(), SHAPE, "block", QUICK)
+    assert "kept" in kept["skipped"]
+    assert (kept["scale"], kept["offset_ms"]) == (rec["scale"], rec["offset_ms"])
+    assert anchor_problem([100, 85]) and "within 20%" in anchor_problem([100, 85])
+    assert anchor_problem([100, 79]) is None and anchor_problem([100, 50], [60, 30]) is None
+    assert "invert" in anchor_problem([50, 100], [30, 29])
+
+
+def test_anchored_validation_leaves_out_twins_of_the_anchors(tiny, cost_table, tmp_path):
+    """In a space of 16 networks (each searchable block of the reference kept or skipped),
+    some of 30 samples are the smallest network or the reference again; they are measured, but
+    not scored as out-of-sample anchored predictions. Fails if twins of an anchor are counted."""
+    from ernas.space import SearchSpace
+
+    ch = {p: {d: (v,) for d, v in c.items()} for p, c in tiny.reference().values.items()}
+    for p in tiny.searchable:
+        ch[p] = {**ch[p], "keep": (True, False)}
+    small = SearchSpace(tiny.family, dict(tiny.geometry), ch, name="sixteen")
+    n = 30
+    s = validate_table(small, LatencyTable.load(cost_table), OverheadCostBackend(), tmp_path,
+                       n=n, protocol=QUICK, progress=False)
+    keys = [a.op_keys(SHAPE, "block") for _, a in validation_archs(small, n, 0)]
+    anchors = (small.reference().op_keys(SHAPE, "block"), small.smallest().op_keys(SHAPE, "block"))
+    scored = sum(k not in anchors for k in keys)
+    assert 3 <= scored < n + 1  # the draw holds twins, and enough others to score
+    an = s["anchored"]
+    assert an["n"] == scored and an["scale"] == pytest.approx(2)

@@ -159,7 +159,7 @@ def test_profile_and_validate_cli(tmp_path):
     assert p["fingerprint"]["digest"] == table.metadata["fingerprint"]["digest"]
     before = out.read_bytes()
     r = _cli("ernas.cli.profile", *common, "mode=validate", "validate.n=6",
-             f"hydra.run.dir={tmp_path}/v", cwd=tmp_path)
+             "latency.anchor=true", f"hydra.run.dir={tmp_path}/v", cwd=tmp_path)
     s = json.loads((tmp_path / "v/summary.json").read_text())
     an = s["anchored"]  # scored on the 7 networks that are not anchors, and said so
     assert an["n"] == 7 and f"within ±10% {100 * an['within_10pct']:.0f}%" in r.stdout
@@ -170,6 +170,8 @@ def test_profile_and_validate_cli(tmp_path):
     assert s["table"] == str(out) and s["corrected_table"] is None
     assert (tmp_path / "v/validation.png").stat().st_size > 1000
     assert out.read_bytes() == before  # validation never writes into the table
+    # validated as it is: latency.anchor does not calibrate the table validation scores
+    assert "anchor" not in s["probe"] and s["table_correction"] is None
 
 
 @pytest.mark.slow

@@ -107,6 +107,33 @@ def test_anchored_speedups_follow_the_line_through_two_measured_networks():
     assert np.allclose(r["agreement_anchored"], 1.0)
 
 
+def test_anchored_agreement_leaves_out_twins_and_untrustworthy_lines():
+    """A network with the anchor's architecture (another init, the same timing) agrees
+    trivially and is not counted; anchors measured in the wrong order draw no line. Fails if
+    twins are counted or a line with a negative slope is used."""
+    t = _agg([("w16", "scaled", True, 190, 100, 31.0), ("w8", "scaled", False, 30, 20, 29.0),
+              ("w12", "scaled", False, 90, 50, 30.0), ("s1", "searched", False, 70, 40, 30.5),
+              ("w8_supernet", "searched_supernet", False, 30, 20, 29.2)])
+    t["digest"] = ["a16", "a8", "a12", "s1", "a8"]
+    an = pa.analyse(t)["anchored"]
+    assert an["anchor"] in ("w8", "w8_supernet") and (an["within"], an["n"]) == (2, 2)
+    t.loc[t["network"].isin(["w8", "w8_supernet"]), "measured_ms"] = 200   # slower than w16
+    res = pa.analyse(t)
+    assert res["anchored"] is None and res["table"]["speedup_anchored"].isna().all()
+
+
+def test_a_resumed_run_keeps_its_distillation_recipe():
+    """Resuming with another --distill or --distill-feat would mix two recipes in the _kd
+    series; adding distillation to a run without it, or an old config.json without the keys,
+    is fine. Fails if a changed recipe passes or a legitimate resume is refused."""
+    old = {"distill": 0.5, "distill_feat": 0.1}
+    assert pb.distill_change(old, {"distill": 1.0, "distill_feat": 0.1}) == ["distill"]
+    assert pb.distill_change(old, {"distill": 0.5, "distill_feat": 0.0}) == ["distill_feat"]
+    assert pb.distill_change(old, {"distill": 0.5, "distill_feat": 0.1}) == []
+    assert pb.distill_change({}, {"distill": 0.5, "distill_feat": 0.1}) == []
+    assert pb.distill_change(old, {"distill": None, "distill_feat": 0.1}) == []
+
+
 def test_a_distilled_network_waits_for_its_teacher_run(tmp_path):
     """teacher_of: nothing for a network without a teacher, nothing while the teacher's run of
     that seed is unfinished (or absent), then the teacher's arch, best checkpoint and weights."""

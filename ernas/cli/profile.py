@@ -29,10 +29,11 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
 
     lat = cfg.latency
     # an explicit table is validated as it is (validation is the stronger test); `auto` resolves
-    # the table a search would use, probe included
+    # the table a search would use, probe included; never anchored (validation fits and scores
+    # the anchored line itself, in its own pass: `anchored`)
     explicit = cfg.output or (lat.table if lat.table not in (None, "auto") else None)
-    table, path = resolve_from_config(space, shape, {**lat, "trust_table": True}
-                                      if explicit else lat, cfg.progress, explicit)
+    table, path = resolve_from_config(space, shape, {**lat, "anchor": False, **(
+        {"trust_table": True} if explicit else {})}, cfg.progress, explicit)
     backend = make_backend(lat.backend)
     s = validate_table(space, table, backend, out, cfg.validate.n, cfg.validate.seed, protocol,
                        path, cfg.validate.write_corrected, cfg.progress)

@@ -28,7 +28,10 @@ from ernas.latency.backends import Backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.table import LatencyTable
 
-__all__ = ["anchor_table", "anchored_fit"]
+__all__ = ["MIN_SEPARATION", "anchor_problem", "anchor_table", "anchored_fit"]
+
+#: anchors whose key sums differ by less than this fraction of the larger are too close for a line
+MIN_SEPARATION = 0.2
 
 
 def anchored_fit(raw, meas, i: int, j: int) -> tuple[float, float] | None:
@@ -41,30 +44,66 @@ def anchored_fit(raw, meas, i: int, j: int) -> tuple[float, float] | None:
     return float(a), float(meas[i] - a * raw[i])
 
 
+def anchor_problem(raw, meas=None) -> str | None:
+    """Why no trustworthy line runs through two anchors with key sums ``raw = (Σ_1, Σ_2)`` and,
+    when timed, measured latencies ``meas``; None when it does. Refused: sums closer than
+    ``MIN_SEPARATION·max(Σ)`` (noise δ on the measurements moves the slope by about
+    ``2δ/(Σ_1 − Σ_2)``), and measurements in the opposite order to the sums (a slope ≤ 0)."""
+    s1, s2 = np.asarray(raw, dtype=np.float64)
+    if abs(s1 - s2) < MIN_SEPARATION * max(abs(s1), abs(s2)):
+        return (f"the anchors' key sums {s1:.4g} and {s2:.4g} ms lie within "
+                f"{100 * MIN_SEPARATION:g}% of each other; a line through two close points turns "
+                f"their measurement noise into its slope")
+    if meas is None:
+        return None
+    m1, m2 = np.asarray(meas, dtype=np.float64)
+    if (m1 - m2) * (s1 - s2) <= 0:
+        fast, slow = (m2, m1) if s2 < s1 else (m1, m2)
+        return (f"the anchor predicted faster measured {fast:.4g} ms against {slow:.4g} ms: the "
+                f"line would invert the order of predictions (the machine was disturbed while "
+                f"timing them)")
+    return None
+
+
 def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, granularity: str,
-                 protocol: MeasureProtocol | None = None, reference=None) -> dict:
+                 protocol: MeasureProtocol | None = None, reference=None,
+                 exclude=()) -> dict:
     """Time the anchors (``reference``, default ``space.reference()``, and ``space.smallest()``),
     store ``metadata['correction']`` (scale, offset_ms, anchored: the record) on ``table`` and
-    return the record; ``{"skipped": why}`` when the table already carries an anchored
-    correction or the two anchors have the same key sum (a space of one architecture)."""
+    return the record with the line; ``{"skipped": why, ...}`` when the table already carries an
+    anchored correction (the record and its line), and when no line is drawn (module
+    docstring; ``exclude``: the architectures whose predictions will be scored)."""
     from ernas import build_model, inference_model
 
-    old = (table.metadata.get("correction") or {}).get("anchored")
-    if old:
-        return {**old, "skipped": "kept the anchoring the table carries (a search's run copy)"}
+    corr = table.metadata.get("correction") or {}
+    if corr.get("anchored"):
+        return {**corr["anchored"], "scale": corr["scale"], "offset_ms": corr["offset_ms"],
+                "skipped": "kept the anchoring the table carries (a search's run copy)"}
+    if space.is_arch:
+        return {"skipped": f"not anchored: {space.name} is one architecture, and anchoring it on "
+                           f"itself would make its prediction its own measurement"}
     shape = tuple(int(s) for s in input_shape)
     archs = {"reference": reference or space.reference(), "smallest": space.smallest()}
-    sums = {k: float(table.lookup(a.op_keys(shape, granularity)).sum()) for k, a in archs.items()}
-    if anchored_fit([sums["reference"], sums["smallest"]], [1.0, 0.0], 0, 1) is None:
-        return {"skipped": f"not anchored: the reference and the smallest network of "
-                           f"{space.name} have the same key sum ({sums['reference']:.4g} ms), "
-                           f"no line runs through them"}
+    keys = {k: a.op_keys(shape, granularity) for k, a in archs.items()}
+    scored = next((e for e in exclude if e.op_keys(shape, granularity) == keys["smallest"]), None)
+    if scored is not None:
+        return {"skipped": f"not anchored: the smallest network of {space.name} is "
+                           f"{scored.name}, a network being evaluated, whose prediction would "
+                           f"be its own measurement"}
+    sums = {k: float(table.lookup(v).sum()) for k, v in keys.items()}
+    why = anchor_problem([sums["reference"], sums["smallest"]])
+    if why:
+        return {"skipped": f"not anchored: {why}", "sum_ms": sums}
     stat = table.metadata.get("statistic", "median")
     protocol = replace(protocol or MeasureProtocol(), statistic=stat)
     x = torch.randn(*shape)
     runners = {k: backend.runner(inference_model(build_model(a)), x) for k, a in archs.items()}
     res = protocol.measure(runners)
     meas = {k: res[k]["ms"] for k in archs}
+    why = anchor_problem([sums["reference"], sums["smallest"]],
+                         [meas["reference"], meas["smallest"]])
+    if why:
+        return {"skipped": f"not anchored: {why}", "sum_ms": sums, "measured_ms": meas}
     a, b = anchored_fit([sums["reference"], sums["smallest"]],
                         [meas["reference"], meas["smallest"]], 0, 1)
     record = {"networks": {k: a_.name for k, a_ in archs.items()}, "sum_ms": sums,

@@ -271,7 +271,10 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
     if table not in (None, "auto"):
         path = Path(table)
         t = LatencyTable.load(path)
-        t.check_compatible(required, path)
+        # trusted: a table of another machine, used knowingly (its hardware differences are
+        # warned about and recorded below); the settings that change keys must still agree
+        t.check_compatible({k: v for k, v in required.items()
+                            if not (trust_table and k == "device")}, path)
         t.lookup(keys, fill_command=profile_command(space, shape, backend, granularity, path))
         diffs = check_fingerprint(t.metadata, want, str(path), trust=trust_table)
         if trust_table:
@@ -333,12 +336,14 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
 
 
 def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
-                        table: str | Path | None = None) -> tuple[LatencyTable, Path]:
+                        table: str | Path | None = None,
+                        scored=()) -> tuple[LatencyTable, Path]:
     """``resolve_table`` from a latency config group (``experiments/latency/*.yaml``:
     backend, granularity, table, cache_dir, measure, probe_tolerance, on_mismatch, trust_table,
     probe_cache_s, consistency_tolerance, profile_group, recheck_rounds); ``table`` overrides
     the config's. With ``anchor: true`` the table is then calibrated on the day
-    (``ernas.latency.anchor``), recorded in ``table.probe['anchor']``."""
+    (``ernas.latency.anchor``), recorded in ``table.probe['anchor']``; ``scored``: the
+    architectures whose predictions will be compared with measurements, never an anchor."""
     lat = plain_mapping(latency_cfg, "latency")
     gran = lat.get("granularity", "block")
     t, path = resolve_table(
@@ -354,10 +359,13 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
     if lat.get("anchor"):
         shape = [int(s) for s in input_shape]
         rec = anchor_table(t, space, make_backend(lat["backend"]), shape, gran,
-                           as_protocol(lat.get("measure")), probe_arch(space, t, shape, gran))
+                           as_protocol(lat.get("measure")), probe_arch(space, t, shape, gran),
+                           scored)
         t.probe = {**(t.probe or {}), "anchor": rec}
         if "skipped" in rec:
-            _note(f"latency.anchor: {rec['skipped']}.")
+            line = (f": predictions are {rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms"
+                    if "scale" in rec else "")
+            _note(f"latency.anchor: {rec['skipped']}{line}.")
         else:
             _note(f"latency.anchor: {rec['networks']['reference']} measured "
                   f"{rec['measured_ms']['reference']:.3g} ms and {rec['networks']['smallest']} "

@@ -58,7 +58,7 @@ from scipy import stats
 from ernas import build_model, inference_model
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.latency.anchor import anchored_fit
+from ernas.latency.anchor import anchor_problem, anchored_fit
 from ernas.latency.backends import Backend
 from ernas.latency.measure import (MeasureProtocol, paired_half_gap, paired_ratio,
                                    paired_spread)
@@ -92,19 +92,19 @@ def loo_predictions(raw: np.ndarray, meas: np.ndarray) -> np.ndarray:
     return out
 
 
-def _anchored(df: pd.DataFrame, ref: int) -> dict | None:
+def _anchored(df: pd.DataFrame, ref: int, twins=()) -> dict | None:
     """Accuracy of the table anchored at the reference and the smallest (module docstring),
-    on the other networks; None with fewer than 3 of them or coinciding anchors."""
+    on the other networks (``twins``: rows of the same network as an anchor, left out too);
+    None with fewer than 3 of them or no line (``anchor_problem``)."""
     small = df.index[df["arch"] == "smallest"][0]
     raw, meas = df["sum_ms"].to_numpy(), df["measured_ms"].to_numpy()
-    fit = anchored_fit(raw, meas, ref, small)
-    rest = df.drop(index=[ref, small])
-    if fit is None or len(rest) < 3:
+    rest = df.drop(index=sorted({ref, small, *twins}))
+    if len(rest) < 3 or anchor_problem(raw[[ref, small]], meas[[ref, small]]):
         return None
-    a, b = fit
+    a, b = anchored_fit(raw, meas, ref, small)
     pred = a * rest["sum_ms"].to_numpy() + b
     return {**accuracy(pred, rest["measured_ms"].to_numpy()), "scale": a, "offset_ms": b,
-            "anchors": ["reference", "smallest"],
+            "anchors": ["reference", "smallest"], "scored_on": len(rest),
             "speedup": accuracy((a * raw[ref] + b) / pred, rest["measured_speedup"].to_numpy())}
 
 
@@ -169,7 +169,10 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     loo = loo_predictions(raw, meas) if len(df) >= 3 else raw.copy()
     a, b = fit_correction(raw, meas)
     df["loo_corrected_ms"] = loo
-    anchored = _anchored(df, ref)
+    keys = {name: arch.op_keys(shape, gran) for name, arch in archs}
+    twins = [i for i, (name, _) in enumerate(archs)
+             if keys[name] in (keys["reference"], keys["smallest"])]
+    anchored = _anchored(df, ref, twins)
     df["anchored_ms"] = (anchored["scale"] * df["sum_ms"] + anchored["offset_ms"]
                          if anchored else np.nan)
     df["rel_error"] = (pred - meas) / meas
