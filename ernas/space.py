@@ -89,13 +89,13 @@ class SearchSpace:
 
     def sample(self, rng: random.Random | int | None = None) -> "Arch":
         rng = rng if isinstance(rng, random.Random) else random.Random(rng)
-        return self._pick(lambda pos, d, cands: rng.choice(cands))
+        return self._pick(lambda pos, d, cands: rng.choice(cands), "sample")
 
     def smallest(self) -> "Arch":
-        return self._pick(lambda pos, d, cands: self._ordered(d, cands)[0])
+        return self._pick(lambda pos, d, cands: self._ordered(d, cands)[0], "smallest")
 
     def largest(self) -> "Arch":
-        return self._pick(lambda pos, d, cands: self._ordered(d, cands)[-1])
+        return self._pick(lambda pos, d, cands: self._ordered(d, cands)[-1], "largest")
 
     def reference(self) -> "Arch":
         """The family's reference block at every position (for nafnet: the official NAFNet)."""
@@ -108,9 +108,9 @@ class SearchSpace:
         order = self.spec.decisions[decision]
         return sorted(cands, key=lambda v: next(i for i, a in enumerate(order) if _same(v, a)))
 
-    def _pick(self, fn) -> "Arch":
+    def _pick(self, fn, kind: str) -> "Arch":
         values = {p: {d: fn(p, d, cands) for d, cands in c.items()} for p, c in self.choices.items()}
-        return Arch(self.family, dict(self.geometry), values, name=f"{self.name}_arch")
+        return Arch(self.family, dict(self.geometry), values, name=f"{self.name}_{kind}")
 
     def contains(self, arch: "Arch") -> bool:
         if arch.family != self.family or arch.geometry != self.geometry:
