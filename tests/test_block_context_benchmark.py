@@ -38,3 +38,19 @@ def test_variants_change_one_block_and_costs_subtract_the_skipped_network():
     ref_row = "encoders.0.0:reference"
     assert rows2[ref_row][0] == pytest.approx(rows[ref_row][0] + 1)
     assert all(rows2[n] == pytest.approx(rows[n]) for n in rows if n != ref_row)
+
+
+def test_block_keys_are_the_keys_a_variant_adds_to_the_skipped_network():
+    """The keys timed alone for a variant are exactly its block's: one block key at its
+    position's shape, nothing the rest of the network shares. Fails if shared keys leak in or
+    a repeated key (the same block at two positions) is dropped."""
+    tiny = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
+    nets = bc.variants_at(tiny, ["encoders.0.0"])
+    skip = nets["encoders.0.0:keep=False"]
+    keys = bc.block_keys(nets["encoders.0.0:norm=none"], skip, SHAPE, "block")
+    assert len(keys) == 1 and "norm=none" in keys[0] and "1x8x32x32" in keys[0]
+    # the reference block's key also sits at decoders.1.0: still one extra copy
+    ref_keys = bc.block_keys(nets["encoders.0.0:reference"], skip, SHAPE, "block")
+    assert len(ref_keys) == 1 and "norm=layernorm" in ref_keys[0]
+    assert sorted(skip.op_keys(SHAPE, "block") + ref_keys) == sorted(
+        tiny.reference().op_keys(SHAPE, "block"))
