@@ -153,6 +153,16 @@ def test_bad_search_values(tmp_path, override, field):
     assert not (tmp_path / "x" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("module", ["search", "evaluate", "export", "profile"])
+def test_a_bad_latency_value_is_refused_by_every_command(tmp_path, module):
+    """Every command that reads the latency group types it (export has no schema of its own:
+    it used to accept latency.anchor=maybe); nothing is written."""
+    r = _run(module, tmp_path, "latency.anchor=maybe", f"hydra.run.dir={tmp_path / 'x'}",
+             f"latency.cache_dir={tmp_path / 'c'}")
+    _user_error(r, "latency.anchor", "maybe")
+    assert not (tmp_path / "x" / "summary.json").exists()
+
+
 def test_unknown_fields_and_tasks(tmp_path):
     _user_error(_run("retrain", tmp_path, *RETRAIN, "+stepz=3", f"hydra.run.dir={tmp_path / 'a'}"),
                 "stepz")

@@ -125,8 +125,9 @@ def test_explicit_table_from_another_fingerprint_is_refused(tiny, cost_table, tm
         meta["device"] = meta["fingerprint"]["hardware"]["cpu_model"] = "Other CPU"
 
     path = _edit_metadata(cost_table, tmp_path / "other_cpu.csv", other_cpu)
-    with pytest.raises(ErnasError, match="device"):
+    with pytest.raises(ErnasError, match="device") as e:
         _resolve(tiny, table=path)
+    assert "latency.trust_table=true" in str(e.value)  # the fix names the way to use it
     with pytest.warns(UserWarning, match="Other CPU"):
         t, _ = _resolve(tiny, table=path, trust_table=True)
     assert any("Other CPU" in d for d in t.probe["fingerprint_differences"])
@@ -459,11 +460,20 @@ class SwappedCostBackend(CostBackend):
         return lambda: 1000 / ms
 
 
+def _kernel_space(tiny):
+    """The reference with kernel 3 or 5 at one position: its smallest network is the reference."""
+    from ernas.space import SearchSpace
+
+    ch = {p: {d: (v,) for d, v in c.items()} for p, c in tiny.reference().values.items()}
+    ch["encoders.0.0"] = {**ch["encoders.0.0"], "kernel": (3, 5)}
+    return SearchSpace(tiny.family, dict(tiny.geometry), ch, name="kernels")
+
+
 def test_anchor_refuses_lines_it_cannot_trust(tiny, cost_table):
     """No line (and no correction on the table) for: one architecture (anchoring it on itself),
-    a smallest network that is being evaluated, anchors measured in the opposite order to
-    their sums, sums within 20% of each other. A kept line is reported with its scale and
-    offset. Fails if any of these anchors anyway, or the kept record loses its line."""
+    an anchor (the smallest or the reference) that is being evaluated, anchors measured in the
+    opposite order to their sums, sums within 20% of each other, a smallest network that is the
+    reference. A kept line is reported with its scale and offset. Fails if any of these anchors anyway, or the kept record loses its line."""
     def fresh():
         return LatencyTable.load(cost_table)
 
@@ -473,15 +483,20 @@ def test_anchor_refuses_lines_it_cannot_trust(tiny, cost_table):
         (tiny, CostBackend(), {"exclude": [tiny.sample(1), tiny.smallest()]},
          "a network being evaluated"),
         (tiny, SwappedCostBackend(), {}, "invert the order"),
+        (_kernel_space(tiny), CostBackend(), {}, "is its reference"),
     ]
     for space, backend, kw, why in cases:
         t = fresh()
         rec = anchor_table(t, space, backend, SHAPE, "block", QUICK, **kw)
         assert why in rec["skipped"] and "correction" not in t.metadata, (why, rec)
-    # evaluated networks other than the smallest do not stop the anchoring
+    t = fresh()
+    rec = anchor_table(t, tiny, CostBackend(), SHAPE, "block", QUICK,
+                       exclude=[tiny.sample(1), tiny.reference()])
+    assert "reference network" in rec["skipped"] and "correction" not in t.metadata
+    # evaluated networks other than the anchors do not stop the anchoring
     t = fresh()
     rec = anchor_table(t, tiny, OverheadCostBackend(), SHAPE, "block", QUICK,
-                       exclude=[tiny.sample(1), tiny.reference()])
+                       exclude=[tiny.sample(1), tiny.largest()])
     assert "skipped" not in rec and rec["scale"] == pytest.approx(2)
     kept = anchor_table(t, tiny, CostBackend(), SHAPE, "block", QUICK)
     assert "kept" in kept["skipped"]

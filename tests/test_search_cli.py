@@ -60,6 +60,17 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
     keys = arch.op_keys((1, 3, 32, 32), "block")
     assert s["predicted_latency_ms"] == pytest.approx(
         anchor["scale"] * copy.lookup(keys).sum() + anchor["offset_ms"])
+    # evaluating the search run predicts from its own table and line, as the search did
+    ev = subprocess.run([sys.executable, "-m", "ernas.cli.evaluate", f"checkpoint={out}",
+                         *BASE[:5], "task.max_side=128", "progress=false",
+                         f"latency.cache_dir={cache}",
+                         f"hydra.run.dir={tmp_path / 'ev'}"],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    e = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert e["latency_tables"][e["name"]] == str(out / "latency_table.csv")
+    assert e["predicted_ms"] == pytest.approx(s["predicted_latency_ms"])
+    assert "search's own table" in ev.stderr and "kept the anchoring" in ev.stderr
 
 
 def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):

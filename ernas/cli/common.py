@@ -5,6 +5,7 @@ import functools
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from ernas.errors import ErnasError
@@ -43,11 +44,22 @@ def hydra_main(config_name: str, run):
     return main
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None,
+                  _default=warnings.showwarning):
+    """ernas's own warnings as ``ernas: warning: <message>`` (no source line); others as usual."""
+    if f"{os.sep}ernas{os.sep}" in str(filename):
+        print(f"ernas: warning: {message}", file=file or sys.stderr, flush=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def user_errors(fn):
-    """Run ``fn``; an ErnasError becomes ``error: <paragraph>`` on stderr and exit status 2."""
+    """Run ``fn``; an ErnasError becomes ``error: <paragraph>`` on stderr and exit status 2;
+    ernas's warnings print as ``ernas: warning: ...``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        warnings.showwarning = _show_warning
         try:
             return fn(*args, **kwargs)
         except ErnasError as e:

@@ -3,6 +3,8 @@
 latency–quality Pareto plot of several runs (``pareto.png``, ``pareto.csv``)."""
 from __future__ import annotations
 
+import sys
+
 from omegaconf import DictConfig, OmegaConf
 
 from ernas.cli.common import arch_for, claim_run_dir, hydra_main, output_dir, resolve_arch, task_of, user_errors
@@ -47,10 +49,30 @@ def run(cfg: DictConfig, out=None) -> dict:
             entries.append(ModelEntry(b.name or b_arch.name, b_arch,
                                       str(b.checkpoint) if b.checkpoint else None))
     latency = OmegaConf.to_container(cfg.latency, resolve=True) if cfg.get("latency") else None
+    if latency and not cfg.arch:
+        latency = search_table(latency, cfg.checkpoint)
     summary = evaluate(entries, out, task_of(cfg), cfg.seed, latency, tuple(cfg.input_shape),
                        cfg.predict_latency, cfg.measure_latency, cfg.device, cfg.progress)
     print(_line(summary) + f"; wrote {out}/report.md, results.csv")
     return summary
+
+
+def search_table(latency: dict, checkpoint) -> dict:
+    """``latency`` predicting from a search run's copy of its table (the table and anchored
+    line the search optimised) when ``checkpoint`` is that run and ``latency.table`` is auto."""
+    from pathlib import Path
+
+    from ernas.cli.search import RUN_TABLE
+
+    if not checkpoint or latency.get("table") not in (None, "auto"):
+        return latency
+    c = Path(str(checkpoint))
+    copy = (c if c.is_dir() else c.parent) / RUN_TABLE
+    if not copy.is_file():
+        return latency
+    print(f"ernas: predicting from the search's own table {copy} (the table and line it "
+          f"optimised); give latency.table=<table> to predict from another.", file=sys.stderr)
+    return {**latency, "table": str(copy), "trust_table": True}
 
 
 def run_dirs(runs) -> list[str]:

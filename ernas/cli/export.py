@@ -6,6 +6,8 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ernas.cli.common import arch_for, claim_run_dir, hydra_main, output_dir, task_of, user_errors
+from ernas.cli.schema import LatencyGroup
+from ernas.config import validated
 
 
 @user_errors
@@ -17,6 +19,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     from ernas.io import atomic_write_json
     from ernas.latency.factory import make_backend
 
+    validated({"latency": cfg.latency}, LatencyGroup, "export config")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = claim_run_dir(out) if out else output_dir()
@@ -42,10 +45,11 @@ def _line(s: dict) -> str:
             f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
     for kind in ("int8", "qat"):
         if f"{kind}_ms" in s:
-            r = s[f"{kind}_speedup"]
+            r = s[f"{kind}_speedup"]  # paired per round, so it can differ from the ms ratio
+            pace = (f"{max(r, 1 / r):.2f}x {'faster' if r >= 1 else 'slower'} than fp32, "
+                    f"median of per-round ratios")
             line += (f"; {kind} {m} {s[f'{m}_{kind}']:.3f} ({s[f'{m}_delta_{kind}']:+.3f}), "
-                     f"{s[f'{kind}_ms']:.2f} ms ({max(r, 1 / r):.2f}x "
-                     f"{'faster' if r >= 1 else 'slower'} than fp32)")
+                     f"{s[f'{kind}_ms']:.2f} ms ({pace})")
     return line
 
 

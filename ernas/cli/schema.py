@@ -123,6 +123,12 @@ class Baseline:
 
 
 @dataclass
+class LatencyGroup:
+    """The latency group alone: what ``ernas-export`` (timing its files) reads of its config."""
+    latency: Latency = MISSING
+
+
+@dataclass
 class Evaluate:
     task: Any = MISSING
     latency: Latency = MISSING

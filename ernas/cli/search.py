@@ -133,13 +133,15 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
     print(f"derived architecture: {out / 'arch.yaml'}")
     print(Path(out / "arch.yaml").read_text().rstrip())
     r = base / s["predicted_latency_ms"] if base else None
+    anchored = bool((table.metadata.get("correction") or {}).get("anchored"))
     print(f"predicted latency {s['predicted_latency_ms']:.2f} ms"
           + (f" vs baseline {base:.2f} ms ({max(r, 1 / r):.2f}x "
              f"{'faster' if r >= 1 else 'slower'})" if base else "")
           + f"; params {s['params']:,} vs {s['baseline_params']:,}; decisiveness "
             f"{s['decisiveness']:.3f}; supernet val {s['metric']} "
             f"{s['supernet_val_' + s['metric']]:.3f} "
-            f"({table.metadata.get('backend')}, {table.metadata.get('device')}, input {shape})")
+            f"(table: {table.metadata.get('backend')}, {table.metadata.get('device')}"
+            f"{', anchored on this host' if anchored else ''}, input {shape})")
     if scfg.lam > 0 and scfg.latency_form == "hinge" and s["latency_active_fraction"] == 0:
         print(f"note: the hinge target {s['target_ms']:.2f} ms never bound: the expected latency "
               f"stayed below it (at most {s['max_expected_ms']:.2f} ms in the α steps), so the "

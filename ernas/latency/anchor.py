@@ -85,11 +85,15 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     shape = tuple(int(s) for s in input_shape)
     archs = {"reference": reference or space.reference(), "smallest": space.smallest()}
     keys = {k: a.op_keys(shape, granularity) for k, a in archs.items()}
-    scored = next((e for e in exclude if e.op_keys(shape, granularity) == keys["smallest"]), None)
-    if scored is not None:
-        return {"skipped": f"not anchored: the smallest network of {space.name} is "
-                           f"{scored.name}, a network being evaluated, whose prediction would "
-                           f"be its own measurement"}
+    if keys["reference"] == keys["smallest"]:
+        return {"skipped": f"not anchored: the smallest network of {space.name} is its "
+                           f"reference, so there is no second network to draw a line through"}
+    for role in ("reference", "smallest"):
+        scored = next((e for e in exclude if e.op_keys(shape, granularity) == keys[role]), None)
+        if scored is not None:
+            return {"skipped": f"not anchored: the {role} network of {space.name} is "
+                               f"{scored.name}, a network being evaluated, whose prediction "
+                               f"would be its own measurement"}
     sums = {k: float(table.lookup(v).sum()) for k, v in keys.items()}
     why = anchor_problem([sums["reference"], sums["smallest"]])
     if why:

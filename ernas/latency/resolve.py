@@ -274,7 +274,10 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
         # trusted: a table of another machine, used knowingly (its hardware differences are
         # warned about and recorded below); the settings that change keys must still agree
         t.check_compatible({k: v for k, v in required.items()
-                            if not (trust_table and k == "device")}, path)
+                            if not (trust_table and k == "device")}, path, fix=(
+            f"profile a table here ({fill} output=<new path>), use latency.table=auto, or, for "
+            f"a table of another machine (another device), set latency.trust_table=true to use "
+            f"it anyway; the other fields must match the request"))
         t.lookup(keys, fill_command=profile_command(space, shape, backend, granularity, path))
         diffs = check_fingerprint(t.metadata, want, str(path), trust=trust_table)
         if trust_table:
