@@ -13,8 +13,9 @@ interleaved rounds on the same onnxruntime session options. One row per (space, 
   paired per round (drift cancels: the table's own error);
 - split-half noise: how much two half-length measurements of one figure disagree (absolute /
   speed-up); errors well above it are the table's;
-- anchored ±10%: absolute and speed-up accuracy with the table anchored at the reference and the
-  smallest network measured in the same pass (``ernas.latency.validation``), on the others;
+- anchored ±10%: absolute and speed-up accuracy with the table anchored as ``latency.anchor``
+  anchors it (the reference, the smallest and ``--anchor-samples`` sampled networks measured in
+  the same pass, ``ernas.latency.validation``), on the others;
 - pairs before/after: single-decision pairs listing the cheaper choice >5% slower, before and
   after the re-check (of all pairs);
 - the session options (threads, spinning, graph optimisation) and the fingerprint digest.
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ernas.latency.anchor import ANCHOR_SAMPLES
 from ernas.latency.backends import OnnxRuntimeBackend, machine_description
 from ernas.latency.fingerprint import describe
 from ernas.latency.measure import MeasureProtocol
@@ -62,7 +64,7 @@ def run_one(space_name, threads, shape, args, protocol, out: Path) -> dict:
     t0 = time.perf_counter()
     s = validate_table(space, table, backend, out / f"validation_{space.name}_t{threads}",
                        n=args.n, seed=args.seed, protocol=protocol, table_path=path,
-                       progress=not args.quiet)
+                       progress=not args.quiet, anchor_samples=args.anchor_samples)
     validate_s = time.perf_counter() - t0
     c, plain, loo = table.metadata["consistency"], s["plain_sum"], s["corrected_loo"]
     opts = backend.session_options()
@@ -109,6 +111,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=30, help="sampled networks (+ smallest, largest, "
                                                       "reference)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--anchor-samples", type=int, default=ANCHOR_SAMPLES,
+                    help=f"sampled anchors beside the reference and the smallest (default "
+                         f"{ANCHOR_SAMPLES}, as latency.anchor_samples)")
     ap.add_argument("--granularity", default="block", choices=["block", "op"])
     ap.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin")
     ap.add_argument("--graph-optimization", default="all")

@@ -121,7 +121,8 @@ def analyse(agg: pd.DataFrame, drop: float = DROP) -> dict:
 
 
 def anchored_speedups(t: pd.DataFrame, ref) -> tuple[pd.Series, dict | None]:
-    """Predicted speed-ups after ``latency.anchor``'s calibration (``ernas.latency.anchor``):
+    """Predicted speed-ups after ``latency.anchor``'s calibration in its two-point form
+    (``latency.anchor_samples=0``, ``ernas.latency.anchor``; the run times no sampled networks):
     the line ``m ≈ a·p + b`` through the measured latencies of the reference (row ``ref``) and
     of the network predicted fastest, so ``speedup_i = m_ref / (a·p_i + b)``; with the anchor's
     name, row, a and b (None, and NaN speed-ups, when ``anchor_problem`` draws no line)."""
@@ -211,7 +212,8 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
               f"instead, {len(t) - len(out)} of {len(t)} would be within {100 * GOAL_AGREE:g}%)")
     an = res.get("anchored")
     if an:
-        print(f"  calibrated on the day (latency.anchor: the line through the measured latencies "
+        print(f"  calibrated on the day (latency.anchor, two-point form: the line through the "
+              f"measured latencies "
               f"of the reference and {an['anchor']}, ms ≈ {an['scale']:.3f}·predicted "
               f"{an['offset_ms']:+.2f}): {an['within']} of {an['n']} other networks' predicted "
               f"speed-ups within {100 * GOAL_AGREE:g}%")

@@ -22,7 +22,8 @@ import torch
 
 import ernas
 from ernas.errors import ErnasError
-from ernas.latency.anchor import anchor_problem, anchor_table
+from ernas.latency.anchor import (ANCHOR_SAMPLES, anchor_archs, anchor_problem, anchor_table,
+                                  anchored_fit)
 from ernas.latency.backends import Backend, OnnxRuntimeBackend
 from ernas.latency.consistency import (check_consistency, inconsistent_pairs,
                                        single_decision_pairs)
@@ -289,7 +290,8 @@ def test_validate_never_writes_into_the_shipped_table(tmp_path):
     before = path.read_bytes()
     shape = ",".join(map(str, meta["input_shape"]))
     args = [sys.executable, "-m", "ernas.cli.profile", f"space={meta['space']}", "mode=validate",
-            f"output={path}", f"input_shape=[{shape}]", f"latency.backend.threads={meta['threads']}",
+            f"output={path}", f"input_shape=[{shape}]",
+            f"latency.backend.threads={meta['threads']}",
             "validate.n=0", "latency.measure.rounds=2", "latency.measure.per_round=1",
             "latency.measure.warmup=0", "latency.measure.min_seconds=0", "progress=false"]
     run = tmp_path / "run"
@@ -350,11 +352,11 @@ def test_validation_speedups_are_paired_so_drift_cancels(tiny, cost_table, tmp_p
     speed-ups are judged on absolute figures, inverted, taken against another network than the
     reference, or when the reference's trivial 1.0 is counted."""
     n = 4
-    backend = DriftingCostBackend(n + 3, [1, 3, 1.5, 2])
+    backend = DriftingCostBackend(n + 3 + ANCHOR_SAMPLES, [1, 3, 1.5, 2])
     proto = MeasureProtocol(rounds=4, per_round=1, warmup=0, min_seconds=0)
     s = validate_table(tiny, LatencyTable.load(cost_table), backend, tmp_path, n=n,
                        protocol=proto, progress=False)
-    assert backend.calls == 4 * (n + 3)
+    assert backend.calls == 4 * (n + 3 + ANCHOR_SAMPLES)
     assert s["mape"] > 0.2
     assert s["speedup"]["n"] == n + 2 and s["speedup"]["mape"] == pytest.approx(0, abs=1e-9)
     df = pd.read_csv(tmp_path / "validation.csv")
@@ -364,7 +366,7 @@ def test_validation_speedups_are_paired_so_drift_cancels(tiny, cost_table, tmp_p
     assert np.allclose(df["measured_speedup"], df["predicted_speedup"])
     # the drift is all shared by a round: each pass's speed-up is the same, its absolute isn't
     assert s["noise_floor"] > 0.3 and s["speedup"]["noise_floor"] == pytest.approx(0, abs=1e-9)
-    # anchoring at two networks of the same pass absorbs the drift (a pure scale here)
+    # anchoring at networks of the same pass absorbs the drift (a pure scale here)
     an = s["anchored"]
     assert an["mape"] == pytest.approx(0, abs=1e-9)
     assert an["offset_ms"] == pytest.approx(0, abs=1e-9)
@@ -382,21 +384,27 @@ class OverheadCostBackend(CostBackend):
 
 
 def test_anchored_validation_absorbs_scale_and_overhead(tiny, cost_table, tmp_path):
-    """The line through the reference and the smallest recovers 2x + 5 ms exactly and predicts
-    the other networks (not the anchors: n + 1 scored) and their speed-ups without error, where
-    the plain table is off in both. Fails if the anchors are scored, the line is fitted on other
-    points, or anchored speed-ups ignore the offset."""
+    """The line through the anchors (reference, smallest, the networks a search would sample)
+    recovers 2x + 5 ms exactly and predicts the other networks (not the anchors: n + 1 scored)
+    and their speed-ups without error, where the plain table is off in both. The sampled anchors
+    are measured in the same pass but are not headline networks. Fails if the anchors are
+    scored or counted in the headline figures, the line is fitted on other points, or anchored
+    speed-ups ignore the offset."""
     n = 5
     s = validate_table(tiny, LatencyTable.load(cost_table), OverheadCostBackend(), tmp_path, n=n,
                        protocol=QUICK, progress=False)
     an = s["anchored"]
-    assert an["n"] == n + 1 and an["anchors"] == ["reference", "smallest"]
+    drawn = [f"anchor_{i}" for i in range(ANCHOR_SAMPLES)]
+    assert an["n"] == n + 1 and an["anchors"] == ["reference", "smallest", *drawn]
+    assert s["n"] == n + 3 and s["speedup"]["n"] == n + 2
     assert an["scale"] == pytest.approx(2) and an["offset_ms"] == pytest.approx(5)
     assert an["mape"] == pytest.approx(0, abs=1e-9) and an["within_10pct"] == 1.0
     assert an["speedup"]["mape"] == pytest.approx(0, abs=1e-9)
     assert s["mape"] > 0.5 and s["speedup"]["mape"] > 0.01
     df = pd.read_csv(tmp_path / "validation.csv")
     assert np.allclose(df["anchored_ms"], df["measured_ms"])
+    assert df.loc[df["anchor_sample"], "arch"].tolist() == drawn
+    assert df.loc[df["anchor_sample"], "loo_corrected_ms"].isna().all()
     assert s["measurement_noise"] == 0.0 and (df["half_gap"] == 0).all()  # a steady device
 
 
@@ -433,8 +441,9 @@ def test_anchor_table_calibrates_predictions_on_the_day(tiny, cost_table):
     table = LatencyTable.load(cost_table)
     rec = anchor_table(table, tiny, OverheadCostBackend(), SHAPE, "block", QUICK)
     assert rec["scale"] == pytest.approx(2) and rec["offset_ms"] == pytest.approx(5)
-    assert rec["networks"] == {"reference": tiny.reference().name,
-                               "smallest": tiny.smallest().name}
+    drawn = [f"sample_{i}" for i in range(ANCHOR_SAMPLES)]
+    assert list(rec["networks"]) == ["reference", "smallest", *drawn]
+    assert rec["networks"]["smallest"] == tiny.smallest().name
     device = OverheadCostBackend()
     exp = ExpectedLatency(tiny, table, SHAPE, "block")
     rng = random.Random(3)
@@ -473,7 +482,8 @@ def test_anchor_refuses_lines_it_cannot_trust(tiny, cost_table):
     """No line (and no correction on the table) for: one architecture (anchoring it on itself),
     an anchor (the smallest or the reference) that is being evaluated, anchors measured in the
     opposite order to their sums, sums within 20% of each other, a smallest network that is the
-    reference. A kept line is reported with its scale and offset. Fails if any of these anchors anyway, or the kept record loses its line."""
+    reference. A kept line is reported with its scale and offset. Fails if any of these anchors
+    anyway, or the kept record loses its line."""
     def fresh():
         return LatencyTable.load(cost_table)
 
@@ -520,8 +530,57 @@ def test_anchored_validation_leaves_out_twins_of_the_anchors(tiny, cost_table, t
     s = validate_table(small, LatencyTable.load(cost_table), OverheadCostBackend(), tmp_path,
                        n=n, protocol=QUICK, progress=False)
     keys = [a.op_keys(SHAPE, "block") for _, a in validation_archs(small, n, 0)]
-    anchors = (small.reference().op_keys(SHAPE, "block"), small.smallest().op_keys(SHAPE, "block"))
+    anchors = [a.op_keys(SHAPE, "block")
+               for a in anchor_archs(small, ANCHOR_SAMPLES, SHAPE, "block").values()]
+    assert len(anchors) == 2 + ANCHOR_SAMPLES
     scored = sum(k not in anchors for k in keys)
     assert 3 <= scored < n + 1  # the draw holds twins, and enough others to score
     an = s["anchored"]
     assert an["n"] == scored and an["scale"] == pytest.approx(2)
+
+
+def test_anchored_fit_is_the_least_squares_line_through_the_reference():
+    """The line passes through the reference exactly, its slope zeroes the derivative of the
+    others' squared error (the least-squares slope about the reference), one other point gives
+    the line through both, coinciding sums give no line. Fails if the slope is the two-point
+    one, or the line misses the reference."""
+    raw, meas = np.array([10.0, 2.0, 4.0, 6.0]), np.array([20.0, 5.0, 9.0, 11.0])
+    a, b = anchored_fit(raw, meas, 0, [1, 2, 3])
+    assert a * raw[0] + b == pytest.approx(meas[0])
+    x, y = raw[1:] - raw[0], meas[1:] - meas[0]
+    assert np.sum(x * (y - a * x)) == pytest.approx(0, abs=1e-9)
+    assert anchored_fit(raw, meas, 0, 1) == pytest.approx((15 / 8, 20 - 150 / 8))
+    assert a != pytest.approx(15 / 8)
+    assert anchored_fit([3.0, 3.0], [1.0, 2.0], 0, 1) is None
+
+
+class CurvedCostBackend(CostBackend):
+    """CostBackend whose networks cost (parameters)^1.3: no line runs through all of them."""
+
+    def runner(self, module, example_input):
+        ms = super().runner(module, example_input)()
+        return lambda: ms ** 1.3
+
+
+def test_anchor_table_fits_its_sampled_networks(tiny, cost_table):
+    """``samples`` networks, each another network than the other anchors and than the networks
+    being evaluated, are timed beside the reference and the smallest, and the stored line is the
+    fit through all of them; ``samples=0`` is the two-point line. Fails if the samples are not
+    timed, repeat an anchor or an evaluated network, or are left out of the fit."""
+    evaluated = list(anchor_archs(tiny, 3, SHAPE, "block").values())[2:]
+    t = LatencyTable.load(cost_table)
+    rec = anchor_table(t, tiny, CurvedCostBackend(), SHAPE, "block", QUICK, exclude=evaluated,
+                       samples=3)
+    roles = ["reference", "smallest", "sample_0", "sample_1", "sample_2"]
+    assert list(rec["measured_ms"]) == roles
+    drawn = anchor_archs(tiny, 3, SHAPE, "block", avoid=evaluated)
+    keys = [a.op_keys(SHAPE, "block") for a in (*drawn.values(), *evaluated)]
+    assert all(keys.count(k) == 1 for k in keys)  # all distinct networks
+    sums, meas = ([r[k] for k in roles] for r in (rec["sum_ms"], rec["measured_ms"]))
+    line = anchored_fit(sums, meas, 0, [1, 2, 3, 4])
+    assert (rec["scale"], rec["offset_ms"]) == pytest.approx(line)
+    two = anchor_table(LatencyTable.load(cost_table), tiny, CurvedCostBackend(), SHAPE, "block",
+                       QUICK, samples=0)
+    assert list(two["measured_ms"]) == ["reference", "smallest"]
+    assert two["scale"] == pytest.approx(anchored_fit(sums, meas, 0, 1)[0])
+    assert two["scale"] != pytest.approx(rec["scale"], rel=1e-3)

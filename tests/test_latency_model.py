@@ -159,11 +159,13 @@ def test_profile_and_validate_cli(tmp_path):
     assert p["fingerprint"]["digest"] == table.metadata["fingerprint"]["digest"]
     before = out.read_bytes()
     r = _cli("ernas.cli.profile", *common, "mode=validate", "validate.n=6",
-             "latency.anchor=true", f"hydra.run.dir={tmp_path}/v", cwd=tmp_path)
+             "latency.anchor=true", "latency.anchor_samples=2", f"hydra.run.dir={tmp_path}/v",
+             cwd=tmp_path)
     s = json.loads((tmp_path / "v/summary.json").read_text())
     an = s["anchored"]  # scored on the 7 networks that are not anchors, and said so
     assert an["n"] == 7 and f"within ±10% {100 * an['within_10pct']:.0f}%" in r.stdout
-    assert "anchored at the reference and the smallest" in r.stdout
+    assert an["anchors"] == ["reference", "smallest", "anchor_0", "anchor_1"]
+    assert "anchored at the reference, the smallest and 2 sampled networks" in r.stdout
     for k in ("mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_floor"):
         assert k in s
     assert s["n"] == 9 and s["plain_sum"]["n"] == 9 and s["corrected_loo"]["n"] == 9

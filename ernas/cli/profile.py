@@ -36,7 +36,7 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
         {"trust_table": True} if explicit else {})}, cfg.progress, explicit)
     backend = make_backend(lat.backend)
     s = validate_table(space, table, backend, out, cfg.validate.n, cfg.validate.seed, protocol,
-                       path, cfg.validate.write_corrected, cfg.progress)
+                       path, cfg.validate.write_corrected, cfg.progress, lat.anchor_samples)
     c, sp, an = s["corrected_loo"], s["speedup"], s["anchored"]
     print(f"validated {path} on {s['n']} networks: MAPE {100 * s['mape']:.2f}%, within ±10% "
           f"{100 * s['within_10pct']:.0f}%, Spearman {s['spearman']:.3f}, noise floor "
@@ -47,7 +47,8 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
           f"{100 * sp['noise_floor']:.1f}%"
           f" per pass, {100 * sp['measurement_noise']:.1f}% split-half")
     if an:
-        print(f"  anchored at the reference and the smallest measured now (ms ≈ {an['scale']:.3f}"
+        print(f"  anchored at the reference, the smallest and {len(an['anchors']) - 2} sampled "
+              f"networks measured now (ms ≈ {an['scale']:.3f}"
               f"·sum {an['offset_ms']:+.2f}): MAPE {100 * an['mape']:.2f}%, within ±10% "
               f"{100 * an['within_10pct']:.0f}%; speed-ups within ±10% "
               f"{100 * an['speedup']['within_10pct']:.0f}% ({an['n']} other networks)")

@@ -35,6 +35,7 @@ class Latency:
     profile_group: int = MISSING
     recheck_rounds: int = MISSING
     anchor: bool = MISSING
+    anchor_samples: int = MISSING
 
     def __post_init__(self):
         MeasureProtocol.from_mapping(self.measure)
@@ -43,7 +44,7 @@ class Latency:
             bad.append(f"granularity={self.granularity!r} must be block or op")
         if self.on_mismatch not in ("profile", "rescale", "error"):
             bad.append(f"on_mismatch={self.on_mismatch!r} must be profile, rescale or error")
-        for f in ("probe_tolerance", "probe_cache_s", "consistency_tolerance"):
+        for f in ("probe_tolerance", "probe_cache_s", "consistency_tolerance", "anchor_samples"):
             if getattr(self, f) < 0:
                 bad.append(f"{f}={getattr(self, f)} must be >= 0")
         for f in ("profile_group", "recheck_rounds"):

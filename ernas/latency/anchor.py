@@ -1,23 +1,32 @@
-"""Calibrate a table on the day: two networks timed now, and the line through them.
+"""Calibrate a table on the day: a few networks timed now, and the line through them.
 
 A table is profiled once; the machine that uses it drifts (this VM ran 0.8x to 1.3x the speed
 it profiled at, hours apart), and a whole network costs its key sum times a factor plus a
-per-network overhead the keys do not add. ``latency.anchor=true`` times two networks of the
-space end to end, together (interleaved rounds, the table's statistic): the probe's network
-(the reference) and ``space.smallest()``, and stores the line through them as the table's
-correction, in memory only (a search's run copy keeps it):
+per-network overhead the keys do not add. ``latency.anchor=true`` times, together (interleaved
+rounds, the table's statistic), the probe's network (the reference), ``space.smallest()`` and
+``latency.anchor_samples`` networks sampled from the space (seed ``ANCHOR_SEED``, none the same
+network as another anchor or as a network being evaluated), and stores the line through the
+reference whose slope fits the others by least squares, as the table's correction, in memory
+only (a search's run copy keeps it):
 
-    m ≈ a·Σ + b,   a = (m_ref − m_min) / (Σ_ref − Σ_min),   b = m_ref − a·Σ_ref,
+    m ≈ a·Σ + b,   a = Σ_j x_j·y_j / Σ_j x_j²,   x_j = Σ_j − Σ_ref,  y_j = m_j − m_ref,
+    b = m_ref − a·Σ_ref,
 
-where Σ is a network's key sum and m its measured latency. ``predict_ms`` and ``E[LAT]`` then
-return ``a·Σ + b``. It is few-shot calibration on the target device with the fewest shots that
-fix both a scale and an offset; ``ernas-profile mode=validate`` reports the same two-point fit
-made in its own pass and scored on every other network (``anchored``), which is the evidence
-for it. A table that already carries an anchored correction (a search's run copy) keeps it, so
-a resumed search and its evaluation predict with the line the search used.
+where Σ is a network's key sum and m its measured latency, j over the anchors other than the
+reference. With no samples it is the line through the reference and the smallest,
+``a = (m_ref − m_min) / (Σ_ref − Σ_min)``. The reference is predicted exactly, so speed-ups
+over it are anchored at a measured figure; the samples set the slope over the middle of the
+space, where the two end points alone mislead when one of them runs unlike the rest (the tiny
+space's reference: key sum / measured 1.03, against 1.07-1.22 for its other networks, Intel
+draws of 1 Dec 2026). ``predict_ms`` and ``E[LAT]`` then return ``a·Σ + b``. It is few-shot
+calibration on the target device; ``ernas-profile mode=validate`` times the same anchors in its
+own pass and scores the line on every other network (``anchored``), which is the evidence for
+it. A table that already carries an anchored correction (a search's run copy) keeps it, so a
+resumed search and its evaluation predict with the line the search used.
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import replace
 
@@ -28,20 +37,47 @@ from ernas.latency.backends import Backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.table import LatencyTable
 
-__all__ = ["MIN_SEPARATION", "anchor_problem", "anchor_table", "anchored_fit"]
+__all__ = ["ANCHOR_SAMPLES", "ANCHOR_SEED", "MIN_SEPARATION", "anchor_archs", "anchor_problem",
+           "anchor_table", "anchored_fit"]
 
 #: anchors whose key sums differ by less than this fraction of the larger are too close for a line
 MIN_SEPARATION = 0.2
+#: sampled networks timed beside the reference and the smallest (``latency.anchor_samples``)
+ANCHOR_SAMPLES = 4
+#: seed of their draw: validation times the very networks a search anchors on
+ANCHOR_SEED = 1
 
 
-def anchored_fit(raw, meas, i: int, j: int) -> tuple[float, float] | None:
-    """(a, b) of the line ``meas ≈ a·raw + b`` through points ``i`` and ``j``; None when their
-    ``raw`` values coincide (no line through them)."""
+def anchored_fit(raw, meas, i: int, others) -> tuple[float, float] | None:
+    """(a, b) of the line ``meas ≈ a·raw + b`` through point ``i`` with the least-squares slope
+    of the points ``others`` (an index or indices) about it (module docstring); the line through
+    two points for one other; None when no other point's ``raw`` differs from point ``i``'s."""
     raw, meas = np.asarray(raw, dtype=np.float64), np.asarray(meas, dtype=np.float64)
-    if abs(raw[i] - raw[j]) <= 1e-9 * max(abs(raw[i]), abs(raw[j])):
+    j = np.atleast_1d(np.asarray(others, dtype=int))
+    x, y = raw[j] - raw[i], meas[j] - meas[i]
+    if float(x @ x) <= (1e-9 * abs(raw[i])) ** 2:
         return None
-    a = (meas[i] - meas[j]) / (raw[i] - raw[j])
-    return float(a), float(meas[i] - a * raw[i])
+    a = float(x @ y) / float(x @ x)
+    return a, float(meas[i] - a * raw[i])
+
+
+def anchor_archs(space, samples: int, shape, granularity: str, reference=None,
+                 avoid=()) -> dict:
+    """The anchors by role: ``reference`` (default ``space.reference()``), ``smallest`` and
+    ``sample_<i>``, ``samples`` networks drawn with ``ANCHOR_SEED``, each a different network
+    (op keys) from every other anchor and from ``avoid``; fewer when the space has no more."""
+    archs = {"reference": reference or space.reference(), "smallest": space.smallest()}
+    seen = [a.op_keys(shape, granularity) for a in (*archs.values(), *avoid)]
+    rng = random.Random(ANCHOR_SEED)
+    for _ in range(50 * samples):
+        if len(archs) == 2 + samples:
+            break
+        arch = space.sample(rng)
+        keys = arch.op_keys(shape, granularity)
+        if keys not in seen:
+            seen.append(keys)
+            archs[f"sample_{len(archs) - 2}"] = arch
+    return archs
 
 
 def anchor_problem(raw, meas=None) -> str | None:
@@ -67,12 +103,13 @@ def anchor_problem(raw, meas=None) -> str | None:
 
 def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, granularity: str,
                  protocol: MeasureProtocol | None = None, reference=None,
-                 exclude=()) -> dict:
-    """Time the anchors (``reference``, default ``space.reference()``, and ``space.smallest()``),
-    store ``metadata['correction']`` (scale, offset_ms, anchored: the record) on ``table`` and
-    return the record with the line; ``{"skipped": why, ...}`` when the table already carries an
-    anchored correction (the record and its line), and when no line is drawn (module
-    docstring; ``exclude``: the architectures whose predictions will be scored)."""
+                 exclude=(), samples: int = ANCHOR_SAMPLES) -> dict:
+    """Time the anchors (``anchor_archs``: ``reference``, default ``space.reference()``, the
+    smallest and ``samples`` sampled networks), store ``metadata['correction']`` (scale,
+    offset_ms, anchored: the record) on ``table`` and return the record with the line;
+    ``{"skipped": why, ...}`` when the table already carries an anchored correction (the record
+    and its line), and when no line is drawn (``anchor_problem``, a slope ≤ 0; ``exclude``: the
+    architectures whose predictions will be scored, never anchors)."""
     from ernas import build_model, inference_model
 
     corr = table.metadata.get("correction") or {}
@@ -83,7 +120,7 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
         return {"skipped": f"not anchored: {space.name} is one architecture, and anchoring it on "
                            f"itself would make its prediction its own measurement"}
     shape = tuple(int(s) for s in input_shape)
-    archs = {"reference": reference or space.reference(), "smallest": space.smallest()}
+    archs = anchor_archs(space, samples, shape, granularity, reference, exclude)
     keys = {k: a.op_keys(shape, granularity) for k, a in archs.items()}
     if keys["reference"] == keys["smallest"]:
         return {"skipped": f"not anchored: the smallest network of {space.name} is its "
@@ -106,10 +143,14 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     meas = {k: res[k]["ms"] for k in archs}
     why = anchor_problem([sums["reference"], sums["smallest"]],
                          [meas["reference"], meas["smallest"]])
+    roles = list(archs)
+    line = anchored_fit([sums[k] for k in roles], [meas[k] for k in roles], 0, range(1, len(roles)))
+    if not why and line[0] <= 0:
+        why = (f"the anchors' least-squares slope {line[0]:.3g} is not positive (the machine was "
+               f"disturbed while timing them)")
     if why:
         return {"skipped": f"not anchored: {why}", "sum_ms": sums, "measured_ms": meas}
-    a, b = anchored_fit([sums["reference"], sums["smallest"]],
-                        [meas["reference"], meas["smallest"]], 0, 1)
+    a, b = line
     record = {"networks": {k: a_.name for k, a_ in archs.items()}, "sum_ms": sums,
               "measured_ms": meas, "statistic": stat, "time": time.time()}
     table.metadata["correction"] = {"scale": a, "offset_ms": b, "anchored": record}

@@ -58,7 +58,7 @@ import torch
 
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.latency.anchor import anchor_table
+from ernas.latency.anchor import ANCHOR_SAMPLES, anchor_table
 from ernas.latency.backends import Backend
 from ernas.latency.factory import make_backend
 from ernas.latency.consistency import DEFAULT_TOLERANCE, RECHECK_ROUNDS, check_consistency
@@ -306,7 +306,8 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
             continue
         diffs = fingerprint_differences(t.metadata.get("fingerprint"), want)
         if diffs:
-            refused.append({"table": str(path), "reason": "fingerprint differs: " + "; ".join(diffs)})
+            refused.append({"table": str(path),
+                            "reason": "fingerprint differs: " + "; ".join(diffs)})
             continue
         rec = probe(t, path)
         if rec["accepted"]:
@@ -363,15 +364,18 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
         shape = [int(s) for s in input_shape]
         rec = anchor_table(t, space, make_backend(lat["backend"]), shape, gran,
                            as_protocol(lat.get("measure")), probe_arch(space, t, shape, gran),
-                           scored)
+                           scored, int(lat.get("anchor_samples", ANCHOR_SAMPLES)))
         t.probe = {**(t.probe or {}), "anchor": rec}
         if "skipped" in rec:
             line = (f": predictions are {rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms"
                     if "scale" in rec else "")
             _note(f"latency.anchor: {rec['skipped']}{line}.")
         else:
+            m = rec["measured_ms"]
+            drawn = [v for k, v in m.items() if k.startswith("sample_")]
             _note(f"latency.anchor: {rec['networks']['reference']} measured "
-                  f"{rec['measured_ms']['reference']:.3g} ms and {rec['networks']['smallest']} "
-                  f"{rec['measured_ms']['smallest']:.3g} ms now; predictions are "
-                  f"{rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms.")
+                  f"{m['reference']:.3g} ms, {rec['networks']['smallest']} {m['smallest']:.3g} ms"
+                  + (f" and {len(drawn)} sampled networks {min(drawn):.3g}-{max(drawn):.3g} ms"
+                     if drawn else "")
+                  + f" now; predictions are {rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms.")
     return t, path

@@ -1,8 +1,9 @@
 """Prove a latency table against end-to-end measurement of whole networks.
 
-For N sampled architectures (plus the smallest, the largest and the reference) the fused network
-is measured on the table's backend, all networks together in interleaved shuffled rounds with
-the table's statistic (``ernas.latency.measure``), and compared with the table's prediction.
+For N sampled architectures (plus the smallest, the largest and the reference: the headline
+networks) the fused network is measured on the table's backend, all networks together in
+interleaved shuffled rounds with the table's statistic (``ernas.latency.measure``), and compared
+with the table's prediction.
 
 Figures, for predictions ``p`` and measurements ``m`` over the networks:
 MAPE = mean |p − m| / m; ``within_5pct``/``within_10pct`` = fraction with |p − m| / m ≤ 5% / 10%;
@@ -23,14 +24,15 @@ figure a search's trade-off (and the Pareto benchmark's agreement) depends on. I
 ``noise_floor`` is the median over networks of the pass-to-pass spread of the per-round ratio
 (``paired_spread``), the noise a single pass's speed-up carries.
 
-``anchored``: the table anchored in this session at two networks, the reference and the
-smallest, measured with the others: ``m ≈ a·Σ t + b`` through both points, so
-``a = (m_ref − m_min)/(Σ_ref − Σ_min)`` and ``b = m_ref − a·Σ_ref``; scored (absolute and
-speed-ups ``(a·Σ_ref + b)/(a·Σ_i + b)``) out of sample, on every network but the two anchors.
-It is what a user gets who times those two networks on the day (a few seconds): the machine's
-drift since profiling (a scale) and a per-network overhead the keys do not add (an offset) are
-absorbed, and what is left is the table's error in the shape of the front. ``latency.anchor=true``
-makes the same fit at use time (``ernas.latency.anchor``).
+``anchored``: the table anchored in this session as ``latency.anchor`` anchors it at use time
+(``ernas.latency.anchor``): the reference, the smallest and ``anchor_samples`` networks drawn
+as a search draws them (rows ``anchor_<i>``, measured in the same pass, not among the headline
+networks), ``m ≈ a·Σ t + b`` through the reference with the least-squares slope of the others;
+scored (absolute and speed-ups ``(a·Σ_ref + b)/(a·Σ_i + b)``) out of sample, on every network
+but the anchors and their twins. It is what a user gets who times those networks on the day (a
+few seconds): the machine's drift since profiling (a scale) and a per-network overhead the keys
+do not add (an offset) are absorbed, and what is left is the table's error in the shape of the
+front.
 
 ``measurement_noise`` (and ``speedup.measurement_noise``) is the median over networks of the
 split-half gap (``half_gap``/``paired_half_gap``, ``ernas.latency.measure``): how much two
@@ -58,7 +60,7 @@ from scipy import stats
 from ernas import build_model, inference_model
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.latency.anchor import anchor_problem, anchored_fit
+from ernas.latency.anchor import ANCHOR_SAMPLES, anchor_archs, anchor_problem, anchored_fit
 from ernas.latency.backends import Backend
 from ernas.latency.measure import (MeasureProtocol, paired_half_gap, paired_ratio,
                                    paired_spread)
@@ -92,19 +94,22 @@ def loo_predictions(raw: np.ndarray, meas: np.ndarray) -> np.ndarray:
     return out
 
 
-def _anchored(df: pd.DataFrame, ref: int, twins=()) -> dict | None:
-    """Accuracy of the table anchored at the reference and the smallest (module docstring),
-    on the other networks (``twins``: rows of the same network as an anchor, left out too);
-    None with fewer than 3 of them or no line (``anchor_problem``)."""
-    small = df.index[df["arch"] == "smallest"][0]
+def _anchored(df: pd.DataFrame, anchors: list[int], twins=()) -> dict | None:
+    """Accuracy of the table anchored at the rows ``anchors`` (the reference first, then the
+    smallest and the sampled anchors; module docstring), on the other networks (``twins``: rows
+    of the same network as an anchor, left out too); None with fewer than 3 of them or no line
+    (``anchor_problem``, a slope ≤ 0)."""
+    ref, small = anchors[0], anchors[1]
     raw, meas = df["sum_ms"].to_numpy(), df["measured_ms"].to_numpy()
-    rest = df.drop(index=sorted({ref, small, *twins}))
+    rest = df.drop(index=sorted({*anchors, *twins}))
     if len(rest) < 3 or anchor_problem(raw[[ref, small]], meas[[ref, small]]):
         return None
-    a, b = anchored_fit(raw, meas, ref, small)
+    a, b = anchored_fit(raw, meas, ref, anchors[1:])
+    if a <= 0:
+        return None
     pred = a * rest["sum_ms"].to_numpy() + b
     return {**accuracy(pred, rest["measured_ms"].to_numpy()), "scale": a, "offset_ms": b,
-            "anchors": ["reference", "smallest"], "scored_on": len(rest),
+            "anchors": [df.loc[i, "arch"] for i in anchors], "scored_on": len(rest),
             "speedup": accuracy((a * raw[ref] + b) / pred, rest["measured_speedup"].to_numpy())}
 
 
@@ -127,7 +132,7 @@ def _protected(path: Path) -> bool:
 def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | Path,
                    n: int = 30, seed: int = 0, protocol: MeasureProtocol | None = None,
                    table_path: str | Path | None = None, write_corrected: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, anchor_samples: int = ANCHOR_SAMPLES) -> dict:
     """Measure sampled networks end to end; write validation.csv, validation.png and
     summary.json in ``out_dir``; return the summary (see the module docstring)."""
     protocol = protocol or MeasureProtocol()
@@ -145,13 +150,17 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     torch.manual_seed(0)
     x = torch.randn(shape)
     archs = validation_archs(space, n, seed)
-    runners = {name: backend.runner(inference_model(build_model(arch)), x) for name, arch in archs}
+    drawn = anchor_archs(space, anchor_samples, shape, gran)
+    extra = [(k.replace("sample_", "anchor_"), a) for k, a in drawn.items()
+             if k.startswith("sample_")]
+    runners = {name: backend.runner(inference_model(build_model(arch)), x)
+               for name, arch in archs + extra}
     measured = protocol.measure(runners, progress=progress, desc="validating")
     del runners
     rows = []
-    for name, arch in archs:
+    for name, arch in archs + extra:
         m = measured[name]
-        rows.append({"arch": name,
+        rows.append({"arch": name, "anchor_sample": name.startswith("anchor_"),
                      "sum_ms": float(table.lookup(arch.op_keys(shape, gran)).sum()),
                      "predicted_ms": predict_ms(table, arch, shape, gran),
                      "measured_ms": m["ms"], "median_ms": m["median"], "p10_ms": m["p10"],
@@ -164,18 +173,20 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     df["speedup_spread"] = [paired_spread(measured["reference"], measured[a]) for a in df["arch"]]
     df["speedup_half_gap"] = [paired_half_gap(measured["reference"], measured[a])
                               for a in df["arch"]]
-    others = df.drop(index=ref)
-    raw, pred, meas = (df[c].to_numpy() for c in ("sum_ms", "predicted_ms", "measured_ms"))
-    loo = loo_predictions(raw, meas) if len(df) >= 3 else raw.copy()
+    main = df[~df["anchor_sample"]]  # the headline figures: the validation networks alone
+    others = main.drop(index=ref)
+    raw, pred, meas = (main[c].to_numpy() for c in ("sum_ms", "predicted_ms", "measured_ms"))
+    loo = loo_predictions(raw, meas) if len(main) >= 3 else raw.copy()
     a, b = fit_correction(raw, meas)
-    df["loo_corrected_ms"] = loo
-    keys = {name: arch.op_keys(shape, gran) for name, arch in archs}
-    twins = [i for i, (name, _) in enumerate(archs)
-             if keys[name] in (keys["reference"], keys["smallest"])]
-    anchored = _anchored(df, ref, twins)
+    df.loc[main.index, "loo_corrected_ms"] = loo
+    keys = [arch.op_keys(shape, gran) for _, arch in archs + extra]
+    anchors = [ref, df.index[df["arch"] == "smallest"][0],
+               *df.index[df["anchor_sample"]]]
+    twins = [i for i, k in enumerate(keys) if i not in anchors and k in [keys[j] for j in anchors]]
+    anchored = _anchored(df, anchors, twins)
     df["anchored_ms"] = (anchored["scale"] * df["sum_ms"] + anchored["offset_ms"]
                          if anchored else np.nan)
-    df["rel_error"] = (pred - meas) / meas
+    df["rel_error"] = (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
     as_pred = accuracy(pred, meas)
     summary = {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
                "corrected_loo": accuracy(loo, meas), "anchored": anchored,
@@ -185,7 +196,7 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
                                       others["measured_speedup"].to_numpy()),
                            "noise_floor": float(others["speedup_spread"].median()),
                            "measurement_noise": float(others["speedup_half_gap"].median())},
-               "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(df)},
+               "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(main)},
                "table_correction": copy.deepcopy(table.metadata.get("correction")),
                "space": space.name, "granularity": gran, "input_shape": list(shape),
                "table": str(table_path) if table_path else None,
@@ -198,7 +209,7 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
         stem = table_path.stem if table_path else f"{space.name}_table"
         dest = out / f"{stem}_corrected.csv"
         meta = {**copy.deepcopy(table.metadata), "correction": {
-            **summary["fitted_correction"], "validated_on": len(df),
+            **summary["fitted_correction"], "validated_on": len(main),
             "source_table": str(table_path) if table_path else None}}
         LatencyTable(table.to_frame(), meta).save(dest)
         summary["corrected_table"] = str(dest)
@@ -225,7 +236,7 @@ def _plot(df: pd.DataFrame, path: Path, s: dict) -> None:
     if s["anchored"]:
         rest = ~df["arch"].isin(s["anchored"]["anchors"])
         ax.scatter(df.loc[rest, "measured_ms"], df.loc[rest, "anchored_ms"], s=14, marker="x",
-                   c="tab:orange", label="anchored at reference + smallest")
+                   c="tab:orange", label="anchored (reference, smallest, samples)")
     ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", xlim=(lo, hi),
            ylim=(lo, hi), title=f"{s['space']} · {s['backend']} · {s['granularity']} keys\n"
            f"MAPE {100 * s['mape']:.1f}%, ±10% {100 * s['within_10pct']:.0f}%, "
