@@ -38,7 +38,8 @@ class StatusLines:
         of = f"/{self.total}" if self.total else ""
         rate = self.n / max(time.monotonic() - self.start, 1e-9)
         tail = f" [{self.postfix}]" if self.postfix else ""
-        print(f"{self.desc}: {self.n}{of} {self.unit} ({rate:.2f} {self.unit}/s){tail}",
+        done = round(self.n, 2)  # fractional steps (profiling's rounds) add up to float noise
+        print(f"{self.desc}: {done:g}{of} {self.unit} ({rate:.2f} {self.unit}/s){tail}",
               file=self.file, flush=True)
 
 

@@ -23,7 +23,7 @@ import torch
 import ernas
 from ernas.errors import ErnasError
 from ernas.latency.anchor import (ANCHOR_SAMPLES, anchor_archs, anchor_problem, anchor_table,
-                                  anchored_fit)
+                                  anchored_fit, anchors_phrase)
 from ernas.latency.backends import Backend, OnnxRuntimeBackend
 from ernas.latency.consistency import (check_consistency, inconsistent_pairs,
                                        single_decision_pairs)
@@ -302,6 +302,9 @@ def test_validate_never_writes_into_the_shipped_table(tmp_path):
     assert sorted(p.name for p in LATENCY_TABLES.iterdir()) == sorted(p.name for p in SHIPPED)
     s = json.loads((run / "summary.json").read_text())
     assert s["n"] == 3 and "noise_floor" in s and s["table"] == str(path)
+    # the largest is the only network left to score an anchored line on: none, and why
+    assert s["anchored"] is None and "3 needed" in s["anchored_skipped"]
+    assert "anchored: not scored: only 1 networks" in r.stdout
     corrected = run / f"{path.stem}_corrected.csv"
     assert s["corrected_table"] == str(corrected)
     c = LatencyTable.load(corrected)
@@ -405,6 +408,8 @@ def test_anchored_validation_absorbs_scale_and_overhead(tiny, cost_table, tmp_pa
     assert np.allclose(df["anchored_ms"], df["measured_ms"])
     assert df.loc[df["anchor_sample"], "arch"].tolist() == drawn
     assert df.loc[df["anchor_sample"], "loo_corrected_ms"].isna().all()
+    assert df["anchored_scored"].sum() == n + 1
+    assert not df.loc[df["arch"].isin(an["anchors"]), "anchored_scored"].any()
     assert s["measurement_noise"] == 0.0 and (df["half_gap"] == 0).all()  # a steady device
 
 
@@ -572,7 +577,8 @@ def test_anchor_table_fits_its_sampled_networks(tiny, cost_table):
     rec = anchor_table(t, tiny, CurvedCostBackend(), SHAPE, "block", QUICK, exclude=evaluated,
                        samples=3)
     roles = ["reference", "smallest", "sample_0", "sample_1", "sample_2"]
-    assert list(rec["measured_ms"]) == roles
+    assert list(rec["measured_ms"]) == roles and rec["samples_requested"] == 3
+    assert list(rec["blocks"]) == roles  # which networks, not only their (shared) names
     drawn = anchor_archs(tiny, 3, SHAPE, "block", avoid=evaluated)
     keys = [a.op_keys(SHAPE, "block") for a in (*drawn.values(), *evaluated)]
     assert all(keys.count(k) == 1 for k in keys)  # all distinct networks
@@ -584,3 +590,18 @@ def test_anchor_table_fits_its_sampled_networks(tiny, cost_table):
     assert list(two["measured_ms"]) == ["reference", "smallest"]
     assert two["scale"] == pytest.approx(anchored_fit(sums, meas, 0, 1)[0])
     assert two["scale"] != pytest.approx(rec["scale"], rel=1e-3)
+    with pytest.raises(ErnasError, match="anchor_samples=-1"):
+        anchor_table(LatencyTable.load(cost_table), tiny, CostBackend(), SHAPE, "block", QUICK,
+                     samples=-1)
+    # a space of 4 networks has 2 beside the reference and the smallest: those, and said so
+    from ernas.space import SearchSpace
+
+    ch = {p: {d: (v,) for d, v in c.items()} for p, c in tiny.reference().values.items()}
+    for p in ("encoders.0.0", "decoders.1.0"):
+        ch[p] = {**ch[p], "keep": (True, False)}
+    few = SearchSpace(tiny.family, dict(tiny.geometry), ch, name="four")
+    assert list(anchor_archs(few, 4, SHAPE, "block")) == ["reference", "smallest", "sample_0",
+                                                           "sample_1"]
+    assert anchors_phrase(2, 4).endswith("(4 asked for; the space has no more distinct networks)")
+    assert anchors_phrase(0, 0).endswith("(two-point line)")
+    assert anchors_phrase(1, 1) == "the reference, the smallest and 1 sampled network"

@@ -92,9 +92,16 @@ def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):
     if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL, "the run ended before the kill"
+    # a run made before a setting existed resumes, the setting taking its current value
+    saved = tmp_path / "killed" / ".hydra" / "config.yaml"
+    text = saved.read_text()
+    saved.write_text("".join(ln for ln in text.splitlines(True) if "anchor_samples" not in ln))
+    assert "anchor_samples" in text and "anchor_samples" not in saved.read_text()
     empty = tmp_path / "empty_cache"  # cache_dir may change on resume; nothing is profiled there
     r = _search(tmp_path, empty, "resumed", *steps, f"resume={tmp_path / 'killed'}")
     assert "resuming with the latency table the run started with" in r.stdout
+    assert "added to ernas since this run take their current values: " \
+           "latency.anchor_samples=4" in r.stderr
     assert not list(empty.glob("*.csv"))
     s = json.loads((tmp_path / "killed/summary.json").read_text())
     assert s["latency_table"] == str(first) and s["table_probe"]["action"] == "resumed"

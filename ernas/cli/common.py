@@ -69,6 +69,9 @@ def user_errors(fn):
     return wrapper
 
 
+_ABSENT = object()
+
+
 def resumed_config(cfg, checkpoint: str, free: tuple[str, ...], every: str):
     """The config of the run in ``cfg.resume`` (its ``.hydra/config.yaml``), so ``resume=DIR``
     alone continues with the run's own settings. Overrides given with it must equal the run's
@@ -98,6 +101,8 @@ def resumed_config(cfg, checkpoint: str, free: tuple[str, ...], every: str):
         key = ov.split("=", 1)[0].lstrip("+~")
         if key in free or key.startswith("hydra."):
             continue
+        if OmegaConf.select(run_cfg, key, default=_ABSENT) is _ABSENT:
+            continue  # a setting added since the run: it takes the value given (new_fields)
         now, was = (OmegaConf.select(c, key, default=None) for c in (cfg, run_cfg))
         if OmegaConf.is_config(now):
             now, was = OmegaConf.to_container(now), OmegaConf.to_container(was) \
@@ -111,7 +116,31 @@ def resumed_config(cfg, checkpoint: str, free: tuple[str, ...], every: str):
     with open_dict(run_cfg):
         for key in free:
             OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
+        added = new_fields(run_cfg, cfg)
+    if added:
+        print(f"ernas: resume={d}: settings added to ernas since this run take their current "
+              f"values: {', '.join(added)}.", file=sys.stderr, flush=True)
     return run_cfg
+
+
+def new_fields(run_cfg, cfg, prefix: str = "") -> list[str]:
+    """Copy into ``run_cfg`` (in place, open for new keys) every key of ``cfg`` it lacks: a
+    setting added to ernas after the run was made (its saved config has no value for it);
+    return them as ``key=value``. A group whose ``name`` differs (another backend or task) is
+    the run's own and is not descended into."""
+    from omegaconf import DictConfig, OmegaConf
+
+    added = []
+    for key in cfg:
+        now = cfg[key]
+        if key not in run_cfg:
+            run_cfg[key] = now
+            value = OmegaConf.to_container(now) if OmegaConf.is_config(now) else now
+            added.append(f"{prefix}{key}={value}")
+        elif isinstance(now, DictConfig) and isinstance(run_cfg[key], DictConfig) \
+                and now.get("name") == run_cfg[key].get("name"):
+            added += new_fields(run_cfg[key], now, f"{prefix}{key}.")
+    return added
 
 
 def task_of(cfg):

@@ -18,6 +18,7 @@ from ernas.cli.common import claim_run_dir, hydra_main, output_dir, user_errors
 from ernas.cli.schema import Profile
 from ernas.config import validated
 from ernas.io import atomic_write_json
+from ernas.latency.anchor import anchors_phrase
 from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import default_table_path, profile_table, resolve_from_config
@@ -47,11 +48,13 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
           f"{100 * sp['noise_floor']:.1f}%"
           f" per pass, {100 * sp['measurement_noise']:.1f}% split-half")
     if an:
-        print(f"  anchored at the reference, the smallest and {len(an['anchors']) - 2} sampled "
-              f"networks measured now (ms ≈ {an['scale']:.3f}"
+        print(f"  anchored at {anchors_phrase(len(an['anchors']) - 2, lat.anchor_samples)} "
+              f"measured now (ms ≈ {an['scale']:.3f}"
               f"·sum {an['offset_ms']:+.2f}): MAPE {100 * an['mape']:.2f}%, within ±10% "
               f"{100 * an['within_10pct']:.0f}%; speed-ups within ±10% "
               f"{100 * an['speedup']['within_10pct']:.0f}% ({an['n']} other networks)")
+    else:
+        print(f"  anchored: not scored: {s['anchored_skipped']}")
     print(f"  wrote {out}/validation.csv, validation.png"
           + (f", {s['corrected_table']}" if s["corrected_table"] else ""))
     return s

@@ -9,16 +9,16 @@ network as another anchor or as a network being evaluated), and stores the line 
 reference whose slope fits the others by least squares, as the table's correction, in memory
 only (a search's run copy keeps it):
 
-    m ≈ a·Σ + b,   a = Σ_j x_j·y_j / Σ_j x_j²,   x_j = Σ_j − Σ_ref,  y_j = m_j − m_ref,
-    b = m_ref − a·Σ_ref,
+    m ≈ a·S + b,   a = Σ_j x_j·y_j / Σ_j x_j²,   x_j = S_j − S_ref,  y_j = m_j − m_ref,
+    b = m_ref − a·S_ref,
 
-where Σ is a network's key sum and m its measured latency, j over the anchors other than the
+where S is a network's key sum and m its measured latency, j over the anchors other than the
 reference. With no samples it is the line through the reference and the smallest,
-``a = (m_ref − m_min) / (Σ_ref − Σ_min)``. The reference is predicted exactly, so speed-ups
+``a = (m_ref − m_min) / (S_ref − S_min)``. The reference is predicted exactly, so speed-ups
 over it are anchored at a measured figure; the samples set the slope over the middle of the
 space, where the two end points alone mislead when one of them runs unlike the rest (the tiny
 space's reference: key sum / measured 1.03, against 1.07-1.22 for its other networks, Intel
-draws of 1 Dec 2026). ``predict_ms`` and ``E[LAT]`` then return ``a·Σ + b``. It is few-shot
+draws of 1 Dec 2026). ``predict_ms`` and ``E[LAT]`` then return ``a·S + b``. It is few-shot
 calibration on the target device; ``ernas-profile mode=validate`` times the same anchors in its
 own pass and scores the line on every other network (``anchored``), which is the evidence for
 it. A table that already carries an anchored correction (a search's run copy) keeps it, so a
@@ -33,19 +33,21 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ernas.errors import ErnasError
 from ernas.latency.backends import Backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.table import LatencyTable
 
 __all__ = ["ANCHOR_SAMPLES", "ANCHOR_SEED", "MIN_SEPARATION", "anchor_archs", "anchor_problem",
-           "anchor_table", "anchored_fit"]
+           "anchor_table", "anchored_fit", "anchors_phrase"]
 
 #: anchors whose key sums differ by less than this fraction of the larger are too close for a line
 MIN_SEPARATION = 0.2
 #: sampled networks timed beside the reference and the smallest (``latency.anchor_samples``)
 ANCHOR_SAMPLES = 4
-#: seed of their draw: validation times the very networks a search anchors on
-ANCHOR_SEED = 1
+#: seed of their draw: validation times the very networks a search anchors on (a seed of its
+#: own, so that validation's draws, ``validate.seed`` 0, 1, ..., do not repeat the anchors)
+ANCHOR_SEED = 7919
 
 
 def anchored_fit(raw, meas, i: int, others) -> tuple[float, float] | None:
@@ -59,6 +61,16 @@ def anchored_fit(raw, meas, i: int, others) -> tuple[float, float] | None:
         return None
     a = float(x @ y) / float(x @ x)
     return a, float(meas[i] - a * raw[i])
+
+
+def anchors_phrase(drawn: int, requested: int) -> str:
+    """Which networks anchored a line, in words: ``drawn`` sampled of ``requested``."""
+    if requested == 0:
+        return "the reference and the smallest (two-point line)"
+    short = (f" ({requested} asked for; the space has no more distinct networks)"
+             if drawn < requested else "")
+    return (f"the reference, the smallest and {drawn} sampled network{'s' * (drawn != 1)}"
+            f"{short}")
 
 
 def anchor_archs(space, samples: int, shape, granularity: str, reference=None,
@@ -81,10 +93,10 @@ def anchor_archs(space, samples: int, shape, granularity: str, reference=None,
 
 
 def anchor_problem(raw, meas=None) -> str | None:
-    """Why no trustworthy line runs through two anchors with key sums ``raw = (Σ_1, Σ_2)`` and,
+    """Why no trustworthy line runs through two anchors with key sums ``raw = (S_1, S_2)`` and,
     when timed, measured latencies ``meas``; None when it does. Refused: sums closer than
-    ``MIN_SEPARATION·max(Σ)`` (noise δ on the measurements moves the slope by about
-    ``2δ/(Σ_1 − Σ_2)``), and measurements in the opposite order to the sums (a slope ≤ 0)."""
+    ``MIN_SEPARATION·max(S)`` (noise δ on the measurements moves the slope by about
+    ``2δ/(S_1 − S_2)``), and measurements in the opposite order to the sums (a slope ≤ 0)."""
     s1, s2 = np.asarray(raw, dtype=np.float64)
     if abs(s1 - s2) < MIN_SEPARATION * max(abs(s1), abs(s2)):
         return (f"the anchors' key sums {s1:.4g} and {s2:.4g} ms lie within "
@@ -119,6 +131,9 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     if space.is_arch:
         return {"skipped": f"not anchored: {space.name} is one architecture, and anchoring it on "
                            f"itself would make its prediction its own measurement"}
+    if samples < 0:
+        raise ErnasError(f"latency.anchor_samples={samples} must be >= 0 (0: the line through "
+                         f"the reference and the smallest alone).")
     shape = tuple(int(s) for s in input_shape)
     archs = anchor_archs(space, samples, shape, granularity, reference, exclude)
     keys = {k: a.op_keys(shape, granularity) for k, a in archs.items()}
@@ -151,7 +166,9 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     if why:
         return {"skipped": f"not anchored: {why}", "sum_ms": sums, "measured_ms": meas}
     a, b = line
-    record = {"networks": {k: a_.name for k, a_ in archs.items()}, "sum_ms": sums,
-              "measured_ms": meas, "statistic": stat, "time": time.time()}
+    record = {"networks": {k: a_.name for k, a_ in archs.items()},
+              "blocks": {k: a_.to_dict()["blocks"] for k, a_ in archs.items()},
+              "samples_requested": samples, "sum_ms": sums, "measured_ms": meas,
+              "statistic": stat, "time": time.time()}
     table.metadata["correction"] = {"scale": a, "offset_ms": b, "anchored": record}
     return {**record, "scale": a, "offset_ms": b}

@@ -58,7 +58,7 @@ import torch
 
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
-from ernas.latency.anchor import ANCHOR_SAMPLES, anchor_table
+from ernas.latency.anchor import ANCHOR_SAMPLES, anchor_table, anchors_phrase
 from ernas.latency.backends import Backend
 from ernas.latency.factory import make_backend
 from ernas.latency.consistency import DEFAULT_TOLERANCE, RECHECK_ROUNDS, check_consistency
@@ -373,9 +373,9 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
         else:
             m = rec["measured_ms"]
             drawn = [v for k, v in m.items() if k.startswith("sample_")]
-            _note(f"latency.anchor: {rec['networks']['reference']} measured "
-                  f"{m['reference']:.3g} ms, {rec['networks']['smallest']} {m['smallest']:.3g} ms"
-                  + (f" and {len(drawn)} sampled networks {min(drawn):.3g}-{max(drawn):.3g} ms"
-                     if drawn else "")
-                  + f" now; predictions are {rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms.")
+            _note(f"latency.anchor: timed {anchors_phrase(len(drawn), rec['samples_requested'])}"
+                  f" now: {rec['networks']['reference']} {m['reference']:.3g} ms, "
+                  f"{rec['networks']['smallest']} {m['smallest']:.3g} ms"
+                  + (f", sampled {min(drawn):.3g}-{max(drawn):.3g} ms" if drawn else "")
+                  + f"; predictions are {rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms.")
     return t, path

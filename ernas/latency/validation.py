@@ -94,23 +94,28 @@ def loo_predictions(raw: np.ndarray, meas: np.ndarray) -> np.ndarray:
     return out
 
 
-def _anchored(df: pd.DataFrame, anchors: list[int], twins=()) -> dict | None:
+def _anchored(df: pd.DataFrame, anchors: list[int], twins=()) -> tuple[dict | None, str | None]:
     """Accuracy of the table anchored at the rows ``anchors`` (the reference first, then the
     smallest and the sampled anchors; module docstring), on the other networks (``twins``: rows
-    of the same network as an anchor, left out too); None with fewer than 3 of them or no line
-    (``anchor_problem``, a slope ≤ 0)."""
+    of the same network as an anchor, left out too), and None; or None and why no line is
+    scored (fewer than 3 other networks, ``anchor_problem``, a slope ≤ 0)."""
     ref, small = anchors[0], anchors[1]
     raw, meas = df["sum_ms"].to_numpy(), df["measured_ms"].to_numpy()
     rest = df.drop(index=sorted({*anchors, *twins}))
-    if len(rest) < 3 or anchor_problem(raw[[ref, small]], meas[[ref, small]]):
-        return None
+    if len(rest) < 3:
+        return None, (f"only {len(rest)} networks are not anchors or twins of one (3 needed); "
+                      f"raise validate.n")
+    why = anchor_problem(raw[[ref, small]], meas[[ref, small]])
+    if why:
+        return None, why
     a, b = anchored_fit(raw, meas, ref, anchors[1:])
     if a <= 0:
-        return None
+        return None, f"the anchors' least-squares slope {a:.3g} is not positive"
     pred = a * rest["sum_ms"].to_numpy() + b
     return {**accuracy(pred, rest["measured_ms"].to_numpy()), "scale": a, "offset_ms": b,
             "anchors": [df.loc[i, "arch"] for i in anchors], "scored_on": len(rest),
-            "speedup": accuracy((a * raw[ref] + b) / pred, rest["measured_speedup"].to_numpy())}
+            "speedup": accuracy((a * raw[ref] + b) / pred,
+                                rest["measured_speedup"].to_numpy())}, None
 
 
 def validation_archs(space, n: int, seed: int):
@@ -145,8 +150,9 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     table_path = Path(table_path) if table_path else table.path
     shape = tuple(table.metadata["input_shape"])
     gran = table.metadata.get("granularity", "block")
-    if n < 0:
-        raise ErnasError(f"validate.n={n} must be >= 0.")
+    if n < 0 or anchor_samples < 0:
+        raise ErnasError(f"validate.n={n} and latency.anchor_samples={anchor_samples} must be "
+                         f">= 0.")
     torch.manual_seed(0)
     x = torch.randn(shape)
     archs = validation_archs(space, n, seed)
@@ -183,15 +189,17 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     anchors = [ref, df.index[df["arch"] == "smallest"][0],
                *df.index[df["anchor_sample"]]]
     twins = [i for i, k in enumerate(keys) if i not in anchors and k in [keys[j] for j in anchors]]
-    anchored = _anchored(df, anchors, twins)
+    anchored, unanchored = _anchored(df, anchors, twins)
     df["anchored_ms"] = (anchored["scale"] * df["sum_ms"] + anchored["offset_ms"]
                          if anchored else np.nan)
+    df["anchored_scored"] = bool(anchored) & ~df.index.isin([*anchors, *twins])
     df["rel_error"] = (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
     as_pred = accuracy(pred, meas)
     summary = {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
                "corrected_loo": accuracy(loo, meas), "anchored": anchored,
-               "noise_floor": float(df["pass_spread"].median()),
-               "measurement_noise": float(df["half_gap"].median()),
+               "anchored_skipped": unanchored,
+               "noise_floor": float(main["pass_spread"].median()),
+               "measurement_noise": float(main["half_gap"].median()),
                "speedup": {**accuracy(others["predicted_speedup"].to_numpy(),
                                       others["measured_speedup"].to_numpy()),
                            "noise_floor": float(others["speedup_spread"].median()),
@@ -230,11 +238,12 @@ def _plot(df: pd.DataFrame, path: Path, s: dict) -> None:
     x = np.linspace(lo, hi, 10)
     ax.plot(x, x, "k-", lw=1, label="predicted = measured")
     ax.fill_between(x, 0.9 * x, 1.1 * x, color="tab:green", alpha=0.15, label="±10%")
-    ax.scatter(df["measured_ms"], df["predicted_ms"], s=14, c="tab:gray", label="predicted")
+    main = df[~df["anchor_sample"]]
+    ax.scatter(main["measured_ms"], main["predicted_ms"], s=14, c="tab:gray", label="predicted")
     ax.scatter(df["measured_ms"], df["loo_corrected_ms"], s=16, c="tab:blue",
                label="corrected (leave-one-out)")
     if s["anchored"]:
-        rest = ~df["arch"].isin(s["anchored"]["anchors"])
+        rest = df["anchored_scored"]
         ax.scatter(df.loc[rest, "measured_ms"], df.loc[rest, "anchored_ms"], s=14, marker="x",
                    c="tab:orange", label="anchored (reference, smallest, samples)")
     ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", xlim=(lo, hi),
