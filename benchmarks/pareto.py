@@ -5,8 +5,11 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
 1. **Scaled-NAFNet front**: the official NAFNet of the space's geometry (the reference) and its
    uniform reductions: other widths at the same depth (``--widths``), and at the reference width
    one block per level and one middle block (``shallow``), LayerNorm-free (``noln``: norm=none),
-   attention-free (``nosca``: attention=none), both (``noln_nosca``) and LayerNorm replaced by
-   BatchNorm, which is folded into the convolutions at export (``bn``) (``--reductions``).
+   attention-free (``nosca``: attention=none), both (``noln_nosca``), LayerNorm replaced by
+   BatchNorm, which is folded into the convolutions at export (``bn``), and replaced only in the
+   blocks at the two finest resolution levels, where LayerNorm costs most (its cost grows with
+   H·W·C, halving per level) while the coarse levels, where BatchNorm lets NAFNet's gate products
+   overflow, keep it (``bnhi``) (``--reductions``).
 2. **Searched front**: one search per λ of the additive latency term (``--lams``: λ·E/T,
    T = the reference's predicted latency) and one per hinge target (``--targets``: fractions f of
    the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
@@ -71,7 +74,7 @@ import numpy as np
 
 from pareto_phases import base_overrides, compose_cfg, measure_phase, merge_phase, report_phase
 
-REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn")
+REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn", "bnhi")
 FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
          "overrides")
 
@@ -101,6 +104,7 @@ def tiles(img: np.ndarray, size: int) -> list[tuple[int, int, np.ndarray]]:
 def scaled_archs(space, widths, reductions) -> dict:
     """``{name: Arch}`` of the scaled-NAFNet front (see the module docstring)."""
     from ernas.families.nafnet import official_arch
+    from ernas.families.nafnet.model import level_of
 
     g = dict(space.geometry)
     w0 = g["width"]
@@ -112,10 +116,10 @@ def scaled_archs(space, widths, reductions) -> dict:
     for r in reductions:
         name = f"nafnet_w{w0}_{r}"
         arch = official_arch(**{**g, **(shallow if r == "shallow" else {})}, name=name)
-        for v in arch.values.values():
+        for pos, v in arch.values.items():
             if "noln" in r:
                 v["norm"] = "none"
-            if r == "bn":
+            if r == "bn" or (r == "bnhi" and level_of(pos, g) < 2):
                 v["norm"] = "batchnorm"
             if "nosca" in r:
                 v["attention"] = "none"

@@ -173,7 +173,8 @@ def test_scaled_archs_cover_widths_and_reductions():
     space = find_space("nafnet_ern_small")
     archs = pb.scaled_archs(space, [8], pb.REDUCTIONS)
     assert list(archs) == ["nafnet_w8", "nafnet_w16", "nafnet_w16_shallow", "nafnet_w16_noln",
-                           "nafnet_w16_nosca", "nafnet_w16_noln_nosca", "nafnet_w16_bn"]
+                           "nafnet_w16_nosca", "nafnet_w16_noln_nosca", "nafnet_w16_bn",
+                           "nafnet_w16_bnhi"]
     assert space.contains(archs["nafnet_w16"])
     assert arch_digest(archs["nafnet_w16"]) == arch_digest(space.reference())
     g = archs["nafnet_w16_shallow"].geometry
@@ -184,6 +185,11 @@ def test_scaled_archs_cover_widths_and_reductions():
                for v in archs["nafnet_w16_noln"].values.values())
     assert all(v["norm"] == "batchnorm" and v["attention"] == "sca" and v["kernel"] == 3
                for v in archs["nafnet_w16_bn"].values.values())
+    # BatchNorm at the two finest levels only: encoders.0/1 and the last two decoders
+    hi = {p: v["norm"] for p, v in archs["nafnet_w16_bnhi"].values.items()}
+    assert {p for p, n in hi.items() if n == "batchnorm"} == {
+        "encoders.0.0", "encoders.1.0", "decoders.2.0", "decoders.3.0"}
+    assert {n for p, n in hi.items() if n != "batchnorm"} == {"layernorm"}
 
 
 def test_measured_speedups_are_the_paired_ones_when_rounds_were_recorded():
