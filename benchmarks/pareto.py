@@ -9,7 +9,7 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
    BatchNorm, which is folded into the convolutions at export (``bn``), and replaced only in the
    blocks at the two finest resolution levels, where LayerNorm costs most (its cost grows with
    H·W·C, halving per level) while the coarse levels, where BatchNorm lets NAFNet's gate products
-   overflow, keep it (``bnhi``) (``--reductions``).
+   overflow, keep it (``bnhi``; ``bnhi3``: the three finest levels) (``--reductions``).
 2. **Searched front**: one search per λ of the additive latency term (``--lams``: λ·E/T,
    T = the reference's predicted latency) and one per hinge target (``--targets``: fractions f of
    the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
@@ -74,7 +74,8 @@ import numpy as np
 
 from pareto_phases import base_overrides, compose_cfg, measure_phase, merge_phase, report_phase
 
-REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn", "bnhi")
+REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn", "bnhi", "bnhi3")
+BN_LEVELS = {"bn": 99, "bnhi": 2, "bnhi3": 3}  # BatchNorm in the blocks of levels < this
 FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
          "overrides")
 
@@ -119,7 +120,7 @@ def scaled_archs(space, widths, reductions) -> dict:
         for pos, v in arch.values.items():
             if "noln" in r:
                 v["norm"] = "none"
-            if r == "bn" or (r == "bnhi" and level_of(pos, g) < 2):
+            if r in BN_LEVELS and level_of(pos, g) < BN_LEVELS[r]:
                 v["norm"] = "batchnorm"
             if "nosca" in r:
                 v["attention"] = "none"
@@ -167,9 +168,23 @@ def pin_table(overrides: list[str], path: Path) -> str:
     from ernas.space import find_space
 
     cfg = compose_cfg(overrides)
-    table, source = resolve_from_config(find_space(cfg.space), list(cfg.input_shape),
-                                        cfg.latency, False)
+    space, shape = find_space(cfg.space), [int(s) for s in cfg.input_shape]
+    table, source = resolve_from_config(space, shape, cfg.latency, False)
     table.save(path)
+    # a space that fixes some choices (e.g. BatchNorm at some levels) may not contain its own
+    # reference, whose prediction sets the hinge targets: its missing keys are profiled into
+    # the pinned copy with the table's backend and protocol
+    missing = [k for k in space.reference().op_keys(shape, cfg.latency.granularity)
+               if k not in table]
+    if missing:
+        from ernas.latency.factory import make_backend
+        from ernas.latency.ops import build_op
+        from ernas.latency.profile import as_protocol, profile_keys
+
+        profile_keys(missing, build_op, make_backend(cfg.latency.backend), path,
+                     {f: table.metadata.get(f) for f in ("space", "input_shape", "granularity")},
+                     as_protocol(cfg.latency.get("measure")), progress=False)
+        source = f"{source} + the reference's {len(set(missing))} keys profiled now"
     return str(source)
 
 

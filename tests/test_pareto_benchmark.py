@@ -1,5 +1,5 @@
-"""benchmarks/pareto.py (issue 14): its pure parts, without training or timing: test tiles, the
-fronts, interpolation of the scaled front, the 0.5%-drop selection and the goals."""
+"""benchmarks/pareto.py (issue 14): its parts without training: test tiles, the fronts,
+interpolation of the scaled front, the 0.5%-drop selection, the goals and the pinned table."""
 import math
 import sys
 from pathlib import Path
@@ -174,7 +174,7 @@ def test_scaled_archs_cover_widths_and_reductions():
     archs = pb.scaled_archs(space, [8], pb.REDUCTIONS)
     assert list(archs) == ["nafnet_w8", "nafnet_w16", "nafnet_w16_shallow", "nafnet_w16_noln",
                            "nafnet_w16_nosca", "nafnet_w16_noln_nosca", "nafnet_w16_bn",
-                           "nafnet_w16_bnhi"]
+                           "nafnet_w16_bnhi", "nafnet_w16_bnhi3"]
     assert space.contains(archs["nafnet_w16"])
     assert arch_digest(archs["nafnet_w16"]) == arch_digest(space.reference())
     g = archs["nafnet_w16_shallow"].geometry
@@ -190,6 +190,11 @@ def test_scaled_archs_cover_widths_and_reductions():
     assert {p for p, n in hi.items() if n == "batchnorm"} == {
         "encoders.0.0", "encoders.1.0", "decoders.2.0", "decoders.3.0"}
     assert {n for p, n in hi.items() if n != "batchnorm"} == {"layernorm"}
+    hi3 = {p: v["norm"] for p, v in archs["nafnet_w16_bnhi3"].values.items()}
+    assert {p for p, n in hi3.items() if n == "batchnorm"} == {
+        "encoders.0.0", "encoders.1.0", "encoders.2.0", "encoders.2.1", "decoders.1.0",
+        "decoders.2.0", "decoders.3.0"}
+    assert {n for p, n in hi3.items() if n != "batchnorm"} == {"layernorm"}
 
 
 def test_measured_speedups_are_the_paired_ones_when_rounds_were_recorded():
@@ -283,3 +288,32 @@ def test_networks_sharing_an_arch_share_its_measurement(tmp_path):
     assert timed["s"] == {"measured_ms": 42.0, "round_ms": [41.0, 43.0]}
     assert timed["s_supernet"] == {**timed["s"], "measured_as": "s"}
     assert "other" not in timed
+
+
+def test_pinned_table_holds_the_reference_of_a_space_without_it(tmp_path):
+    """A space fixing BatchNorm everywhere does not contain its LayerNorm reference, whose
+    prediction sets the hinge targets: pinning must profile the reference's keys too."""
+    from ernas.latency.predict import predict_ms
+    from ernas.latency.table import LatencyTable
+    from ernas.space import find_space
+
+    space_yaml = tmp_path / "tiny_bnfix.yaml"
+    space_yaml.write_text(
+        "family: nafnet\nname: tiny_bnfix\n"
+        "geometry: {img_channel: 3, width: 8, enc_blk_nums: [1, 1], middle_blk_num: 1, "
+        "dec_blk_nums: [1, 1]}\nblocks:\n  all: {norm: batchnorm, attention: [sca, none], "
+        "kernel: 3, dw_expand: 2, ffn_expand: 2, keep: [true, false]}\n")
+    over = [f"space={space_yaml}", "input_shape=[1,3,32,32]", "latency.backend.threads=1",
+            "latency.measure.rounds=2", "latency.measure.per_round=1",
+            "latency.measure.min_seconds=0", f"latency.cache_dir={tmp_path / 'cache'}",
+            "progress=false"]
+    pinned = tmp_path / "pinned.csv"
+    source = pb.pin_table(over, pinned)
+    space = find_space(str(space_yaml))
+    ref_keys = space.reference().op_keys((1, 3, 32, 32), "block")
+    assert any("norm=layernorm" in k for k in ref_keys)
+    assert not any("norm=layernorm" in k for k in space.op_keys((1, 3, 32, 32), "block"))
+    table = LatencyTable.load(pinned)
+    assert all(k in table for k in ref_keys), source
+    assert "reference" in source
+    assert predict_ms(table, space.reference(), (1, 3, 32, 32)) > 0
