@@ -15,7 +15,9 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
    the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
    ``ernas.cli.search.run``; the derived arch is retrained from scratch (and, with
    ``--init scratch supernet``, also from the supernet's inherited weights, a separate series
-   that shares the scratch series' architectures and hence their timings). ``--distill W``
+   that shares the scratch series' architectures and hence their timings; ``supernet_eq``: the
+   same, retrained for fewer steps so that the inherited weights see as many training crops in
+   search and retraining together as every scaled network does in its retraining). ``--distill W``
    adds, for each of those, a series ``<series>_kd`` distilled from the reference network of the
    same seed (``ernas.distill``: output L1 weight W, feature weight ``--distill-feat``), trained
    once its search and that reference run have finished. It is another recipe than the scaled
@@ -62,20 +64,18 @@ this 2-core VM: ~11 CPU-hours, i.e. ~5.5 h with 2 workers on 2 free cores.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from pareto_phases import base_overrides, compose_cfg, measure_phase, merge_phase, report_phase
+from pareto_setup import (REDUCTIONS, equal_sample_steps, make_task, pin_table, scaled_archs,
+                          write_tiles)
 
-REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn", "bnhi", "bnhi3")
-BN_LEVELS = {"bn": 99, "bnhi": 2, "bnhi3": 3}  # BatchNorm in the blocks of levels < this
 FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
          "overrides")
 
@@ -91,101 +91,6 @@ def distill_change(old: dict, new: dict) -> list[str]:
         return []
     return [k for k, default in (("distill", None), ("distill_feat", 0.1))
             if old.get(k, default) != new.get(k, default)]
-
-
-def tiles(img: np.ndarray, size: int) -> list[tuple[int, int, np.ndarray]]:
-    """``(row, col, tile)`` for the non-overlapping ``size`` squares of an H x W x C image
-    (the grid centred; the margins left over are dropped)."""
-    rows, cols = img.shape[0] // size, img.shape[1] // size
-    top, left = (img.shape[0] - rows * size) // 2, (img.shape[1] - cols * size) // 2
-    return [(r, c, img[top + r * size:top + (r + 1) * size, left + c * size:left + (c + 1) * size])
-            for r in range(rows) for c in range(cols)]
-
-
-def scaled_archs(space, widths, reductions) -> dict:
-    """``{name: Arch}`` of the scaled-NAFNet front (see the module docstring)."""
-    from ernas.families.nafnet import official_arch
-    from ernas.families.nafnet.model import level_of
-
-    g = dict(space.geometry)
-    w0 = g["width"]
-    out = {f"nafnet_w{w}": official_arch(**{**g, "width": w}, name=f"nafnet_w{w}")
-           for w in sorted(set(widths) | {w0})}
-    shallow = {"enc_blk_nums": [min(n, 1) for n in g["enc_blk_nums"]],
-               "middle_blk_num": min(g["middle_blk_num"], 1),
-               "dec_blk_nums": [min(n, 1) for n in g["dec_blk_nums"]]}
-    for r in reductions:
-        name = f"nafnet_w{w0}_{r}"
-        arch = official_arch(**{**g, **(shallow if r == "shallow" else {})}, name=name)
-        for pos, v in arch.values.items():
-            if "noln" in r:
-                v["norm"] = "none"
-            if r in BN_LEVELS and level_of(pos, g) < BN_LEVELS[r]:
-                v["norm"] = "batchnorm"
-            if "nosca" in r:
-                v["attention"] = "none"
-        out[name] = arch
-    return out
-
-
-def write_tiles(folder: Path, size: int) -> dict:
-    """PNG tiles of every bundled image the colour task neither trains nor validates on."""
-    from PIL import Image
-
-    from ernas.data import BUNDLED_SPLITS, load_bundled
-    from ernas.io import atomic_write_bytes, atomic_write_json
-
-    used = {n for s in ("train", "val") for n in BUNDLED_SPLITS["color"][s]}
-    counts = {}
-    for kind, splits in BUNDLED_SPLITS.items():
-        for name in (n for names in splits.values() for n in names if n not in used):
-            img = np.round(load_bundled(name) * 255).astype(np.uint8)
-            parts = tiles(img, size)
-            for r, c, tile in parts:
-                buf = io.BytesIO()
-                Image.fromarray(tile.squeeze(-1) if tile.shape[-1] == 1 else tile).save(buf, "PNG")
-                atomic_write_bytes(folder / f"{kind}-{name}-r{r}c{c}.png", buf.getvalue())
-            counts[f"{kind}:{name}"] = len(parts)
-    atomic_write_json(folder / "tiles.json", counts)
-    return counts
-
-
-def make_task(cfg, tiles_dir: Path):
-    from omegaconf import OmegaConf
-
-    from ernas.task import make_task as make
-
-    return make({**OmegaConf.to_container(cfg.task, resolve=True), "test_dir": str(tiles_dir)})
-
-
-def pin_table(overrides: list[str], path: Path) -> str:
-    """Resolve the search space's latency table as a search would (``resolve_from_config``:
-    a table that holds on this machine, else one profiled here) and save it to ``path``, so every
-    search of the run, and the hinge targets, use this one table; with ``latency.anchor=true``
-    among ``overrides`` the saved table carries the anchored line, which every search keeps.
-    Returns where the table came from."""
-    from ernas.latency.resolve import resolve_from_config
-    from ernas.space import find_space
-
-    cfg = compose_cfg(overrides)
-    space, shape = find_space(cfg.space), [int(s) for s in cfg.input_shape]
-    table, source = resolve_from_config(space, shape, cfg.latency, False)
-    table.save(path)
-    # a space that fixes some choices (e.g. BatchNorm at some levels) may not contain its own
-    # reference, whose prediction sets the hinge targets: its missing keys are profiled into
-    # the pinned copy with the table's backend and protocol
-    missing = [k for k in space.reference().op_keys(shape, cfg.latency.granularity)
-               if k not in table]
-    if missing:
-        from ernas.latency.factory import make_backend
-        from ernas.latency.ops import build_op
-        from ernas.latency.profile import as_protocol, profile_keys
-
-        profile_keys(missing, build_op, make_backend(cfg.latency.backend), path,
-                     {f: table.metadata.get(f) for f in ("space", "input_shape", "granularity")},
-                     as_protocol(cfg.latency.get("measure")), progress=False)
-        source = f"{source} + the reference's {len(set(missing))} keys profiled now"
-    return str(source)
 
 
 def search_job(tag: str, overrides: list[str], out: Path, threads: int) -> dict:
@@ -310,13 +215,16 @@ def train_phase(a) -> None:
         nets.append({"name": name, "series": "scaled", "reference": name == ref_name,
                      "arch": str(out / "archs" / f"{name}.yaml"), "init": "scratch",
                      "source": None, "search": None})
+    eq_steps = equal_sample_steps(a.steps, a.batch, a.search_steps, int(cfg.search.batch_size))
     for tag in searches:
         for init in a.init:
             for kd in ([False, True] if a.distill is not None else [False]):
                 suffix = ("" if init == "scratch" else f"_{init}") + ("_kd" if kd else "")
                 nets.append({"name": f"search_{tag}{suffix}", "series": f"searched{suffix}",
                              "reference": False, "arch": str(out / "search" / tag / "arch.yaml"),
-                             "init": init, "source": str(out / "search" / tag), "search": tag,
+                             "init": "supernet" if init == "supernet_eq" else init,
+                             "steps": eq_steps if init == "supernet_eq" else None,
+                             "source": str(out / "search" / tag), "search": tag,
                              "teacher": ref_name if kd else None})
     atomic_write_json(out / "networks.json", {"reference_predicted_ms": ref_ms,
                                               "search_table": str(pinned), "networks": nets})
@@ -335,7 +243,9 @@ def train_phase(a) -> None:
                 if n.get("teacher") and kd is None:
                     waiting.append((n, seed))
                     continue
-                jobs[ex.submit(train_job, n, seed, out, task, tcs[seed], space, shape,
+                tc = tcs[seed] if n.get("steps") is None else replace(
+                    tcs[seed], steps=n["steps"], val_every=max(50, n["steps"] // 10))
+                jobs[ex.submit(train_job, n, seed, out, task, tc, space, shape,
                                a.train_threads, kd)] = None
         return jobs
 
@@ -345,7 +255,9 @@ def train_phase(a) -> None:
             kd = teacher_of(n, seed, out, ref_arch, a.distill, a.distill_feat)
             if kd is not None:
                 waiting.remove((n, seed))
-                jobs[ex.submit(train_job, n, seed, out, task, tcs[seed], space, shape,
+                tc = tcs[seed] if n.get("steps") is None else replace(
+                    tcs[seed], steps=n["steps"], val_every=max(50, n["steps"] // 10))
+                jobs[ex.submit(train_job, n, seed, out, task, tc, space, shape,
                                a.train_threads, kd)] = None
         return jobs
 
@@ -396,8 +308,12 @@ def main() -> None:
     tr.add_argument("--widths", type=int, nargs="*", default=[8, 12],
                     help="scaled widths (the reference width is always included)")
     tr.add_argument("--reductions", nargs="*", default=list(REDUCTIONS), choices=REDUCTIONS)
-    tr.add_argument("--init", nargs="+", default=["scratch"], choices=["scratch", "supernet"],
-                    help="initialisations of the searched networks (supernet: a second series)")
+    tr.add_argument("--init", nargs="+", default=["scratch"],
+                    choices=["scratch", "supernet", "supernet_eq"],
+                    help="initialisations of the searched networks, one series each (supernet: "
+                         "the search's weights, retrained --steps; supernet_eq: the same, "
+                         "retrained only as many steps as leave the weights' crops in search and "
+                         "retraining equal to the scaled networks' budget)")
     tr.add_argument("--distill", type=float, default=None, metavar="W",
                     help="also train each searched network distilled from the reference of the "
                          "same seed, output L1 weight W (a series <series>_kd)")

@@ -13,17 +13,18 @@ from ernas.pareto import arch_digest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pareto as pb  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import pareto_analysis as pa  # noqa: E402
+import pareto_setup as ps  # noqa: E402
 
 
 def test_tiles_are_a_centred_non_overlapping_grid():
     img = np.arange(300 * 451).reshape(300, 451, 1)
-    parts = pb.tiles(img, 128)
+    parts = ps.tiles(img, 128)
     assert len(parts) == 2 * 3
     r, c, t = parts[-1]
     assert (r, c, t.shape) == (1, 2, (128, 128, 1))
     top, left = (300 - 256) // 2, (451 - 384) // 2
     assert t[0, 0, 0] == img[top + 128, left + 256, 0]
-    assert pb.tiles(img[:100], 128) == []
+    assert ps.tiles(img[:100], 128) == []
 
 
 def test_front_keeps_non_dominated_points_sorted_by_latency():
@@ -171,7 +172,7 @@ def test_scaled_archs_cover_widths_and_reductions():
     from ernas.space import find_space
 
     space = find_space("nafnet_ern_small")
-    archs = pb.scaled_archs(space, [8], pb.REDUCTIONS)
+    archs = ps.scaled_archs(space, [8], ps.REDUCTIONS)
     assert list(archs) == ["nafnet_w8", "nafnet_w16", "nafnet_w16_shallow", "nafnet_w16_noln",
                            "nafnet_w16_nosca", "nafnet_w16_noln_nosca", "nafnet_w16_bn",
                            "nafnet_w16_bnhi", "nafnet_w16_bnhi3"]
@@ -214,7 +215,7 @@ def _train_dir(root: Path, name: str, space, steps: int = 1000) -> Path:
     import json
 
     d = root / name
-    scaled = pb.scaled_archs(space, [8], [])
+    scaled = ps.scaled_archs(space, [8], [])
     searched = space.sample(int(steps) + len(name))
     nets = []
     for n, arch, series in [(k, a, "scaled") for k, a in scaled.items()] + [
@@ -308,7 +309,7 @@ def test_pinned_table_holds_the_reference_of_a_space_without_it(tmp_path):
             "latency.measure.min_seconds=0", f"latency.cache_dir={tmp_path / 'cache'}",
             "progress=false"]
     pinned = tmp_path / "pinned.csv"
-    source = pb.pin_table(over, pinned)
+    source = ps.pin_table(over, pinned)
     space = find_space(str(space_yaml))
     ref_keys = space.reference().op_keys((1, 3, 32, 32), "block")
     assert any("norm=layernorm" in k for k in ref_keys)
@@ -317,3 +318,12 @@ def test_pinned_table_holds_the_reference_of_a_space_without_it(tmp_path):
     assert all(k in table for k in ref_keys), source
     assert "reference" in source
     assert predict_ms(table, space.reference(), (1, 3, 32, 32)) > 0
+
+
+def test_equal_sample_steps_subtract_the_search_weight_steps_crops():
+    # 500 search steps x batch 4 = 2000 crops = 250 steps at batch 8
+    assert ps.equal_sample_steps(1000, 8, 500, 4) == 750
+    assert ps.equal_sample_steps(1000, 8, 501, 4) == 749    # a partial step still counts
+    assert ps.equal_sample_steps(2500, 8, 1000, 8) == 1500
+    with pytest.raises(SystemExit, match="supernet_eq"):
+        ps.equal_sample_steps(100, 8, 500, 4)
