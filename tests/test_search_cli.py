@@ -38,8 +38,10 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
     default additive searches of the tests below must not print that note). With
     latency.anchor=true its predictions are the line through the two networks it timed, and the
     run's copy of the table keeps that line."""
+    # the anchors are timed over 8 rounds (p20): with BASE's 2, one disturbed call on a busy
+    # machine could invert the tiny networks' order and the anchor is (rightly) refused
     r = _search(tmp_path, cache, "a", "search.steps=10", "search.latency_form=hinge",
-                "search.target_ms=1000000", "latency.anchor=true")
+                "search.target_ms=1000000", "latency.anchor=true", "latency.measure.rounds=8")
     out = tmp_path / "a"
     for f in ("arch.yaml", "alphas.csv", "log.csv", "probs.png", "curves.png", "checkpoint.pt",
               "summary.json"):
