@@ -1,4 +1,4 @@
-"""A deterministic stand-in device for latency tests, and the tiny space's table on it.
+"""A deterministic stand-in device for the latency tests: ``CostBackend`` and its variants.
 
 ``CostBackend``'s "latency" is a count of parameters (1e-3 ms each), additive, so a network
 costs exactly the sum of its keys and no assertion depends on this machine's speed.

@@ -34,17 +34,7 @@ from ernas.latency.table import LatencyTable
 from ernas.latency.validation import validate_table
 from ernas.paths import LATENCY_TABLES
 from ernas.space import find_space
-from cost_device import QUICK, SHAPE, CostBackend, load_tiny, profile_cost_table
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tiny()
-
-
-@pytest.fixture(scope="module")
-def cost_table(tiny, tmp_path_factory):
-    return profile_cost_table(tiny, tmp_path_factory.mktemp("cost_cache"))
+from cost_device import QUICK, SHAPE, CostBackend
 
 
 def _resolve(tiny, **kw):

@@ -16,18 +16,7 @@ from ernas.latency.anchor import (ANCHOR_SAMPLES, anchor_archs, anchor_problem, 
 from ernas.latency.predict import ExpectedLatency, predict_ms
 from ernas.latency.table import LatencyTable
 from ernas.latency.validation import validate_table, validation_archs
-from cost_device import (QUICK, SHAPE, CostBackend, OverheadCostBackend, load_tiny,
-                         profile_cost_table)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tiny()
-
-
-@pytest.fixture(scope="module")
-def cost_table(tiny, tmp_path_factory):
-    return profile_cost_table(tiny, tmp_path_factory.mktemp("cost_cache"))
+from cost_device import QUICK, SHAPE, CostBackend, OverheadCostBackend
 
 
 def test_anchored_validation_absorbs_scale_and_overhead(tiny, cost_table, tmp_path):
