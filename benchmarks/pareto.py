@@ -10,6 +10,9 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
    blocks at the two finest resolution levels, where LayerNorm costs most (its cost grows with
    H·W·C, halving per level) while the coarse levels, where BatchNorm lets NAFNet's gate products
    overflow, keep it (``bnhi``; ``bnhi3``: the three finest levels) (``--reductions``).
+   Reductions compose (parts joined by "_", e.g. ``shallow_bnhi``) and also apply at the
+   widths of ``--reduction-widths`` (e.g. ``nafnet_w12_bnhi``): the combinations a user
+   tries once one reduction has paid off.
 2. **Searched front**: one search per λ of the additive latency term (``--lams``: λ·E/T,
    T = the reference's predicted latency) and one per hinge target (``--targets``: fractions f of
    the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
@@ -73,8 +76,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pareto_phases import base_overrides, compose_cfg, measure_phase, merge_phase, report_phase
-from pareto_setup import (REDUCTIONS, equal_sample_steps, make_task, pin_table, scaled_archs,
-                          write_tiles)
+from pareto_setup import (REDUCTIONS, equal_sample_steps, make_task, pin_table, reduction,
+                          scaled_archs, write_tiles)
 
 FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
          "overrides")
@@ -169,7 +172,8 @@ def train_phase(a) -> None:
 
     out = Path(a.out)
     c = {k: getattr(a, k) for k in ("space", "seeds", "steps", "search_steps", "lams", "targets",
-                                     "hinge_lam", "widths", "reductions", "init", "distill",
+                                     "hinge_lam", "widths", "reductions", "reduction_widths",
+                                     "init", "distill",
                                      "distill_feat", "crop", "batch",
                                      "threads", "tile", "overrides", "workers", "train_threads")}
     if (out / "config.json").is_file():
@@ -210,7 +214,7 @@ def train_phase(a) -> None:
                                  f"search.target_ms={f * ref_ms}"] for f in a.targets})
     nets = []
     ref_name = f"nafnet_w{space.geometry['width']}"
-    for name, arch in scaled_archs(space, a.widths, a.reductions).items():
+    for name, arch in scaled_archs(space, a.widths, a.reductions, a.reduction_widths).items():
         arch.save(out / "archs" / f"{name}.yaml")
         nets.append({"name": name, "series": "scaled", "reference": name == ref_name,
                      "arch": str(out / "archs" / f"{name}.yaml"), "init": "scratch",
@@ -307,7 +311,10 @@ def main() -> None:
     tr.add_argument("--hinge-lam", type=float, default=1.0)
     tr.add_argument("--widths", type=int, nargs="*", default=[8, 12],
                     help="scaled widths (the reference width is always included)")
-    tr.add_argument("--reductions", nargs="*", default=list(REDUCTIONS), choices=REDUCTIONS)
+    tr.add_argument("--reductions", nargs="*", default=list(REDUCTIONS), type=reduction,
+                    help="reductions of the reference, parts joined by '_' (e.g. shallow_bnhi)")
+    tr.add_argument("--reduction-widths", type=int, nargs="*", default=[],
+                    help="also apply every reduction at these widths (nafnet_w<width>_<r>)")
     tr.add_argument("--init", nargs="+", default=["scratch"],
                     choices=["scratch", "supernet", "supernet_eq"],
                     help="initialisations of the searched networks, one series each (supernet: "

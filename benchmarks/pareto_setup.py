@@ -12,6 +12,7 @@ import numpy as np
 from pareto_phases import compose_cfg
 
 REDUCTIONS = ("shallow", "noln", "nosca", "noln_nosca", "bn", "bnhi", "bnhi3")
+PARTS = ("shallow", "noln", "nosca", "bn", "bnhi", "bnhi3")  # a reduction joins parts with "_"
 BN_LEVELS = {"bn": 99, "bnhi": 2, "bnhi3": 3}  # BatchNorm in the blocks of levels < this
 
 
@@ -24,8 +25,25 @@ def tiles(img: np.ndarray, size: int) -> list[tuple[int, int, np.ndarray]]:
             for r in range(rows) for c in range(cols)]
 
 
-def scaled_archs(space, widths, reductions) -> dict:
-    """``{name: Arch}`` of the scaled-NAFNet front (see the module docstring)."""
+def reduction(name: str) -> str:
+    """``name`` if it joins distinct PARTS with "_" (e.g. ``shallow_bnhi``) with at most one
+    norm replacement; the argparse type of ``--reductions``."""
+    parts = name.split("_")
+    norms = [p for p in parts if p in BN_LEVELS or p == "noln"]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or len(set(parts)) < len(parts) or len(norms) > 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"reduction {name!r}: join distinct parts of {', '.join(PARTS)} with '_' "
+            f"(e.g. shallow_bnhi), with at most one of noln/bn/bnhi/bnhi3")
+    return name
+
+
+def scaled_archs(space, widths, reductions, reduction_widths=()) -> dict:
+    """``{name: Arch}`` of the scaled-NAFNet front (see the module docstring): the official
+    NAFNet at the space's width and at ``widths``, and every reduction (parts joined by "_")
+    at the space's width and at ``reduction_widths``, named ``nafnet_w<width>_<reduction>``."""
     from ernas.families.nafnet import official_arch
     from ernas.families.nafnet.model import level_of
 
@@ -36,17 +54,21 @@ def scaled_archs(space, widths, reductions) -> dict:
     shallow = {"enc_blk_nums": [min(n, 1) for n in g["enc_blk_nums"]],
                "middle_blk_num": min(g["middle_blk_num"], 1),
                "dec_blk_nums": [min(n, 1) for n in g["dec_blk_nums"]]}
-    for r in reductions:
-        name = f"nafnet_w{w0}_{r}"
-        arch = official_arch(**{**g, **(shallow if r == "shallow" else {})}, name=name)
-        for pos, v in arch.values.items():
-            if "noln" in r:
-                v["norm"] = "none"
-            if r in BN_LEVELS and level_of(pos, g) < BN_LEVELS[r]:
-                v["norm"] = "batchnorm"
-            if "nosca" in r:
-                v["attention"] = "none"
-        out[name] = arch
+    for w in sorted(set(reduction_widths) | {w0}, reverse=True):
+        for r in reductions:
+            parts = set(reduction(r).split("_"))
+            name = f"nafnet_w{w}_{r}"
+            arch = official_arch(**{**g, "width": w, **(shallow if "shallow" in parts else {})},
+                                 name=name)
+            bn = next((BN_LEVELS[p] for p in parts if p in BN_LEVELS), 0)
+            for pos, v in arch.values.items():
+                if "noln" in parts:
+                    v["norm"] = "none"
+                if level_of(pos, g) < bn:
+                    v["norm"] = "batchnorm"
+                if "nosca" in parts:
+                    v["attention"] = "none"
+            out[name] = arch
     return out
 
 

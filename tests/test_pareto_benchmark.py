@@ -198,6 +198,31 @@ def test_scaled_archs_cover_widths_and_reductions():
     assert {n for p, n in hi3.items() if n != "batchnorm"} == {"layernorm"}
 
 
+
+def test_reductions_compose_and_apply_at_other_widths():
+    import argparse
+
+    from ernas.space import find_space
+
+    space = find_space("nafnet_ern_small")
+    archs = ps.scaled_archs(space, [], ["bnhi", "shallow_bnhi"], [12])
+    assert list(archs) == ["nafnet_w16", "nafnet_w16_bnhi", "nafnet_w16_shallow_bnhi",
+                           "nafnet_w12_bnhi", "nafnet_w12_shallow_bnhi"]
+    assert archs["nafnet_w12_bnhi"].geometry["width"] == 12
+    assert archs["nafnet_w16_bnhi"].geometry["width"] == 16
+    for name in ("nafnet_w12_bnhi", "nafnet_w12_shallow_bnhi"):
+        # the same norms as the reference-width reduction, block for block
+        ref = archs[name.replace("w12", "w16")].values
+        assert archs[name].values == ref
+    sb = archs["nafnet_w16_shallow_bnhi"]
+    assert sb.geometry["enc_blk_nums"] == [1] * 4 and sb.geometry["middle_blk_num"] == 1
+    assert {p for p, v in sb.values.items() if v["norm"] == "batchnorm"} == {
+        "encoders.0.0", "encoders.1.0", "decoders.2.0", "decoders.3.0"}
+    for bad in ("bnhi_bnhi3", "shallow_wide", "noln_bn", "bnhi_bnhi"):
+        with pytest.raises(argparse.ArgumentTypeError, match=bad):
+            ps.reduction(bad)
+    assert ps.reduction("noln_nosca") == "noln_nosca"
+
 def test_measured_speedups_are_the_paired_ones_when_rounds_were_recorded():
     t = _agg([("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
               ("s1", "searched", False, 45, 50, 30.9)])
