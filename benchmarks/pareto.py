@@ -15,7 +15,8 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
    tries once one reduction has paid off.
 2. **Searched front**: one search per λ of the additive latency term (``--lams``: λ·E/T,
    T = the reference's predicted latency) and one per hinge target (``--targets``: fractions f of
-   the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``), each through
+   the reference's predicted latency, λ_h·max(0, E/(f·T) − 1), ``--hinge-lam``; with
+   ``--hinge-form band`` λ_h·|E/(f·T) − 1|, which also pulls a network below f·T up), each through
    ``ernas.cli.search.run``; the derived arch is retrained from scratch (and, with
    ``--init scratch supernet``, also from the supernet's inherited weights, a separate series
    that shares the scratch series' architectures and hence their timings; ``supernet_eq``: the
@@ -79,8 +80,9 @@ from pareto_phases import base_overrides, compose_cfg, measure_phase, merge_phas
 from pareto_setup import (REDUCTIONS, equal_sample_steps, make_task, pin_table, reduction,
                           scaled_archs, write_tiles)
 
-FIXED = ("space", "steps", "search_steps", "hinge_lam", "crop", "batch", "tile", "threads",
-         "overrides")
+FIXED = ("space", "steps", "search_steps", "hinge_lam", "hinge_form", "crop", "batch", "tile",
+         "threads", "overrides")
+OLD_DEFAULTS = {"hinge_form": "hinge"}  # what a config.json written before the option held
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -172,16 +174,19 @@ def train_phase(a) -> None:
 
     out = Path(a.out)
     c = {k: getattr(a, k) for k in ("space", "seeds", "steps", "search_steps", "lams", "targets",
-                                     "hinge_lam", "widths", "reductions", "reduction_widths",
+                                     "hinge_lam", "hinge_form", "widths", "reductions",
+                                     "reduction_widths",
                                      "init", "distill",
                                      "distill_feat", "crop", "batch",
                                      "threads", "tile", "overrides", "workers", "train_threads")}
     if (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
-        diff = [k for k in FIXED if old[k] != c[k]] + distill_change(old, c)
+        was = {k: old.get(k, OLD_DEFAULTS.get(k)) for k in FIXED}
+        diff = [k for k in FIXED if was[k] != c[k]] + distill_change(old, c)
         if diff:
             sys.exit(f"{out} was trained with other {', '.join(diff)} "
-                     f"({', '.join(f'{k}={old.get(k)}' for k in diff)}); use a new --out.")
+                     f"({', '.join(f'{k}={was.get(k, old.get(k))}' for k in diff)}); "
+                     f"use a new --out.")
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose_cfg(base_overrides(c))
     c.update(command=shlex.join([sys.executable, *sys.argv]),
@@ -210,7 +215,8 @@ def train_phase(a) -> None:
     pin = [f"latency.table={pinned}", "latency.trust_table=true"]
     searches = {f"lam{lam:g}": ["search.latency_form=additive", f"search.lam={lam}",
                                 "search.target_ms=null"] for lam in a.lams}
-    searches.update({f"t{f:g}": ["search.latency_form=hinge", f"search.lam={a.hinge_lam}",
+    searches.update({f"t{f:g}": [f"search.latency_form={a.hinge_form}",
+                                 f"search.lam={a.hinge_lam}",
                                  f"search.target_ms={f * ref_ms}"] for f in a.targets})
     nets = []
     ref_name = f"nafnet_w{space.geometry['width']}"
@@ -309,6 +315,8 @@ def main() -> None:
     tr.add_argument("--targets", type=float, nargs="*", default=[0.7, 0.5, 0.4, 0.3],
                     help="hinge targets, fractions of the reference's predicted latency")
     tr.add_argument("--hinge-lam", type=float, default=1.0)
+    tr.add_argument("--hinge-form", choices=["hinge", "band"], default="hinge",
+                    help="latency form of the --targets searches (band: also pulls up to f·T)")
     tr.add_argument("--widths", type=int, nargs="*", default=[8, 12],
                     help="scaled widths (the reference width is always included)")
     tr.add_argument("--reductions", nargs="*", default=list(REDUCTIONS), type=reduction,

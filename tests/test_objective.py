@@ -51,6 +51,9 @@ def test_latency_forms_values_and_exact_gradients():
     v, g = _grad(hinge, 15.0)
     assert v == pytest.approx(0.25) and g == pytest.approx(0.05)
     assert _grad(hinge, 8.0) == (0.0, 0.0)  # free below the target
+    band = LatencyLoss("band", lam=0.5, target_ms=10.0)
+    assert _grad(band, 15.0) == pytest.approx((0.25, 0.05))  # the hinge above the target
+    assert _grad(band, 8.0) == pytest.approx((0.1, -0.05))  # and pulled up below it
     mult = LatencyLoss("multiplicative", target_ms=10.0, beta=0.6)
     v, g = _grad(mult, 20.0)
     assert mult.multiplicative and v == pytest.approx(math.log(2.0)) and g == pytest.approx(1 / 20)

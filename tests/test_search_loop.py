@@ -337,6 +337,35 @@ def test_summary_says_whether_the_hinge_ever_bound(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+
+def test_band_pulls_a_network_below_its_target_up_to_it(setup, tmp_path):
+    """With a target the λ=0 search never reaches, the hinge is free (the λ=0 architecture) and
+    the band pulls the expected latency up, so the derived network is slower; with a target
+    below every network the band is the hinge, α for α."""
+    space, expected, train, val = setup
+    free = run_search(space, expected, train, val, cfg(lam=0.0), tmp_path / "free", task=TASK,
+                      progress=False)
+    top = expected.of_arch(space.largest())
+    loose = 0.5 * (free["max_expected_ms"] + top)
+    assert free["max_expected_ms"] < loose < top
+
+    def run(form, target):
+        out = tmp_path / f"{form}{target:g}"
+        s = run_search(space, expected, train, val, cfg(latency_form=form, lam=5.0,
+                                                        target_ms=target),
+                       out, task=TASK, progress=False)
+        return s, alphas_of(out), pd.read_csv(out / "log.csv")["expected_ms"].iloc[-1]
+
+    (hinge, _, e_hinge), (band, _, e_band) = run("hinge", loose), run("band", loose)
+    assert hinge["latency_active_fraction"] == 0.0 and band["latency_active_fraction"] == 1.0
+    assert hinge["predicted_latency_ms"] == pytest.approx(free["predicted_latency_ms"])
+    assert band["predicted_latency_ms"] > hinge["predicted_latency_ms"]
+    assert e_hinge < e_band < loose
+    (_, a, _), (_, b, _) = run("hinge", 1e-6), run("band", 1e-6)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 def test_search_yaml_is_typed_by_search_config():
     """experiments/search.yaml's search node has SearchConfig's schema and defaults: one source,
     unknown keys and wrong types refused at composition, every experiment composes."""

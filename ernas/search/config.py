@@ -33,7 +33,8 @@ class SearchConfig:
     weight_keep_rate: float | None = 0.5   # weight step: keep each block w.p. q (None: α mix)
     mode: str = "shared"             # shared (weight sharing) | darts (all paths, NAFNet only)
     latency_form: str = "additive"   # additive λ·r | multiplicative r^β | hinge λ·max(0, r−1)
-    lam: float = 0.5                 # additive/hinge weight (for the PSNR loss: dB per unit r)
+    #                                  | band λ·|r−1|
+    lam: float = 0.5                 # additive/hinge/band weight (PSNR loss: dB per unit r)
     target_ms: float | None = None   # T of r = E[LAT]/T; None: the baseline's predicted latency
     beta: float = 0.1                # multiplicative exponent (PSNR loss: s·β·ln r added)
     entropy_max: float = 0.1         # weight of Σ_d H(p_d)/ln K_d (per decision)
@@ -70,7 +71,7 @@ class SearchConfig:
         if self.target_ms is not None and not self.target_ms > 0:
             bad.append(f"search.target_ms={self.target_ms} must be > 0 (or null: the baseline)")
         choices = {"mode": ("shared", "darts"),
-                   "latency_form": ("additive", "multiplicative", "hinge"),
+                   "latency_form": ("additive", "multiplicative", "hinge", "band"),
                    "entropy_shape": ("linear", "cosine")}
         bad += [f"search.{f}={getattr(self, f)!r} must be one of {', '.join(c)}"
                 for f, c in choices.items() if getattr(self, f) not in c]

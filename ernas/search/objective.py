@@ -4,6 +4,7 @@ With E = E[LAT] (ms, ``ExpectedLatency``), a target T (ms) and r = E/T:
 
     additive:        total = L + λ·r                   + w_H(step)·H
     hinge:           total = L + λ·max(0, r − 1)       + w_H(step)·H
+    band:            total = L + λ·|r − 1|             + w_H(step)·H
     multiplicative:  total = L·r^β                     + w_H(step)·H   (L > 0: CE+Dice, L1, MSE)
                      total = L + s·β·ln r              + w_H(step)·H   (L = s·ln e, e > 0)
 
@@ -15,6 +16,12 @@ L + s·β·ln r: halving the latency is worth s·β·ln 2 dB (β = 0.1: 0.30 dB)
 PSNR. (Dividing the negative PSNR loss by r^β would make that worth |L|·(1 − 2^−β): ~12 dB at
 −25 dB and β = 0.6, and weaker on easier data.) The additive form on a log loss is likewise
 offset-free: λ dB per unit of r.
+
+The hinge only caps the latency: below T it is free, so where the task loss does not pull
+towards larger networks (a supernet's α rewards skips that its weights have absorbed) the derived
+latency is set by the search seed, not by T (three hinge searches at one T derived networks at
+0.80–1.04·T). The band also pulls an E below T up to it, at the same λ per unit of r, so the
+search spends the whole budget: "the best network at T ms".
 
 H = Σ_d H(p_d)/ln K_d (:func:`normalized_entropy`) sums the normalised entropy over the decisions
 with K_d > 1 candidates, so the pull w_H·∂H/∂α_d on one decision is the same in a space of 24
@@ -31,11 +38,11 @@ from ernas.errors import ErnasError
 
 
 class LatencyLoss:
-    """Latency term of E (ms) against ``target_ms`` (module docstring): ``additive``/``hinge``
-    return λ·r / λ·max(0, r − 1); ``multiplicative`` returns ln r, weighted by β in
-    :class:`SearchObjective` (λ is not used)."""
+    """Latency term of E (ms) against ``target_ms`` (module docstring): ``additive``/``hinge``/
+    ``band`` return λ·r / λ·max(0, r − 1) / λ·|r − 1|; ``multiplicative`` returns ln r, weighted
+    by β in :class:`SearchObjective` (λ is not used)."""
 
-    FORMS = ("additive", "multiplicative", "hinge")
+    FORMS = ("additive", "multiplicative", "hinge", "band")
 
     def __init__(self, form: str = "additive", lam: float = 0.1, target_ms: float = 1.0,
                  beta: float = 0.1):
@@ -60,6 +67,8 @@ class LatencyLoss:
             return self.lam * r
         if self.form == "hinge":
             return self.lam * torch.clamp(r - 1.0, min=0.0)
+        if self.form == "band":
+            return self.lam * torch.abs(r - 1.0)
         return torch.log(r)
 
 
