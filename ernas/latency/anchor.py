@@ -120,7 +120,8 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     smallest and ``samples`` sampled networks), store ``metadata['correction']`` (scale,
     offset_ms, anchored: the record) on ``table`` and return the record with the line;
     ``{"skipped": why, ...}`` when the table already carries an anchored correction (the record
-    and its line), and when no line is drawn (``anchor_problem``, a slope ≤ 0; ``exclude``: the
+    and its line), and when no line is drawn (``anchor_problem``, a slope ≤ 0, a line ≤ 0 ms at the
+    smallest network; ``exclude``: the
     architectures whose predictions will be scored, never anchors)."""
     from ernas import build_model, inference_model
 
@@ -163,6 +164,12 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     if not why and line[0] <= 0:
         why = (f"the anchors' least-squares slope {line[0]:.3g} is not positive (the machine was "
                f"disturbed while timing them)")
+    if not why and line[0] * sums["smallest"] + line[1] <= 0:
+        why = (f"the line (slope {line[0]:.3g}, offset {line[1]:.3g} ms) predicts "
+               f"{line[0] * sums['smallest'] + line[1]:.3g} ms for the smallest network, measured "
+               f"at {meas['smallest']:.3g} ms: the sampled anchors ran slow against it (the "
+               f"machine was disturbed while timing them), and a line with no positive latency "
+               f"at the bottom of the space would steer a search to nonsense")
     if why:
         return {"skipped": f"not anchored: {why}", "sum_ms": sums, "measured_ms": meas}
     a, b = line
