@@ -113,7 +113,9 @@ def search_job(tag: str, overrides: list[str], out: Path, threads: int) -> dict:
         search.run(compose_cfg(overrides + ([f"resume={out}"] if resume else [])),
                    None if resume else out)
     s = json.loads((out / "summary.json").read_text())
-    return {"predicted_ms": s["predicted_latency_ms"], "seconds": time.perf_counter() - t0}
+    return {"predicted_ms": s["predicted_latency_ms"], "seconds": time.perf_counter() - t0,
+            "of_target": s["predicted_latency_ms"] / s["target_ms"],
+            "acted": s["latency_active_fraction"] > 0}
 
 
 def teacher_of(n: dict, seed: int, out: Path, ref_arch: str, w_out: float, w_feat: float):
@@ -284,8 +286,10 @@ def train_phase(a) -> None:
                         print(r, flush=True)
                         todo.update(released())
                         continue
+                    idle = "" if r["acted"] else "; the latency term never acted: a λ=0 network"
                     print(f"search {tag}: predicted {r['predicted_ms']:.2f} ms "
-                          f"({ref_ms / r['predicted_ms']:.2f}x) [{r['seconds']:.0f} s]", flush=True)
+                          f"({ref_ms / r['predicted_ms']:.2f}x, {r['of_target']:.2f} of its T"
+                          f"{idle}) [{r['seconds']:.0f} s]", flush=True)
                     todo.update(train_jobs(tag))
         except BaseException:
             ex.shutdown(wait=False, cancel_futures=True)
