@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_search_loop import TASK, SmoothImages, cfg, synthetic_table
 
-from ernas import ErnasError, load_space
+from ernas import ErnasError, load_arch, load_space
 from ernas.batches import step_batches
 from ernas.latency.predict import ExpectedLatency
 from ernas.search import run_search
@@ -23,8 +23,10 @@ from ernas.supernet import SuperNet
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from budget_derivation import (best_within, block_values, changes, logp_values,  # noqa: E402
-                               smallest_ms, supernet_scorer)
+from budget_derivation import logp_values  # noqa: E402
+
+from ernas.search.budget import (best_within, block_values, changes,  # noqa: E402
+                                 smallest_ms, supernet_scorer)
 
 TINY = ROOT / "search_spaces" / "nafnet_tiny.yaml"
 
@@ -99,7 +101,7 @@ def test_ties_keep_the_start_and_a_paying_block_fills_the_budget(small):
 def test_budget_below_the_fastest_network_is_refused(small):
     space, expected = small
     zero = {p: np.zeros(len(space.combos(p))) for p in space.searchable}
-    with pytest.raises(ErnasError, match="give a budget above"):
+    with pytest.raises(ErnasError, match=r"search\.target_ms\) above"):
         best_within(space, expected, zero, space.largest(), 0.99 * smallest_ms(space, expected),
                     "none")
 
@@ -203,3 +205,54 @@ def test_changes_name_skipped_blocks_once(small):
         p1: {**start.values[p1], "kernel": 5}})
     assert changes(space, start, after) == [f"{p0}: skipped", f"{p1}.kernel: 7 -> 5"]
     assert changes(space, start, start) == []
+
+
+def test_search_derives_within_its_target(tiny, tmp_path):
+    """A search with derive=budget and a target below its argmax derives a network within the
+    target, reports the argmax and what changed, and saves that network (arch.yaml, inherited
+    weights) rather than the argmax; with derive=argmax the same search saves the argmax."""
+    space, expected, train, val = tiny
+    kw = dict(lam=0.0, weight_keep_rate=1.0)
+    free = run_search(space, expected, train, val, cfg(**kw), tmp_path / "free", task=TASK,
+                      progress=False)
+    target = 0.5 * (free["predicted_latency_ms"] + smallest_ms(space, expected))
+    out = tmp_path / "budget"
+    s = run_search(space, expected, train, val, cfg(**kw, target_ms=target, derive="budget"),
+                   out, task=TASK, progress=False)
+    assert s["argmax_predicted_ms"] == pytest.approx(free["predicted_latency_ms"])
+    assert s["predicted_latency_ms"] <= target < s["argmax_predicted_ms"]
+    assert s["derive"] == "budget" and s["derive_changes"] and not free["derive_changes"]
+    arch = load_arch(out / "arch.yaml")
+    assert expected.of_arch(arch) == pytest.approx(s["predicted_latency_ms"])
+    model = SuperNet(space).extract(arch)  # the saved weights are this network's
+    model.load_state_dict(torch.load(out / "inherited.pt", weights_only=True), strict=True)
+
+
+def test_budget_is_refused_before_searching_or_with_stochastic_depth(tiny, tmp_path):
+    space, expected, train, val = tiny
+    with pytest.raises(ErnasError, match="fastest network"):
+        run_search(space, expected, train, val,
+                   cfg(target_ms=1e-6, derive="budget", weight_keep_rate=1.0),
+                   tmp_path / "x", task=TASK, progress=False)
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+    with pytest.raises(ErnasError, match="weight_keep_rate=1.0"):
+        cfg(derive="budget", weight_keep_rate=0.5)
+
+
+def test_a_checkpoint_from_before_the_derive_field_resumes(tiny, tmp_path):
+    """A search checkpoint whose config lacks a field added since resumes as if it held the
+    default (and a changed field is still refused)."""
+    space, expected, train, val = tiny
+    out = tmp_path / "old"
+    run_search(space, expected, train, val, cfg(checkpoint_every=4), out, task=TASK,
+               progress=False, stop_after=8)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ck["config"]["derive"]
+    torch.save(ck, out / "checkpoint.pt")
+    s = run_search(space, expected, train, val, cfg(), out, task=TASK, progress=False,
+                   resume=True)
+    assert s["steps"] == cfg().steps
+    with pytest.raises(ErnasError, match="derive"):
+        run_search(space, expected, train, val, cfg(derive="budget", weight_keep_rate=1.0,
+                                                    target_ms=1e3), out, task=TASK,
+                   progress=False, resume=True)

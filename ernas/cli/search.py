@@ -142,6 +142,10 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
             f"{s['supernet_val_' + s['metric']]:.3f} "
             f"(table: {table.metadata.get('backend')}, {table.metadata.get('device')}"
             f"{', anchored on this host' if anchored else ''}, input {shape})")
+    if scfg.derive == "budget":
+        print(f"derive=budget: the argmax was predicted at {s['argmax_predicted_ms']:.2f} ms, "
+              f"the derived network at {s['predicted_latency_ms']:.2f} ms (T = "
+              f"{s['target_ms']:.2f} ms); changed: {'; '.join(s['derive_changes']) or 'nothing'}")
     if scfg.lam > 0 and scfg.latency_form == "hinge" and s["latency_active_fraction"] == 0:
         print(f"note: the hinge target {s['target_ms']:.2f} ms never bound: the expected latency "
               f"stayed below it (at most {s['max_expected_ms']:.2f} ms in the α steps), so the "

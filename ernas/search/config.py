@@ -41,6 +41,7 @@ class SearchConfig:
     entropy_warmup: int | None = None  # None: warmup_steps
     entropy_ramp: int | None = None    # None: half of the α phase
     entropy_shape: str = "cosine"    # linear | cosine
+    derive: str = "argmax"           # argmax of α | budget: the supernet's best network within T
     bn_calibration_batches: int = 16  # training batches for BatchNorm recalibration at the end
     checkpoint_every: int = 100
     log_every: int = 10
@@ -72,9 +73,15 @@ class SearchConfig:
             bad.append(f"search.target_ms={self.target_ms} must be > 0 (or null: the baseline)")
         choices = {"mode": ("shared", "darts"),
                    "latency_form": ("additive", "multiplicative", "hinge", "band"),
-                   "entropy_shape": ("linear", "cosine")}
+                   "entropy_shape": ("linear", "cosine"), "derive": ("argmax", "budget")}
         bad += [f"search.{f}={getattr(self, f)!r} must be one of {', '.join(c)}"
                 for f, c in choices.items() if getattr(self, f) not in c]
+        if self.derive == "budget" and self.weight_keep_rate not in (None, 1, 1.0):
+            bad.append(f"search.derive=budget needs a supernet whose weight steps kept every "
+                       f"block (search.weight_keep_rate=1.0, or null for the α mixture), not "
+                       f"{self.weight_keep_rate}: with stochastic depth the supernet scores a "
+                       f"network with blocks skipped higher than the argmax, so the budget "
+                       f"derivation would skip blocks (measured, README)")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad.append(f"search.device={self.device!r} must be auto, cpu or cuda")
         check("search config", bad)

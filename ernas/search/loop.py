@@ -11,7 +11,8 @@ Each step s:
      frozen and BatchNorm normalising with the batch's statistics without updating its running
      ones (``ernas.nn.batchnorm.frozen_bn_stats``: no validation data in the statistics).
 
-At the end the derived arch (argmax of α) is extracted with inherited weights; the extracted
+At the end the derived arch (argmax of α, or with ``derive=budget`` the network the supernet
+scores best within T: ``ernas.search.budget``) is extracted with inherited weights; the extracted
 network and a copy of the supernet get their BatchNorm statistics recalibrated on
 ``bn_calibration_batches`` training batches before their validation metric is reported
 (``inherited_val_<metric>``, ``supernet_val_<metric>``, ``discretisation_gap``), and
@@ -39,6 +40,7 @@ from ernas.batches import Batch
 from ernas.errors import ErnasError
 from ernas.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ernas.nn.batchnorm import batchnorms, frozen_bn_stats, recalibrate_bn
+from ernas.search.budget import changes, check_budget, derive_within
 from ernas.search.config import RESUME_FREE, SearchConfig
 from ernas.search.objective import LatencyLoss, SearchObjective, normalized_entropy
 from ernas.space import Arch, SearchSpace
@@ -100,6 +102,8 @@ class _Run:
             target = cfg.target_ms or self.baseline_ms or float(self.expected(
                 self.net.probs(False)))
         self.target_ms = float(target)
+        if cfg.derive == "budget":  # refused here, before the search, not after it
+            check_budget(space, expected_latency, self.target_ms, "search.derive=budget")
         self.objective = SearchObjective(task.loss, LatencyLoss(cfg.latency_form, cfg.lam,
                                                                self.target_ms, cfg.beta),
                                          cfg.entropy_schedule(), task.loss_log_scale)
@@ -136,8 +140,9 @@ class _Run:
                              f": {str(e).splitlines()[0][:200] if str(e) else ''}); it is damaged "
                              f"or not a search checkpoint. Start a new search (without resume=), "
                              f"or restore the file from a copy.") from None
+        default = SearchConfig().to_dict()  # a field added since: the run had its default
         diff = sorted(k for k, v in self.cfg.to_dict().items()
-                      if k not in RESUME_FREE and old.get(k) != v)
+                      if k not in RESUME_FREE and old.get(k, default[k]) != v)
         if diff:
             raise ErnasError(f"{self.ckpt}: cannot resume with a different configuration; "
                              f"changed field(s): " + ", ".join(f"{k} ({old.get(k)!r} -> "
@@ -342,7 +347,10 @@ def _finish(run: _Run, train_batch: Batch, val_batch: Batch, input_shape) -> dic
 
     net, out, space, task, cfg = run.net, run.out, run.space, run.task, run.cfg
     m = task.metric
-    derived = net.derive(name=f"{space.name}_searched")
+    derived = argmax = net.derive(name=f"{space.name}_searched")
+    if cfg.derive == "budget":
+        derived = derive_within(net, run.expected, run.target_ms, argmax, val_batch,
+                                cfg.eval_batches, run.device, task)
     per_rank = D.all_gather_object(derived.to_dict())
     arch_path = out / "arch.yaml"
     inherited = net.extract(derived)
@@ -361,7 +369,9 @@ def _finish(run: _Run, train_batch: Batch, val_batch: Batch, input_shape) -> dic
         "inherited_weights": str(out / "inherited.pt"),
         "predicted_latency_ms": run.expected.of_arch(derived),
         "baseline_latency_ms": run.baseline_ms, "baseline_name": run.baseline.name,
-        "target_ms": run.target_ms,
+        "target_ms": run.target_ms, "derive": cfg.derive,
+        "argmax_predicted_ms": run.expected.of_arch(argmax),
+        "derive_changes": changes(space, argmax, derived),
         "params": count_params(inherited), "baseline_params": count_params(base_model),
         "macs": count_macs(inherited, shape), "baseline_macs": count_macs(base_model, shape),
         "input_shape": list(shape),
