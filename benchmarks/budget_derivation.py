@@ -1,7 +1,7 @@
 """Can a finished search be derived within its latency budget? Two value models, measured.
 
 The argmax of α ignores the latency model: the hinge-0.45 searches of the Pareto headline derived
-networks at 0.80-1.04 of their target T, depending on the search seed, and the band form at
+networks at 0.80-1.04 of their target T at weight_keep_rate 0.5, depending on the search seed, and the band form at
 0.90-1.10 (it binds the expected latency E[LAT], not the argmax). A projection onto the budget
 solves the multiple-choice knapsack
 
@@ -9,9 +9,8 @@ solves the multiple-choice knapsack
 
 over one block c_s (a combination of the position's decisions) per searchable position s, with
 L_s the table's latency of the block, C the fixed part and a, b the table's correction
-(``ExpectedLatency``), solved exactly on the budget cut into ``bins`` steps with every block's
-cost rounded up (so the answer is always within B; the start is kept when it fits and the grid
-found nothing better). It is only as good as its values v, and this script compares two:
+(``ExpectedLatency``), solved by ``ernas.search.budget.best_within`` (``search.derive=budget``
+uses the second value model below). It is only as good as its values v; this script compares:
 
 - ``logp``: v_s(c) = Σ_d log softmax(α_{s,d}/τ)[c_d], the most probable network within B;
 - ``supernet``: v_s(c) = M(A with s → c) − M(A), the task metric M of the supernet run one-hot
