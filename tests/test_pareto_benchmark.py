@@ -93,6 +93,25 @@ def test_analyse_gaps_speedups_and_goals():
     assert g2["searched_above_scaled"] and g2["searched_above_scaled_count"] == [1, 1, 1]
 
 
+def test_merged_attempts_are_judged_on_their_joint_front():
+    scaled = [("w16", "scaled", True, 100, 100, 31.0), ("w8", "scaled", False, 25, 25, 29.0),
+              ("w12", "scaled", False, 50, 50, 30.0)]
+    # a is ahead at 30 and 40 ms and behind at 70; b is behind at 40 and ahead at 60 ms. The
+    # joint front drops a's 70 ms and b's 40 ms networks (dominated by the other attempt's)
+    t = _agg(scaled + [("a1", "searched @a", False, 30, 30, 29.9),     # +0.64 dB
+                       ("a2", "searched @a", False, 40, 40, 30.0),     # +0.32 dB
+                       ("a3", "searched @a", False, 70, 70, 30.2),     # −0.29 dB, 0.82x
+                       ("b1", "searched @b", False, 40, 40, 29.6),     # −0.08 dB, 0.95x
+                       ("b2", "searched @b", False, 60, 60, 30.9)])    # +0.64 dB
+    g = pa.analyse(t)["goals"]
+    assert g["searched @a_above_scaled_count"] == [2, 3, 3]
+    assert g["searched @b_above_scaled_count"] == [1, 2, 2]
+    assert g["all_searched_front"] == ["a1", "a2", "b2"]
+    assert g["all_searched_above_scaled"] and g["all_searched_above_scaled_count"] == [3, 3, 3]
+    # one series alone: no joint verdict beside its own
+    assert "all_searched_above_scaled" not in pa.analyse(t[t["series"] != "searched @b"])["goals"]
+
+
 def test_anchored_speedups_follow_the_line_through_two_measured_networks():
     """Measured = 2·predicted − 10 ms: plain predicted speed-ups are off, the ones calibrated on
     the reference and the network predicted fastest (w8) are exact for the others; the anchor
