@@ -146,7 +146,8 @@ def test_bad_retrain_values(tmp_path, override, field):
     ("search.grad_clip=-1", "grad_clip"), ("search.lr_alpha=0", "lr_alpha"),
     ("search.weight_keep_rate=0", "weight_keep_rate"),
     ("search.weight_keep_rate=1.5", "weight_keep_rate"),
-    ("latency.anchor_samples=-1", "anchor_samples")])
+    ("latency.anchor_samples=-1", "anchor_samples"),
+    ("latency.max_inconsistency=0.5", "max_inconsistency")])
 def test_bad_search_values(tmp_path, override, field):
     r = _run("search", tmp_path, *SEARCH, "search.steps=10", override,
              f"hydra.run.dir={tmp_path / 'x'}", f"latency.cache_dir={tmp_path / 'c'}")

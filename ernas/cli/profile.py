@@ -19,6 +19,7 @@ from ernas.cli.schema import Profile
 from ernas.config import validated
 from ernas.io import atomic_write_json
 from ernas.latency.anchor import anchors_phrase
+from ernas.latency.consistency import inconsistency
 from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import default_table_path, profile_table, resolve_from_config
@@ -100,6 +101,10 @@ def run(cfg: DictConfig, out=None) -> dict:
             print(f"  still inconsistent: {q['decision']} {q['cheaper']} ({q['cheaper_ms']:.3f} ms)"
                   f" vs {q['costlier']} ({q['costlier_ms']:.3f} ms) at {q['positions'][0]} "
                   f"{q['choice']}")
+        why = inconsistency(table, space, shape, lat.granularity, lat.max_inconsistency)
+        if why:
+            print(f"warning: this table {why}; latency.table=auto will not use it. Profile "
+                  f"again while nothing else runs (delete {path} first).")
     return summary
 
 

@@ -31,6 +31,7 @@ class Latency:
     on_mismatch: str = MISSING
     trust_table: bool = MISSING
     probe_cache_s: float = MISSING
+    max_inconsistency: float = MISSING
     consistency_tolerance: float = MISSING
     profile_group: int = MISSING
     recheck_rounds: int = MISSING
@@ -47,6 +48,9 @@ class Latency:
         for f in ("probe_tolerance", "probe_cache_s", "consistency_tolerance", "anchor_samples"):
             if getattr(self, f) < 0:
                 bad.append(f"{f}={getattr(self, f)} must be >= 0")
+        if not self.max_inconsistency >= 1:
+            bad.append(f"max_inconsistency={self.max_inconsistency} must be >= 1 (the largest "
+                       f"ratio cheaper/costlier a table may list; inf: no limit)")
         for f in ("profile_group", "recheck_rounds"):
             if getattr(self, f) < 1:
                 bad.append(f"{f}={getattr(self, f)} must be >= 1")

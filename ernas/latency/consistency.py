@@ -14,6 +14,13 @@ several positions (same level, same shapes) count once, listing every position.
 ``check_consistency`` re-measures the keys of the inconsistent pairs together, in interleaved
 rounds (``recheck_rounds``), replaces their rows and checks again; what is still inconsistent
 is reported (and is either a real property of the runtime, or noise beyond the protocol).
+
+``worst_pair`` prices one space's pairs on any table without measuring: ``latency.table=auto``
+refuses a table whose worst ratio ``L(cheaper)/L(costlier)`` exceeds ``MAX_INCONSISTENCY`` (2.0).
+Measured here: tables profiled on a quiet machine stay at or below 1.49 (the shipped ones) after
+the re-check; two profiled while training jobs ran reached 3.11 and 5.32 (blocks without
+attention listed slower than with it), and a search priced on them is steered away from the cheap
+choices they list as slow.
 """
 from __future__ import annotations
 
@@ -26,9 +33,11 @@ from ernas.latency.backends import Backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.table import LatencyTable
 
-__all__ = ["Pair", "check_consistency", "inconsistent_pairs", "single_decision_pairs"]
+__all__ = ["MAX_INCONSISTENCY", "Pair", "check_consistency", "inconsistent_pairs",
+           "inconsistency", "single_decision_pairs", "worst_pair"]
 
 DEFAULT_TOLERANCE = 0.05
+MAX_INCONSISTENCY = 2.0
 MAX_LISTED = 50  # inconsistent pairs listed in the table metadata (the count is always exact)
 RECHECK_ROUNDS = 20
 
@@ -90,6 +99,29 @@ def inconsistent_pairs(table: LatencyTable, pairs: list[Pair],
     """The pairs whose cheaper choice is more than ``tolerance`` slower in ``table``."""
     return [q for q in pairs if float(table.lookup(list(q.cheaper_keys)).sum())
             > (1 + tolerance) * float(table.lookup(list(q.costlier_keys)).sum())]
+
+
+def worst_pair(table: LatencyTable, space, input_shape,
+               granularity: str = "block") -> dict | None:
+    """The single-decision pair of ``space`` whose cheaper choice reads slowest relative to its
+    costlier neighbour in ``table`` (``Pair.describe``; ``ratio = L(cheaper) / L(costlier)``), or
+    None when no cheaper choice reads slower. ``table`` must hold the space's keys."""
+    rows = [q.describe(table) for q in single_decision_pairs(space, input_shape, granularity)]
+    worst = max(rows, key=lambda r: r["ratio"], default=None)
+    return worst if worst is not None and worst["ratio"] > 1 else None
+
+
+def inconsistency(t: LatencyTable, space, shape, granularity: str = "block",
+                  limit: float = MAX_INCONSISTENCY) -> str | None:
+    """Why ``t`` cannot price ``space``'s choices: a cheaper choice listed more than ``limit``
+    times slower than its costlier neighbour (``worst_pair``); None when it can."""
+    w = worst_pair(t, space, shape, granularity)
+    if w is None or w["ratio"] <= limit:
+        return None
+    return (f"it lists {w['decision']}={w['cheaper']} at {w['positions'][0]} "
+            f"({w['cheaper_ms']:.3g} ms) {w['ratio']:.2f}x slower than {w['decision']}="
+            f"{w['costlier']} ({w['costlier_ms']:.3g} ms), beyond latency.max_inconsistency="
+            f"{limit:g}, so it was probably profiled while the machine was busy")
 
 
 def check_consistency(space, table: LatencyTable, backend: Backend | None,

@@ -61,7 +61,8 @@ from ernas.io import atomic_write_json
 from ernas.latency.anchor import ANCHOR_SAMPLES, anchor_table, anchors_phrase
 from ernas.latency.backends import Backend
 from ernas.latency.factory import make_backend
-from ernas.latency.consistency import DEFAULT_TOLERANCE, RECHECK_ROUNDS, check_consistency
+from ernas.latency.consistency import (DEFAULT_TOLERANCE, MAX_INCONSISTENCY, RECHECK_ROUNDS,
+                                       check_consistency, inconsistency)
 from ernas.latency.fingerprint import check_fingerprint, fingerprint_differences
 from ernas.latency.measure import MeasureProtocol, plain_mapping
 from ernas.latency.ops import build_op
@@ -239,6 +240,7 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
                   shipped_dir: Path = LATENCY_TABLES, *,
                   probe_tolerance: float = PROBE_TOLERANCE, on_mismatch: str = "profile",
                   trust_table: bool = False, probe_cache_s: float = PROBE_CACHE_S,
+                  max_inconsistency: float = MAX_INCONSISTENCY,
                   consistency_tolerance: float = DEFAULT_TOLERANCE, profile_group: int = 64,
                   recheck_rounds: int = RECHECK_ROUNDS) -> tuple[LatencyTable, Path]:
     """The table for ``space`` at ``input_shape`` on this backend, and its path (see the module
@@ -279,6 +281,14 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
             f"a table of another machine (another device), set latency.trust_table=true to use "
             f"it anyway; the other fields must match the request"))
         t.lookup(keys, fill_command=profile_command(space, shape, backend, granularity, path))
+        why = inconsistency(t, space, shape, granularity, max_inconsistency)
+        if why and not trust_table:
+            raise ErnasError(f"Latency table {path} cannot price {space.name}'s choices: {why}. "
+                             f"Fix: profile a table while nothing else runs ({fill} output=<new "
+                             f"path>), or set latency.trust_table=true to use it anyway.")
+        if why:
+            warnings.warn(f"Latency table {path}: {why}; used anyway because "
+                          f"latency.trust_table=true.", stacklevel=3)
         diffs = check_fingerprint(t.metadata, want, str(path), trust=trust_table)
         if trust_table:
             t.probe = {"action": "trusted", "accepted": None, "fingerprint_differences": diffs}
@@ -309,6 +319,10 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
             refused.append({"table": str(path),
                             "reason": "fingerprint differs: " + "; ".join(diffs)})
             continue
+        why = inconsistency(t, space, shape, granularity, max_inconsistency)
+        if why:
+            refused.append({"table": str(path), "reason": why})
+            continue
         rec = probe(t, path)
         if rec["accepted"]:
             t.probe = {**rec, "action": "used", "refused": refused}
@@ -335,6 +349,10 @@ def resolve_table(space, input_shape, backend_cfg, granularity: str = "block",
     _note(f"profiling a latency table for {space.name} at {shape} on this machine: {path}")
     t = profile_table(space, shape, backend, granularity, path, protocol, consistency_tolerance,
                       progress, group=profile_group, recheck_rounds=recheck_rounds)
+    why = inconsistency(t, space, shape, granularity, max_inconsistency)
+    if why:
+        warnings.warn(f"The latency table just profiled at {path}: {why}. It is used, but "
+                      f"delete it and run again when the machine is quiet.", stacklevel=3)
     t.probe = {"action": "profiled", "accepted": True, "refused": refused}
     return t, path
 
@@ -344,8 +362,8 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
                         scored=()) -> tuple[LatencyTable, Path]:
     """``resolve_table`` from a latency config group (``experiments/latency/*.yaml``:
     backend, granularity, table, cache_dir, measure, probe_tolerance, on_mismatch, trust_table,
-    probe_cache_s, consistency_tolerance, profile_group, recheck_rounds); ``table`` overrides
-    the config's. With ``anchor: true`` the table is then calibrated on the day
+    probe_cache_s, max_inconsistency, consistency_tolerance, profile_group, recheck_rounds);
+    ``table`` overrides the config's. With ``anchor: true`` the table is then calibrated on the day
     (``ernas.latency.anchor``), recorded in ``table.probe['anchor']``; ``scored``: the
     architectures whose predictions will be compared with measurements, never an anchor."""
     lat = plain_mapping(latency_cfg, "latency")
@@ -357,6 +375,7 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
         on_mismatch=lat.get("on_mismatch", "profile"),
         trust_table=bool(lat.get("trust_table", False)),
         probe_cache_s=float(lat.get("probe_cache_s", PROBE_CACHE_S)),
+        max_inconsistency=float(lat.get("max_inconsistency", MAX_INCONSISTENCY)),
         consistency_tolerance=float(lat.get("consistency_tolerance", DEFAULT_TOLERANCE)),
         profile_group=int(lat.get("profile_group", 64)),
         recheck_rounds=int(lat.get("recheck_rounds", RECHECK_ROUNDS)))
