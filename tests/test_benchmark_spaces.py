@@ -53,3 +53,20 @@ def test_bnlo_holds_the_hand_made_bnhi_network_and_only_keys_the_pinned_table_ha
     assert bn_at == {"encoders.0.0", "encoders.1.0", "decoders.2.0", "decoders.3.0"}
     level2 = [p for p in bnlo.positions if p.startswith(("encoders.2.", "decoders.1."))]
     assert level2 and all(len(bnlo.combos(p)) == 2 for p in level2)  # the reference, or skipped
+
+
+def test_bnlo2_opens_level_2_of_bnlo_and_nothing_else():
+    """bnlo2 (runs/p40, p42) is bnlo with every block choice open at level 2 under LayerNorm:
+    the same positions, BatchNorm at the same four, wider only at encoders.2.* and decoders.1.0,
+    so it holds every bnlo network (the hand-made bnhi one among them)."""
+    bnlo = ernas.load_space(SPACES / "nafnet_ern_small_bnlo.yaml")
+    bnlo2 = ernas.load_space(SPACES / "nafnet_ern_small_bnlo2.yaml")
+    assert bnlo2.positions == bnlo.positions
+    widened = {p for p, ch in bnlo2.choices.items()
+               if any(set(c) != set(bnlo.choices[p][d]) for d, c in ch.items())}
+    assert widened == {"encoders.2.0", "encoders.2.1", "decoders.1.0"}
+    for p in widened:
+        assert bnlo2.choices[p]["norm"] == ("layernorm",)
+        assert all(set(bnlo.choices[p][d]) <= set(c) for d, c in bnlo2.choices[p].items())
+        assert len(bnlo2.combos(p)) == 2 * 3 * 2 * 2 * 2  # 24 blocks, each kept or skipped
+    assert bnlo2.contains(bnlo.smallest()) and bnlo2.contains(bnlo.largest())
