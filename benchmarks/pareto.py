@@ -38,7 +38,12 @@ Method (issue 14), on one search space (default ``nafnet_ern_small``) and the de
    shuffled rounds, the latency config's backend, session options and statistic), and its
    predicted latency is ``predict_ms`` on ONE table holding the op keys of every network on the
    plot, profiled in one interleaved session (``profile_table``) right before the timing, so
-   all predictions come from the same machine state.
+   all predictions come from the same machine state. This is repeated ``--passes`` times
+   (default 3), each pass with new onnxruntime sessions: a session of some networks runs
+   1.5–2.2x slower than another session of the same file for its whole life
+   (``benchmarks/session_variance.py``), which interleaving cannot cancel. The figures are combined
+   (``combine_passes``: medians; the paired speed-up over all passes' rounds) and every goal is
+   also judged on each pass alone, so a verdict that holds in one period only is visible.
 5. ``report``: ``pareto.csv`` (one row per network and seed), ``pareto.png`` (measured latency
    vs PSNR σ25, mean ± std over seeds, both fronts), ``summary.json`` and a printed summary.
    Fronts are the non-dominated (measured ms, mean PSNR σ25) networks of a series; the scaled
@@ -54,7 +59,7 @@ Phases (all resumable: finished runs are skipped, files are written atomically):
 
     ernas-profile space=nafnet_ern_small            # optional, quiet machine: the search's table
     python benchmarks/pareto.py train --out DIR     # searches, retraining, quality (hours)
-    python benchmarks/pareto.py measure --out DIR   # latency of every network, then report
+    python benchmarks/pareto.py measure --out DIR   # latency of every network (3 passes), report
     python benchmarks/pareto.py report --out DIR
     python benchmarks/pareto.py merge --out ALL DIR DIR2 ...  # search attempts on one plot
 
@@ -300,6 +305,12 @@ def train_phase(a) -> None:
     print(f"train phase done; next, on a quiet machine: python {sys.argv[0]} measure --out {out}")
 
 
+def positive(v: str) -> int:
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number >= 1")
+    return int(v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="phase", required=True)
@@ -310,6 +321,9 @@ def main() -> None:
     for p in (tr, ms, rp, mg):
         p.add_argument("--out", required=True)
     mg.add_argument("runs", nargs="+", help="train-phase output folders (same recipe)")
+    ms.add_argument("--passes", type=positive, default=3,
+                    help="measure passes, each profiling its own table and timing every network "
+                         "(combined: medians; goals also judged per pass)")
     tr.add_argument("--space", default="nafnet_ern_small")
     tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     tr.add_argument("--steps", type=int, default=2500, help="retraining steps")

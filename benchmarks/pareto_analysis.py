@@ -164,12 +164,26 @@ def plot(t: pd.DataFrame, threshold: float, path: Path, title: str) -> None:
                 (threshold, f"reference PSNR − {100 * DROP:g}%"))
 
 
+def _range(v) -> str:
+    """`` [lo–hi]`` of a list of per-pass figures; empty without them."""
+    return "" if not isinstance(v, list) or not v else f" [{min(v):.2f}–{max(v):.2f}]"
+
+
 def _f(v, fmt=".2f") -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
+def print_summary(c: dict, lat: dict, res: dict, n_rows: str, passes: dict | None = None
+                  ) -> None:
+    """The printed summary; ``passes`` (``pareto_phases.per_pass``): how many of several measure
+    passes, each judged alone, met each goal, and each network's per-pass speed-ups."""
     t, g = res["table"], res["goals"]
+
+    def status(key: str) -> str:
+        done = "met" if g[key] else "NOT met"
+        return done if not passes else f"{done}; each pass alone: {passes['goals'][key]} of " \
+            f"{passes['n']}"
+
     print(f"train:   {c['command']}\nmeasure: {lat['command']}\nmachine: {lat['machine']}; "
           f"{lat['backend'].get('backend')} {lat['backend'].get('provider')}, threads "
           f"{lat['backend'].get('threads')}, spinning {lat['backend'].get('spinning')}, input "
@@ -185,8 +199,9 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
     for _, r in t.sort_values("measured_ms").iterrows():
         print(f"| {r['network']}{' *' if r['on_front'] else ''} | {r['series']} | "
               f"{r['params']:,} | {r['macs'] / 1e9:.3f} | {r['measured_ms']:.2f} "
-              f"({100 * r['spread']:.1f}%) | {r['predicted_ms']:.2f} | "
-              f"{r['speedup_measured']:.2f} / {r['speedup_predicted']:.2f} "
+              f"({100 * r['measured_spread']:.1f}%) | {r['predicted_ms']:.2f} | "
+              f"{r['speedup_measured']:.2f}{_range(r.get('speedup_per_pass'))} / "
+              f"{r['speedup_predicted']:.2f} "
               f"({r['agreement']:.3f}) | {r['psnr15']:.3f} | {r['psnr']:.3f} ± "
               f"{r['psnr_std']:.3f} | {r['psnr50']:.3f} | {r['ssim']:.4f} | "
               f"{r['colour']:.3f} | {_f(r['gap_db'], '+.3f')} | {_f(r['faster_x'])} |")
@@ -194,7 +209,10 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
           "PSNR σ25 on the colour-photo tiles only; gap: PSNR minus the scaled front's at the same "
           "measured latency; faster: the scaled front's latency at the same PSNR / the "
           "network's, inf: the scaled front never reaches its PSNR; –: outside the scaled front's "
-          "range)")
+          "range)" + ("" if not passes else
+                      f"; {passes['n']} measure passes, each with its own table: ms and predicted "
+                      f"ms are medians over passes, the speed-up the median over all their "
+                      f"rounds, [the range of the passes' own speed-ups]"))
     print(f"at the reference's PSNR − {100 * DROP:g}% (≥ {res['threshold']:.3f} dB):")
     for s, best in res["fastest"].items():
         print(f"  {s}: " + ("none" if best is None else
@@ -207,20 +225,20 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str) -> None:
     print("goals:")
     for s in sorted(set(t["series"]) - {"scaled"}):
         k, n, m = g[f"{s}_above_scaled_count"]
-        print(f"  [{'met' if g[f'{s}_speedup'] else 'NOT met'}] {s}: ≥{GOAL_SPEEDUP:g}x measured "
+        print(f"  [{status(f'{s}_speedup')}] {s}: ≥{GOAL_SPEEDUP:g}x measured "
               f"speed-up at ≤{100 * DROP:g}% PSNR drop")
-        print(f"  [{'met' if g[f'{s}_above_scaled'] else 'NOT met'}] {s} front above the scaled "
+        print(f"  [{status(f'{s}_above_scaled')}] {s} front above the scaled "
               f"front (≥{GOAL_GAP_DB:g} dB or ≥{GOAL_FASTER:g}x): {k} of {n} comparable front "
               f"networks ({m} on the front)")
     if "all_searched_above_scaled" in g:
         k, n, m = g["all_searched_above_scaled_count"]
-        print(f"  [{'met' if g['all_searched_above_scaled'] else 'NOT met'}] all searched series "
+        print(f"  [{status('all_searched_above_scaled')}] all searched series "
               f"together, front above the scaled front: {k} of {n} comparable front networks "
               f"({m} on the joint front: {', '.join(g['all_searched_front'])})")
     noise = ("" if "speedup_spread" not in t or t["speedup_spread"].isna().all() else
              f"; the paired speed-ups' pass-to-pass noise floor: median "
              f"{100 * t.loc[~t['reference'], 'speedup_spread'].median():.1f}%")
-    print(f"  [{'met' if g['agreement'] else 'NOT met'}] predicted vs measured speed-up within "
+    print(f"  [{status('agreement')}] predicted vs measured speed-up within "
           f"{100 * GOAL_AGREE:g}% for every network" + (
               "" if bad.empty else " (outside: " + ", ".join(
                   f"{r['network']} {r['agreement']:.3f}" for _, r in bad.iterrows()) + ")")

@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from ernas.latency.measure import paired_ratio, paired_spread
+from ernas.latency.measure import paired_ratio, paired_spread, pass_spread
 from ernas.pareto import arch_digest
 from pareto_analysis import analyse, plot, print_summary, split_finite
 
@@ -55,30 +56,59 @@ def measure_phase(a) -> None:
     for n in nets:
         arch = load_arch(n["arch"])
         archs.setdefault(arch_digest(arch), (arch, out / "runs" / n["name"] / f"seed{seed}"))
-    # one table for every network on the plot, profiled in one interleaved session on this
-    # machine right before the end-to-end timing, so predictions are comparable with each other
+    # per pass, one table for every network on the plot, profiled in one interleaved session on
+    # this machine right before the end-to-end timing, so predictions are comparable
     from ernas.latency.factory import make_backend
     from ernas.latency.resolve import profile_table
 
     gran = lat_cfg["granularity"]
     keys = list(dict.fromkeys(k for arch, _ in archs.values() for k in arch.op_keys(shape, gran)))
-    table_path = out / "plot_table.csv"
-    table = profile_table(space, shape, make_backend(lat_cfg["backend"]), gran, table_path,
-                          lat_cfg.get("measure"), progress=False, keys=keys)
-    predicted = {d: {"predicted_ms": predict_ms(table, arch, shape, gran),
-                     "table": str(table_path)} for d, (arch, _) in archs.items()}
     models = {d: ModelEntry(d, arch, str(run)).model() for d, (arch, run) in archs.items()}
-    t0 = time.perf_counter()
-    stats, backend = measure_latencies(models, shape, lat_cfg)
-    lat = {n["name"]: {**predicted[d], "measured_ms": stats[d]["ms"],
-                       "measured_spread": stats[d]["spread"], "samples": stats[d]["n"],
-                       "round_ms": stats[d]["round_ms"]}
-           for n in nets for d in [arch_digest(load_arch(n["arch"]))]}
+    t0, passes, backend = time.perf_counter(), [], None
+    for i in range(a.passes):
+        table_path = out / ("plot_table.csv" if a.passes == 1 else f"plot_table_pass{i + 1}.csv")
+        # in memory, then saved: a table left by an earlier measure must not be resumed, or
+        # the predictions would come from that earlier machine state
+        table = profile_table(space, shape, make_backend(lat_cfg["backend"]), gran, None,
+                              lat_cfg.get("measure"), progress=False, keys=keys)
+        table.save(table_path)
+        predicted = {d: predict_ms(table, arch, shape, gran) for d, (arch, _) in archs.items()}
+        stats, backend = measure_latencies(models, shape, lat_cfg)
+        passes.append({n["name"]: {
+            "predicted_ms": predicted[d], "table": str(table_path),
+            "measured_ms": stats[d]["ms"], "measured_spread": stats[d]["spread"],
+            "samples": stats[d]["n"], "round_ms": stats[d]["round_ms"]}
+            for n in nets for d in [arch_digest(load_arch(n["arch"]))]})
+        print(f"measure pass {i + 1} of {a.passes} done, {time.perf_counter() - t0:.0f} s",
+              flush=True)
     atomic_write_json(out / "latency.json", {
         "command": shlex.join([sys.executable, *sys.argv]), "machine": machine_description(),
         "backend": backend, "input_shape": shape, "protocol": lat_cfg.get("measure"),
-        "seconds": time.perf_counter() - t0, "networks": lat})
+        "seconds": time.perf_counter() - t0, "networks": combine_passes(passes),
+        **({"passes": passes} if len(passes) > 1 else {})})
     report_phase(a)
+
+
+def combine_passes(passes: list[dict]) -> dict:
+    """One latency record per network from ``measure`` passes (each profiled its own table, then
+    timed every network interleaved): ``measured_ms`` and ``predicted_ms`` are the medians over
+    passes; ``round_ms`` holds every pass's rounds in order, so the paired speed-up is the
+    median reference/network ratio over the rounds of all passes (a period in which some
+    networks alone run slow moves it only if it covers half the rounds); ``measured_spread``
+    is the pass-to-pass spread of those rounds; ``pass_ms`` and ``tables`` the per-pass parts."""
+    if len(passes) == 1:
+        return passes[0]
+    combined = {}
+    for name in passes[0]:
+        recs = [p[name] for p in passes]
+        rounds = [v for r in recs for v in r["round_ms"]]
+        combined[name] = {
+            "predicted_ms": float(np.median([r["predicted_ms"] for r in recs])),
+            "tables": [r["table"] for r in recs],
+            "measured_ms": float(np.median([r["measured_ms"] for r in recs])),
+            "measured_spread": pass_spread(rounds), "samples": sum(r["samples"] for r in recs),
+            "round_ms": rounds, "pass_ms": [r["measured_ms"] for r in recs]}
+    return combined
 
 
 def latencies_by_arch(nets: list[dict], measured: dict) -> dict:
@@ -102,6 +132,49 @@ def latencies_by_arch(nets: list[dict], measured: dict) -> dict:
     return out
 
 
+LATENCY_COLUMNS = ("measured_ms", "measured_spread", "predicted_ms", "speedup_paired",
+                   "speedup_spread")
+
+
+def latency_fields(nets: list[dict], measured: dict) -> dict:
+    """``{network: its latency record}`` (``latencies_by_arch``) with the paired speed-up over
+    the reference (the median over rounds of reference/network in that round) and its noise
+    floor, without the per-round figures; exits naming the networks never timed."""
+    timed = latencies_by_arch(nets, measured)
+    missing = [n["name"] for n in nets if n["name"] not in timed]
+    if missing:
+        sys.exit(f"no latency for {', '.join(missing)}: run measure again.")
+    ref_rounds = next(timed[n["name"]].get("round_ms") for n in nets if n["reference"])
+    fields = {}
+    for n in nets:
+        rec = dict(timed[n["name"]])
+        rounds = rec.pop("round_ms", None)
+        ok = bool(ref_rounds and rounds)
+        fields[n["name"]] = {
+            **rec, "speedup_paired": paired_ratio(ref_rounds, rounds) if ok else float("nan"),
+            "speedup_spread": paired_spread(ref_rounds, rounds) if ok else float("nan")}
+    return fields
+
+
+def per_pass(agg: pd.DataFrame, nets: list[dict], passes: list[dict]) -> dict:
+    """Each pass judged alone: ``{"n", "goals": {goal: passes meeting it}, "speedups":
+    {network: [paired speed-up of each pass]}}`` (counts only for the boolean goals)."""
+    met: dict = {}
+    speedups: dict = {n: [] for n in agg["network"]}
+    for p in passes:
+        fields = latency_fields(nets, p)
+        one = agg.copy()
+        for col in LATENCY_COLUMNS:
+            one[col] = [fields[n][col] for n in one["network"]]
+        res = analyse(one)
+        for k, v in res["goals"].items():
+            if isinstance(v, bool):
+                met[k] = met.get(k, 0) + v
+        for n, x in zip(res["table"]["network"], res["table"]["speedup_measured"]):
+            speedups[n].append(float(x))
+    return {"n": len(passes), "goals": met, "speedups": speedups}
+
+
 def report_phase(a) -> None:
     from ernas.io import atomic_write_json, atomic_write_text
     from ernas.space import load_arch
@@ -110,20 +183,9 @@ def report_phase(a) -> None:
     c = json.loads((out / "config.json").read_text())
     nets = json.loads((out / "networks.json").read_text())["networks"]
     lat = json.loads((out / "latency.json").read_text())
-    timed = latencies_by_arch(nets, lat["networks"])
-    missing = [n["name"] for n in nets if n["name"] not in timed]
-    if missing:
-        sys.exit(f"no latency for {', '.join(missing)}: run measure again.")
-    ref_rounds = next(timed[n["name"]].get("round_ms") for n in nets if n["reference"])
+    fields = latency_fields(nets, lat["networks"])
     rows = []
     for n in nets:
-        measured = dict(timed[n["name"]])
-        rounds = measured.pop("round_ms", None)
-        # the speed-up as the median over rounds of (reference / network) in that round
-        measured["speedup_paired"] = (paired_ratio(ref_rounds, rounds) if ref_rounds and rounds
-                                      else float("nan"))
-        measured["speedup_spread"] = (paired_spread(ref_rounds, rounds) if ref_rounds and rounds
-                                      else float("nan"))
         for seed in c["seeds"]:
             run = out / "runs" / n["name"] / f"seed{seed}"
             if not (run / "eval" / "summary.json").is_file():
@@ -135,7 +197,7 @@ def report_phase(a) -> None:
             colour = per[(per["set"] == "sigma25") & per["name"].str.startswith("color-")]
             rows.append({"network": n["name"], "series": n["series"], "init": n["init"],
                          "reference": n["reference"], "seed": seed, "params": m["params"],
-                         "macs": m["macs"], **measured,
+                         "macs": m["macs"], **fields[n["name"]],
                          **{k: m[k] for k in q["columns"]},
                          "psnr_sigma25_colour": colour["psnr"].mean(),
                          "best_val_psnr": train["best_val_psnr"],
@@ -149,7 +211,7 @@ def report_phase(a) -> None:
     atomic_write_text(out / "pareto.csv", df.to_csv(index=False))
     agg = df.groupby("network", sort=False).agg(
         series=("series", "first"), reference=("reference", "first"),
-        measured_ms=("measured_ms", "first"), spread=("measured_spread", "first"),
+        measured_ms=("measured_ms", "first"), measured_spread=("measured_spread", "first"),
         predicted_ms=("predicted_ms", "first"), speedup_paired=("speedup_paired", "first"),
         speedup_spread=("speedup_spread", "first"),
         params=("params", "first"), macs=("macs", "first"), psnr=("psnr_sigma25", "mean"),
@@ -160,15 +222,19 @@ def report_phase(a) -> None:
     agg["digest"] = [arch_digest(load_arch(a)) for a in agg["arch"]]
     agg["psnr_std"] = agg["psnr_std"].fillna(0.0)
     res = analyse(agg)
+    passes = per_pass(agg, nets, lat["passes"]) if lat.get("passes") else None
     t = res["table"]
+    if passes:
+        t["speedup_per_pass"] = [passes["speedups"][n] for n in t["network"]]
     b = lat["backend"]
     plot(t, res["threshold"], out / "pareto.png", f"{lat['machine']}; {b.get('backend')} "
          f"{b.get('threads')} threads, input {lat['input_shape']}")
-    print_summary(c, lat, res, f"{len(df)} of {len(nets) * len(c['seeds'])}")
+    print_summary(c, lat, res, f"{len(df)} of {len(nets) * len(c['seeds'])}", passes)
     atomic_write_json(out / "summary.json", {
         "train_command": c["command"], "measure_command": lat["command"],
         "machine": lat["machine"], "backend": lat["backend"], "threshold_psnr": res["threshold"],
         "fastest": res["fastest"], "goals": res["goals"],
+        "goals_passes_met": passes and {"passes": passes["n"], **passes["goals"]},
         "networks": t.to_dict(orient="records")})
 
 
