@@ -47,11 +47,13 @@ def latency_at(fr, quality: float) -> float:
 
 def faster_than(fr, ms: float, quality: float) -> float:
     """How much faster a network (``ms``, ``quality``) is than the front at its quality: the
-    front's latency there over ``ms``; inf when the front never reaches that quality and ends at
-    or above ``ms``; NaN when the front has no point of that quality (below its range)."""
+    front's latency there over ``ms``. When the front never reaches that quality and ends at or
+    above ``ms``: its last (best) point's latency over ``ms``, a lower bound (the front would
+    need at least that long), so a network a hair above the front's best is not counted as
+    arbitrarily faster. NaN when the front has no point of that quality (below its range)."""
     lat, q = fr
     if len(q) and quality > q[-1] and ms <= lat[-1]:
-        return math.inf
+        return float(lat[-1] / ms)
     return latency_at(fr, quality) / ms
 
 
@@ -208,8 +210,8 @@ def print_summary(c: dict, lat: dict, res: dict, n_rows: str, passes: dict | Non
     print("(* on its series' front; spread: the measurement's pass-to-pass noise floor; colour: "
           "PSNR σ25 on the colour-photo tiles only; gap: PSNR minus the scaled front's at the same "
           "measured latency; faster: the scaled front's latency at the same PSNR / the "
-          "network's, inf: the scaled front never reaches its PSNR; –: outside the scaled front's "
-          "range)" + ("" if not passes else
+          "network's, or, above the scaled front's best PSNR, that network's latency / the network's "
+          "(a lower bound); –: outside the scaled front's range)" + ("" if not passes else
                       f"; {passes['n']} measure passes, each with its own table: ms and predicted "
                       f"ms are medians over passes, the speed-up the median over all their "
                       f"rounds, [the range of the passes' own speed-ups]"))

@@ -45,7 +45,10 @@ def test_scaled_front_is_interpolated_in_log_latency_and_not_extrapolated():
 def test_faster_than_the_front():
     fr = (np.array([10.0, 40.0]), np.array([30.0, 31.0]))
     assert pa.faster_than(fr, 10.0, 30.5) == pytest.approx(2.0)
-    assert pa.faster_than(fr, 5.0, 31.2) == math.inf           # better than anything it has
+    # better than anything the front has: its best point's latency over ours, a lower bound,
+    # so a hair above the best at nearly its latency is not a speed-up
+    assert pa.faster_than(fr, 5.0, 31.2) == pytest.approx(8.0)
+    assert pa.faster_than(fr, 39.0, 31.01) == pytest.approx(40 / 39)
     assert math.isnan(pa.faster_than(fr, 50.0, 31.2))          # slower than its slowest point
     assert math.isnan(pa.faster_than(fr, 5.0, 29.0))           # worse than its worst point
 
