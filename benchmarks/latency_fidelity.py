@@ -22,8 +22,8 @@ interleaved rounds on the same onnxruntime session options. One row per (space, 
 
 Tables go to ``OUT/tables`` (``--ship DIR`` also copies them to DIR, e.g. ``latency_tables``),
 validation files to ``OUT/validation_<space>_t<threads>``, the rows to ``OUT/latency_fidelity.csv``
-and ``.json``. Validation keeps every network's session alive (~300 MB each for nafnet_ern at
-256x256: ~10 GB at --n 30). Timings are only meaningful on a quiet machine.
+and ``.json``. Validation keeps every network's session alive, so its memory grows with ``--n``
+and the input size. Timings are only meaningful on a quiet machine.
 
     python benchmarks/latency_fidelity.py --space nafnet_tiny nafnet_ern --threads 1 2 --n 30
     python benchmarks/latency_fidelity.py --space nafnet_tiny --threads 1 --input 1,3,64,64 --n 4

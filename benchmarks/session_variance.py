@@ -8,11 +8,11 @@ between one network's sessions is the runtime's (memory placement, kernel choice
 model's, and not a slow period of the machine (which the interleaving spreads over everything).
 
 Printed per network: each session's statistic, and max/min over its sessions; per session also
-the ratio to the network's fastest session. ``pareto.py measure`` opens one session per network
-and pass, so a network whose sessions differ needs several passes (``--passes``)::
+the ratio to the network's fastest session. A network whose sessions differ needs several
+measurement passes, each with new sessions, before its latency is reported
+(``docs/results/session_variance.md``)::
 
-    python benchmarks/session_variance.py runs/p45/runs/nafnet_w16/seed0 \\
-        runs/p45/runs/search_t0.6_supernet_eq@p40@p41@p43/seed0 --sessions 6
+    python benchmarks/session_variance.py runs/retrain/<reference> runs/retrain/<derived> --sessions 6
 """
 from __future__ import annotations
 

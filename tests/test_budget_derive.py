@@ -1,12 +1,10 @@
-"""benchmarks/budget_derivation.py: the knapsack within a latency budget, its two value models
-(α's log-probabilities, the supernet's one-hot scores) and the script run on a finished search.
+"""ernas.search.budget: the knapsack within a latency budget, the supernet's one-hot scores and
+``search.derive=budget`` run by a search.
 
 The latency table is the synthetic one of test_search_loop (made-up numbers in a sensible order,
 not measurements); the knapsack is checked against brute force over a space small enough to list.
 """
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +19,9 @@ from ernas.search import run_search
 from ernas.space import Arch, space_from_dict
 from ernas.supernet import SuperNet
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from budget_derivation import logp_values  # noqa: E402
+from ernas.search.budget import best_within, block_values, changes, smallest_ms, supernet_scorer
 
-from ernas.search.budget import (best_within, block_values, changes,  # noqa: E402
-                                 smallest_ms, supernet_scorer)
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ROOT / "search_spaces" / "nafnet_tiny.yaml"
 
@@ -132,46 +127,6 @@ def tiny():
     expected = ExpectedLatency(space, synthetic_table(space))
     return (space, expected, step_batches(SmoothImages(16, 0), 2, seed=0),
             step_batches(SmoothImages(8, 1), 2, seed=1))
-
-
-def test_logp_values_are_the_log_probability_of_each_block(tiny):
-    space = tiny[0]
-    torch.manual_seed(0)
-    net = SuperNet(space)
-    with torch.no_grad():
-        for a in net.arch_parameters():
-            a.normal_()
-    values = logp_values(net)
-    p = space.searchable[1]
-    for k, combo in enumerate(space.combos(p)):
-        want = sum(float(torch.log_softmax(net.alpha(p, d).detach(), 0)[space.choices[p][d]
-                                                                          .index(v)])
-                   for d, v in combo.items() if net.alpha(p, d) is not None)
-        assert values[p][k] == pytest.approx(want)
-
-
-def test_script_projects_a_finished_search_within_its_target(tiny, tmp_path):
-    """On a finished λ=0 search of nafnet_tiny (table copied into its folder, target below its
-    argmax), both projections print a network within T; a folder that is not a search exits 2."""
-    space, expected, train, val = tiny
-    out = tmp_path / "s"
-    free = run_search(space, expected, train, val, cfg(lam=0.0), tmp_path / "free", task=TASK,
-                      progress=False)
-    target = 0.5 * (free["predicted_latency_ms"] + smallest_ms(space, expected))
-    run_search(space, expected, train, val, cfg(lam=0.0, target_ms=target, crop=16), out,
-               task=TASK, progress=False)
-    synthetic_table(space).save(out / "latency_table.csv")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "budget_derivation.py"),
-                        str(out), "--space", str(TINY)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert f"T {target:.2f} ms; argmax {free['predicted_latency_ms']:.2f} ms" in lines[0]
-    for how, line in zip(("logp", "supernet"), lines[1:]):
-        ms = float(line.split()[1])
-        assert line.split()[0] == how and ms <= target + 0.005 and "changed: nothing" not in line
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "budget_derivation.py"),
-                          str(tmp_path)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "checkpoint.pt" in bad.stderr
 
 
 def test_scorer_runs_the_supernet_one_hot(tiny):
