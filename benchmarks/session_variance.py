@@ -12,7 +12,8 @@ the ratio to the network's fastest session. A network whose sessions differ need
 measurement passes, each with new sessions, before its latency is reported
 (``docs/results/session_variance.md``)::
 
-    python benchmarks/session_variance.py runs/retrain/<reference> runs/retrain/<derived> --sessions 6
+    python benchmarks/session_variance.py runs/retrain/<reference> runs/retrain/<derived> \\
+        --sessions 6
 """
 from __future__ import annotations
 

@@ -16,10 +16,9 @@ from ernas import ErnasError, load_arch, load_space
 from ernas.batches import step_batches
 from ernas.latency.predict import ExpectedLatency
 from ernas.search import run_search
+from ernas.search.budget import best_within, block_values, changes, smallest_ms, supernet_scorer
 from ernas.space import Arch, space_from_dict
 from ernas.supernet import SuperNet
-
-from ernas.search.budget import best_within, block_values, changes, smallest_ms, supernet_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
