@@ -310,6 +310,7 @@ def retrain(arch: Arch, out_dir, task, cfg: TrainConfig | None = None, init: str
         out.mkdir(parents=True, exist_ok=True)
         arch.save(out / "arch.yaml")
         atomic_write_json(out / "init_report.json", report)
+        getattr(task, "record_splits", lambda _: None)(out)  # which files each split used
     init_info = {"init": init, "source": str(source) if source else None}
     return _run(arch, out, cfg, task, model, distill, init_info, None, progress, stop_at, info)
 

@@ -7,15 +7,9 @@ from scipy import ndimage
 from ernas.tasks.segment import brain as brain_module
 from ernas.tasks.segment import shapes as shapes_module
 from ernas.tasks.segment.brain import BRAIN_CLASSES, BRAIN_SLABS, brain_slices
-from ernas.tasks.segment.data import (
-    CITYSCAPES_TRAIN_IDS,
-    IGNORE_INDEX,
-    SegmentationDataset,
-    cityscapes_samples,
-    read_mask,
-    segmentation_folders,
-    voc_samples,
-)
+from ernas.tasks.segment.data import IGNORE_INDEX, SegmentationDataset, read_mask, \
+    segmentation_folders
+from ernas.tasks.segment.official import CITYSCAPES_TRAIN_IDS, cityscapes_samples, voc_samples
 from ernas.tasks.segment.shapes import SHAPE_CLASSES, SHAPES_SPLIT_SIZES, shape_samples
 from ernas.task import make_task
 from ernas.errors import ErnasError

@@ -229,6 +229,7 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    getattr(task, "record_splits", lambda _: None)(out)  # which files each split used
     baseline = baseline_arch or space.reference()
     det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,22 +1,31 @@
 """Task ``segment``: semantic segmentation, judged by mIoU over the whole evaluation set.
 
-Data (``data``): ``brain`` (embedded default, real: grey/white-matter segmentation of MNI152
-slices, 1 channel, 3 classes; ``brain``), ``shapes`` (embedded labelled synthetic RGB set, 5
-classes; ``shapes``), ``voc`` (Pascal VOC layout under ``root``, 21 classes), ``cityscapes``
-(Cityscapes layout under ``root``, 19 train ids) or ``folder`` (``root/<split>/images`` and
-``root/<split>/masks`` matched by file name, ``num_classes`` given). VOC and Cityscapes have no
-public test labels, so their ``test`` split is their ``val`` split (the usual report). Test items
-are never used for search or retraining.
+Data (``data``): ``brain`` (embedded, real: grey/white-matter segmentation of MNI152 slices, 1
+channel, 3 classes; ``brain``; an intensity lookup solves it, so it cannot rank networks),
+``synthseg_brain`` (embedded, SynthSeg-style images generated from the same label maps with
+random per-class intensities, bias, noise, gamma and deformation; its test set is reported beside
+the real T1 slices of the test slabs, ``test_real_t1``; ``synthbrain``), ``digits`` (embedded:
+scikit-learn's handwritten digits on photos, 11 classes that only shape tells apart;
+``digits``), ``shapes`` (embedded labelled synthetic RGB set, 5 classes; ``shapes``), ``voc``
+(Pascal VOC layout under ``root``, 21 classes), ``cityscapes`` (Cityscapes layout under
+``root``, 19 train ids) or ``folder`` (``root/<split>/images`` and ``root/<split>/masks``
+matched by file name, ``num_classes`` given, mask encoding declared with ``mask_values`` or
+``binary``: ``masks``). VOC and Cityscapes have no public test labels: their official ``val``
+split is the test set only, and the validation split (model selection) is ``val_fraction`` of
+the official ``train`` split drawn with ``split_seed`` (``official``); the lists are written
+into the run directory (``splits.json``). Test items are never used for search or retraining.
 
 Loss: ``ce_weight``·cross-entropy + ``dice_weight``·soft Dice (``metrics.segmentation_loss``),
-pixels of ``ignore_index`` (255) skipped. Metrics (``metrics.ConfusionMatrix``, the
-VOC/Cityscapes convention): one confusion matrix accumulated over the whole set; ``miou``
-(headline), per-class IoU, ``pixel_accuracy`` and ``mean_dice``, fractions in [0, 1]. Evaluation
-runs on whole images (the family's model pads to its multiple and crops back). Output
-distillation: KL(softmax(t/T) ‖ softmax(s/T))·T² with ``distill_temperature`` T.
+pixels of ``ignore_index`` (255) skipped. Metrics (``evaluator.SegmentEvaluator``): one
+confusion matrix accumulated over the whole set, ``miou`` (headline), per-class IoU
+(``iou_<class>``), ``pixel_accuracy``, ``mean_dice``, the mean and spread of per-image mIoU, and
+for the brain data boundary IoU; fractions in [0, 1]. Evaluation runs on whole images (the
+family's model pads to its multiple and crops back). Output distillation:
+KL(softmax(t/T) ‖ softmax(s/T))·T² with ``distill_temperature`` T.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,42 +33,19 @@ import numpy as np
 import torch.nn.functional as F
 
 from ernas.errors import ErnasError
-from ernas.task import Evaluator, Task
-from ernas.tasks.segment.data import (CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES,
-                                      SegmentationDataset, cityscapes_samples,
-                                      segmentation_folders, voc_samples)
+from ernas.io import atomic_write_json
+from ernas.task import Task
+from ernas.tasks.segment.data import (IGNORE_INDEX, PairFiles, SegmentationDataset, scan_masks,
+                                      segmentation_folder_files)
+from ernas.tasks.segment.evaluator import SegmentEvaluator, metric_names
+from ernas.tasks.segment.masks import declared_values, decode_folder_mask
 from ernas.tasks.segment.metrics import ConfusionMatrix, segmentation_loss
+from ernas.tasks.segment.official import (CITYSCAPES_CLASSES, VOC_CLASSES, cityscapes_files,
+                                          official_split, voc_files)
 
-DATA = ("brain", "shapes", "voc", "cityscapes", "folder")
+DATA = ("brain", "synthseg_brain", "digits", "shapes", "voc", "cityscapes", "folder")
 SPLITS = ("train", "val", "test")
-
-
-class SegmentEvaluator(Evaluator):
-    """Dataset-level confusion matrix; per-image pixel accuracy and mIoU as rows."""
-
-    def __init__(self, num_classes: int, ignore_index: int):
-        self.total = ConfusionMatrix(num_classes, ignore_index)
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self._rows: list[dict] = []
-
-    def update(self, pred, target, name=None):
-        self.total.update(pred, target)
-        for i in range(len(target)):
-            one = ConfusionMatrix(self.num_classes, self.ignore_index)
-            one.update(pred[i:i + 1], target[i:i + 1])
-            r = one.compute()
-            self._rows.append({"name": name if len(target) == 1 else f"{name}[{i}]",
-                               "miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"]})
-
-    def compute(self):
-        r = self.total.compute()
-        if not r["num_pixels"]:
-            raise ErnasError("segment evaluator: nothing to evaluate (no labelled pixels).")
-        return {"miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"],
-                "mean_dice": r["mean_dice"], "iou_per_class": r["iou_per_class"]}
-
-    def rows(self):
-        return list(self._rows)
+BOUNDARY_WIDTH = 2  # pixels of the contour band of boundary IoU (brain data)
 
 
 @dataclass
@@ -69,7 +55,6 @@ class SegmentTask(Task):
     name = "segment"
     metric = "miou"
     metric_label = "mIoU"
-    metrics = ("miou", "pixel_accuracy", "mean_dice")
 
     data: str = "brain"
     root: str | None = None          # voc / cityscapes / folder
@@ -77,7 +62,11 @@ class SegmentTask(Task):
     color: bool = True               # folder: RGB (true) or grey input
     downsample: int = 2              # brain: in-plane downsampling of the 192x160 slices
     max_side: int | None = None      # voc / cityscapes / folder: downscale to this longest side
-    data_seed: int = 0               # shapes: which synthetic images
+    data_seed: int = 0               # shapes / digits / synthseg_brain: which synthetic images
+    mask_values: list | None = None  # folder: mask value of each class, in class order
+    binary: bool = False             # folder: 0/255 masks (mask_values [0, 255], 2 classes)
+    val_fraction: float = 0.1        # voc / cityscapes: share of official train held out as val
+    split_seed: int = 0              # voc / cityscapes: which images are held out
     ignore_index: int = IGNORE_INDEX
     ce_weight: float = 1.0
     dice_weight: float = 1.0
@@ -89,13 +78,21 @@ class SegmentTask(Task):
                              f"{', '.join(DATA)}.")
         if self.data in ("voc", "cityscapes", "folder") and not self.root:
             raise ErnasError(f"task.data={self.data} needs task.root=<dataset folder>.")
+        self._values = declared_values(self.mask_values, self.binary, self.num_classes,
+                                       self.ignore_index, self.data)
+        if self._values is not None and self.num_classes is None:
+            self.num_classes = len(self._values)
         if self.data == "folder" and not (isinstance(self.num_classes, int)
                                           and self.num_classes > 1):
             raise ErnasError("task.data=folder needs task.num_classes=<number of classes, >= 2> "
-                             "(mask values are class ids 0..num_classes-1, 255 = ignore).")
+                             "(mask values are class ids 0..num_classes-1, 255 = ignore; declare other "
+                             "encodings with task.mask_values or task.binary=true).")
         if self.ce_weight < 0 or self.dice_weight < 0 or self.ce_weight + self.dice_weight == 0:
             raise ErnasError(f"task.ce_weight={self.ce_weight} and task.dice_weight="
                              f"{self.dice_weight} must be >= 0 and not both 0.")
+        if self.data in ("voc", "cityscapes") and not 0 < self.val_fraction < 1:
+            raise ErnasError(f"task.val_fraction={self.val_fraction!r} must be in (0, 1): the "
+                             f"share of the official train split held out for validation.")
         if not self.distill_temperature > 0:
             raise ErnasError(f"task.distill_temperature={self.distill_temperature} must be > 0.")
         self._samples: dict[str, list] = {}
@@ -104,9 +101,11 @@ class SegmentTask(Task):
     @property
     def classes(self) -> tuple[str, ...]:
         from ernas.tasks.segment.brain import BRAIN_CLASSES
+        from ernas.tasks.segment.digits import DIGIT_CLASSES
         from ernas.tasks.segment.shapes import SHAPE_CLASSES
 
-        fixed = {"brain": BRAIN_CLASSES, "shapes": SHAPE_CLASSES, "voc": VOC_CLASSES,
+        fixed = {"brain": BRAIN_CLASSES, "synthseg_brain": BRAIN_CLASSES,
+                 "digits": DIGIT_CLASSES, "shapes": SHAPE_CLASSES, "voc": VOC_CLASSES,
                  "cityscapes": CITYSCAPES_CLASSES}
         if self.data in fixed:
             return tuple(fixed[self.data])
@@ -114,10 +113,21 @@ class SegmentTask(Task):
 
     @property
     def in_channels(self) -> int:
-        return 1 if self.data == "brain" or (self.data == "folder" and not self.color) else 3
+        grey = self.data in ("brain", "synthseg_brain") or (self.data == "folder"
+                                                             and not self.color)
+        return 1 if grey else 3
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every figure the evaluator computes, headline first (``evaluator.metric_names``)."""
+        return metric_names(self.classes, self._boundary_width() is not None)
+
+    def _boundary_width(self) -> int | None:
+        return BOUNDARY_WIDTH if self.data in ("brain", "synthseg_brain") else None
 
     def samples(self, split: str) -> list:
-        """``[(name, H x W x C image, H x W mask)]`` of a split (read once, validated)."""
+        """``[(name, H x W x C image, H x W mask)]`` or lazy :class:`PairFiles` of a split (listed
+        once; user masks scanned once)."""
         if split not in SPLITS:
             raise ErnasError(f"segment: split {split!r} is not one of {', '.join(SPLITS)}.")
         if split not in self._samples:
@@ -129,31 +139,61 @@ class SegmentTask(Task):
             from ernas.tasks.segment.brain import brain_slices
 
             return brain_slices(split, self.downsample)
+        if self.data == "synthseg_brain":
+            from ernas.tasks.segment.synthbrain import synth_brain_slices
+
+            return synth_brain_slices(split, self.downsample, self.data_seed)
+        if self.data == "digits":
+            from ernas.tasks.segment.digits import digit_scenes
+
+            return digit_scenes(split, self.data_seed)
         if self.data == "shapes":
             from ernas.tasks.segment.shapes import shape_samples
 
             return shape_samples(split, self.data_seed)
-        labelled = "val" if split == "test" else split  # no public test labels
-        if self.data == "voc":
-            return voc_samples(self.root, labelled, self.max_side)
-        if self.data == "cityscapes":
-            return cityscapes_samples(self.root, labelled, self.max_side)
+        if self.data in ("voc", "cityscapes"):
+            files_of = voc_files if self.data == "voc" else cityscapes_files
+            return official_split(files_of, self.root, split, self.max_side, self.val_fraction,
+                                  self.split_seed)
         base = Path(self.root) / split
-        return segmentation_folders(base / "images", base / "masks", self.num_classes,
-                                    self.color, self.max_side)
+        decode = functools.partial(decode_folder_mask, values=self._values,
+                                   num_classes=self.num_classes, ignore_index=self.ignore_index)
+        pairs = segmentation_folder_files(base / "images", base / "masks", self.num_classes,
+                                          self.color, self.max_side, decode)
+        scan_masks(pairs)
+        return pairs
+
+    def record_splits(self, out_dir) -> None:
+        """Write ``splits.json`` (the sample names of every split) into a run directory, for
+        data read from user folders (VOC, Cityscapes, folder)."""
+        if self.data in ("voc", "cityscapes", "folder"):
+            names = {split: [s.name if isinstance(s, PairFiles) else s[0]
+                             for s in self.samples(split)] for split in SPLITS}
+            atomic_write_json(Path(out_dir) / "splits.json", {
+                "data": self.data, "root": str(self.root), "val_fraction": self.val_fraction,
+                "split_seed": self.split_seed, **names})
 
     def dataset(self, split, crop=None, seed=0, random=False):
         return SegmentationDataset(self.samples(split), len(self.classes), crop, train=random,
                                    seed=seed)
 
     def eval_labels(self):
-        return ["test"]
+        return ["test", "test_real_t1"] if self.data == "synthseg_brain" else ["test"]
 
     def eval_sets(self, seed=0):
-        return {"test": self.dataset("test")}
+        sets = {"test": self.dataset("test")}
+        if self.data == "synthseg_brain":
+            from ernas.tasks.segment.synthbrain import real_slices
+
+            sets["test_real_t1"] = SegmentationDataset(
+                real_slices("test", self.downsample), len(self.classes), train=False)
+        return sets
 
     def describe(self):
         where = {"brain": "MNI152 brain slices (nilearn's template; grey/white matter)",
+                 "synthseg_brain": "SynthSeg-style images generated from MNI152 tissue labels "
+                                   "(test; test_real_t1: the real T1 slices of the test slabs)",
+                 "digits": "handwritten digits (scikit-learn) on photo crops",
                  "shapes": "the embedded synthetic shapes set", "voc": f"Pascal VOC at {self.root}",
                  "cityscapes": f"Cityscapes at {self.root}",
                  "folder": f"images/masks folders under {self.root}"}[self.data]
@@ -174,7 +214,7 @@ class SegmentTask(Task):
         return (log_t.exp() * (log_t - log_s)).sum(1).mean() * t * t
 
     def evaluator(self):
-        return SegmentEvaluator(len(self.classes), self.ignore_index)
+        return SegmentEvaluator(self.classes, self.ignore_index, self._boundary_width())
 
     def batch_metric(self, pred, target):
         cm = ConfusionMatrix(len(self.classes), self.ignore_index)

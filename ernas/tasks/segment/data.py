@@ -6,18 +6,13 @@ H x W holding class ids in ``[0, num_classes)`` or :data:`IGNORE_INDEX` (255: bo
 Dataset items are dicts: ``input`` (float32 C x H x W tensor), ``target`` (int64 H x W tensor) and
 ``name`` (str).
 
-Readers (all of them eager: every file is decoded and checked when the reader is called, so bad
-data is reported before training starts; memory is 4 * H * W * C bytes per image, pass
-``max_side`` to downscale large sets, image anti-aliased and mask nearest-neighbour):
-
-* :func:`voc_samples` -- Pascal VOC: ``ROOT/JPEGImages/<stem>.jpg``,
-  ``ROOT/SegmentationClass/<stem>.png`` (palette PNGs whose indices are the 21 class ids, 255 =
-  object border, kept as ignore) and ``ROOT/ImageSets/Segmentation/<split>.txt`` (one stem a line).
-* :func:`cityscapes_samples` -- Cityscapes: ``ROOT/leftImg8bit/<split>/<city>/<id>_leftImg8bit.png``
-  with ``ROOT/gtFine/<split>/<city>/<id>_gtFine_labelIds.png``; label ids become the 19 standard
-  train ids (:data:`CITYSCAPES_TRAIN_IDS`), every other id becomes 255.
-* :func:`segmentation_folders` -- ``images/`` and ``masks/`` folders matched by file stem; the mask
-  holds class ids directly (palette indices or grey values; lossless formats only).
+Readers: :func:`segmentation_folder_files` (``images/`` and ``masks/`` folders matched by file
+stem; the mask holds class ids directly, palette indices or grey values, lossless formats only,
+unless ``decode`` maps another encoding, see :mod:`ernas.tasks.segment.masks`) returns
+:class:`PairFiles`, lazy pairs decoded when a dataset item is read (per-item reads: memory does
+not grow with the set); :func:`segmentation_folders` reads them all now. With ``max_side`` an
+image whose longest side exceeds it is downscaled on read (image anti-aliased bilinear, mask
+nearest-neighbour). Pascal VOC and Cityscapes: :mod:`ernas.tasks.segment.official`.
 
 Randomness is keyed, never global, as in the denoising datasets: a training item draws from
 ``numpy.random.default_rng([seed, epoch, index, draw])`` (``draw`` counts this dataset object's
@@ -28,7 +23,8 @@ Randomness is keyed, never global, as in the denoising datasets: a training item
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +35,6 @@ from ernas.data.keyed import KeyedDataset
 from ernas.errors import ErnasError
 
 IGNORE_INDEX = 255
-
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
-
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-                      "truck", "bus", "train", "motorcycle", "bicycle")
-
-# Cityscapes label id -> train id (index into CITYSCAPES_CLASSES); other ids in 0..33 -> 255.
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-_CITYSCAPES_MAX_ID = 33
 
 _MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L")
 _LOSSY = (".jpg", ".jpeg")
@@ -151,6 +134,24 @@ def _read_pair(name: str, image_path: Path, mask_path: Path, num_classes: int, c
     return (name, *_downscale_pair(image, mask, max_side))
 
 
+@dataclass(frozen=True)
+class PairFiles:
+    """An image/mask file pair, read and checked by :meth:`load` (lazy samples); ``decode``
+    maps ``(mask values, source)`` to class ids (picklable, for DataLoader workers)."""
+
+    name: str
+    image: Path
+    mask: Path
+    num_classes: int
+    color: bool = True
+    max_side: int | None = None
+    decode: Callable | None = None
+
+    def load(self) -> Sample:
+        return _read_pair(self.name, self.image, self.mask, self.num_classes, self.color,
+                          self.max_side, self.decode)
+
+
 def _show(items) -> str:
     items = [str(i) for i in items]
     return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
@@ -169,92 +170,6 @@ def _check_split(split) -> str:
         raise ErnasError(f"split={split!r} is not valid: give a split name such as 'train' or "
                          f"'val'.")
     return split
-
-
-# --------------------------------------------------------------------------- Pascal VOC
-
-
-def voc_samples(root, split: str = "train", max_side: int | None = None) -> list[Sample]:
-    """Pascal VOC segmentation samples of ``split``, in the order of its split list."""
-    root, split = _existing_dir(root, "Pascal VOC root"), _check_split(split)
-    _check_max_side(max_side)
-    listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    layout = ("The Pascal VOC layout is ROOT/JPEGImages/<stem>.jpg, ROOT/SegmentationClass/<stem>"
-              ".png and ROOT/ImageSets/Segmentation/<split>.txt; pass the folder that holds them "
-              "(e.g. VOCdevkit/VOC2012).")
-    if not listing.is_file():
-        found = sorted(p.stem for p in listing.parent.glob("*.txt")) if listing.parent.is_dir() \
-            else []
-        raise ErnasError(f"The Pascal VOC split list {listing} does not exist (split lists found: "
-                         f"{_show(found) or 'none'}). {layout}")
-    stems = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    if not stems:
-        raise ErnasError(f"The Pascal VOC split list {listing} is empty; it must name one image "
-                         f"stem a line. {layout}")
-    images = [root / "JPEGImages" / f"{stem}.jpg" for stem in stems]
-    masks = [root / "SegmentationClass" / f"{stem}.png" for stem in stems]
-    for files, problem in ((images, "masks without an image"), (masks, "images without a mask")):
-        missing = [p for p in files if not p.is_file()]
-        if missing:
-            raise ErnasError(f"{len(missing)} files for stems listed in {listing} are missing "
-                             f"({problem}): {_show(missing)}. Restore these files or remove their "
-                             f"stems from the split list. {layout}")
-    return [_read_pair(stem, image, mask, len(VOC_CLASSES), True, max_side)
-            for stem, image, mask in zip(stems, images, masks)]
-
-
-# --------------------------------------------------------------------------- Cityscapes
-
-
-def cityscapes_train_ids(label_ids: np.ndarray, source: str = "mask") -> np.ndarray:
-    """Map Cityscapes label ids (0..33) to the 19 train ids; ids without a train id become 255."""
-    label_ids = np.asarray(label_ids)
-    bad = np.unique(label_ids[(label_ids < 0) | (label_ids > _CITYSCAPES_MAX_ID)])
-    if bad.size:
-        raise ErnasError(
-            f"Cityscapes mask {source} holds values {_show(bad)} that are not label ids "
-            f"(0..{_CITYSCAPES_MAX_ID}). Use the *_gtFine_labelIds.png files of the official "
-            f"release, not colour, instance or train-id images.")
-    lut = np.full(_CITYSCAPES_MAX_ID + 1, IGNORE_INDEX, dtype=np.int64)
-    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-        lut[label_id] = train_id
-    return lut[label_ids]
-
-
-def _cityscapes_files(folder: Path, suffix: str) -> dict[str, Path]:
-    return {f"{p.parent.name}/{p.name[:-len(suffix)]}": p
-            for p in sorted(folder.glob(f"*/*{suffix}"))}
-
-
-def cityscapes_samples(root, split: str = "train", max_side: int | None = None) -> list[Sample]:
-    """Cityscapes fine-annotation samples of ``split`` (sorted by city, then id), masks as train
-    ids. Names are the image ids, e.g. ``aachen_000000_000019``."""
-    root, split = _existing_dir(root, "Cityscapes root"), _check_split(split)
-    _check_max_side(max_side)
-    layout = ("The Cityscapes layout is ROOT/leftImg8bit/<split>/<city>/<id>_leftImg8bit.png with "
-              "ROOT/gtFine/<split>/<city>/<id>_gtFine_labelIds.png.")
-    image_dir, mask_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            found = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) \
-                if folder.parent.is_dir() else []
-            raise ErnasError(f"The Cityscapes split folder {folder} does not exist (splits found "
-                             f"there: {_show(found) or 'none'}). {layout}")
-    images = _cityscapes_files(image_dir, "_leftImg8bit.png")
-    masks = _cityscapes_files(mask_dir, "_gtFine_labelIds.png")
-    if not images:
-        raise ErnasError(f"The Cityscapes image folder {image_dir} holds no "
-                         f"<city>/<id>_leftImg8bit.png files. {layout}")
-    only_images = [images[k] for k in sorted(set(images) - set(masks))]
-    only_masks = [masks[k] for k in sorted(set(masks) - set(images))]
-    if only_images or only_masks:
-        raise ErnasError(
-            f"Cityscapes images and masks of split {split!r} do not match. Images without a "
-            f"mask: {_show(only_images) or 'none'}. Masks without an image: "
-            f"{_show(only_masks) or 'none'}. Add the missing files or remove the unmatched ones. "
-            f"{layout}")
-    return [_read_pair(key.split("/")[1], images[key], masks[key], len(CITYSCAPES_CLASSES), True,
-                       max_side, cityscapes_train_ids) for key in images]
 
 
 # --------------------------------------------------------------------------- folder pair
@@ -279,9 +194,10 @@ def _image_files(path, role: str) -> dict[str, Path]:
     return by_stem
 
 
-def segmentation_folders(images_dir, masks_dir, num_classes: int, color: bool = True,
-                         max_side: int | None = None) -> list[Sample]:
-    """Images and masks matched by file stem, sorted by stem; masks hold class ids directly."""
+def segmentation_folder_files(images_dir, masks_dir, num_classes: int, color: bool = True,
+                              max_side: int | None = None, decode: Callable | None = None
+                              ) -> list[PairFiles]:
+    """Image/mask pairs matched by file stem, sorted by stem (files listed, not read)."""
     num_classes = _check_num_classes(num_classes)
     _check_max_side(max_side)
     images, masks = _image_files(images_dir, "image"), _image_files(masks_dir, "mask")
@@ -297,8 +213,26 @@ def segmentation_folders(images_dir, masks_dir, num_classes: int, color: bool = 
             f"by file name without extension. Images without a mask: "
             f"{_show(only_images) or 'none'}. Masks without an image: {_show(only_masks) or 'none'}"
             f". Rename or remove the unmatched files.")
-    return [_read_pair(stem, images[stem], masks[stem], num_classes, color, max_side)
+    return [PairFiles(stem, images[stem], masks[stem], num_classes, color, max_side, decode)
             for stem in sorted(images)]
+
+
+def segmentation_folders(images_dir, masks_dir, num_classes: int, color: bool = True,
+                         max_side: int | None = None, decode: Callable | None = None
+                         ) -> list[Sample]:
+    """Every pair of :func:`segmentation_folder_files`, read and checked now."""
+    return [pair.load() for pair in segmentation_folder_files(images_dir, masks_dir, num_classes,
+                                                              color, max_side, decode)]
+
+
+def scan_masks(pairs: Sequence[PairFiles]) -> None:
+    """Read and decode every mask of ``pairs`` (not the images), so a bad or undeclared mask is
+    reported before training starts; nothing is kept."""
+    for pair in pairs:
+        mask = read_mask(pair.mask)
+        if pair.decode is not None:
+            mask = pair.decode(mask, str(pair.mask))
+        _check_mask_values(mask, pair.num_classes, str(pair.mask))
 
 
 # --------------------------------------------------------------------------- Dataset
@@ -331,7 +265,8 @@ def _checked_sample(name, image, mask, num_classes: int) -> Sample:
 
 
 class SegmentationDataset(KeyedDataset):
-    """Images with class-id masks, ``[(name, H x W x C float32, H x W int)]``.
+    """Images with class-id masks, ``[(name, H x W x C float32, H x W int)]`` or
+    :class:`PairFiles` (read when their item is asked for).
 
     Training (``train=True``): a random ``crop`` x ``crop`` window (images smaller than ``crop``
     are first padded at the bottom/right, the image by reflection and the mask with 255) and a
@@ -340,15 +275,19 @@ class SegmentationDataset(KeyedDataset):
     (padded the same way), with no randomness.
     """
 
-    def __init__(self, samples: Sequence[Sample], num_classes: int, crop: int | None = None,
+    def __init__(self, samples: Sequence, num_classes: int, crop: int | None = None,
                  train: bool = True, length: int | None = None, seed: int = 0):
         super().__init__(len(samples), crop, train, length, seed)
         self.num_classes = _check_num_classes(num_classes)
-        self.samples = [_checked_sample(*sample, self.num_classes) for sample in samples]
+        self.samples = [sample if isinstance(sample, PairFiles)
+                        else _checked_sample(*sample, self.num_classes) for sample in samples]
 
     def __getitem__(self, index: int) -> dict:
         index = self._index(index)
-        name, image, mask = self.samples[index % len(self.samples)]
+        sample = self.samples[index % len(self.samples)]
+        if isinstance(sample, PairFiles):
+            sample = _checked_sample(*sample.load(), self.num_classes)
+        name, image, mask = sample
         image, mask = _pad_to(image, mask, self.crop)
         flip = False
         if self.train:
