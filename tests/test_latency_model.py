@@ -15,6 +15,7 @@ from ernas.latency.measure import MeasureProtocol
 from ernas.latency.ops import build_op, parse_key
 from ernas.latency.predict import ExpectedLatency, predict_ms
 from ernas.latency.resolve import resolve_table
+from ernas.latency.settings import LatencySettings
 from ernas.latency.table import LatencyTable, MissingKeysError
 
 SHAPE = (1, 3, 32, 32)
@@ -31,9 +32,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_table(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("tables") / "tiny.csv"
-    table, _ = resolve_table(tiny, SHAPE, {"name": "onnxruntime", "threads": 1}, "block",
-                             table="auto", cache_dir=path.parent, protocol=FAST, progress=False,
-                             shipped_dir=path.parent / "none", recheck_rounds=2)
+    lat = LatencySettings(backend={"name": "onnxruntime", "threads": 1}, cache_dir=path.parent,
+                          measure=FAST, recheck_rounds=2)
+    table, _ = resolve_table(tiny, SHAPE, lat, False, shipped_dir=path.parent / "none")
     assert table.probe["action"] == "profiled"
     return table
 
@@ -99,8 +100,8 @@ def test_missing_keys_name_the_fill_command(tiny, tiny_table, tmp_path):
     dropped = [k for k in frame.index if k.startswith("nafblock")][:3]
     LatencyTable(frame.drop(index=dropped), dict(tiny_table.metadata)).save(tmp_path / "t.csv")
     with pytest.raises(MissingKeysError) as e:
-        resolve_table(tiny, SHAPE, {"name": "onnxruntime", "threads": 1}, "block",
-                      table=tmp_path / "t.csv")
+        resolve_table(tiny, SHAPE, LatencySettings(backend={"name": "onnxruntime", "threads": 1},
+                                                   table=tmp_path / "t.csv"))
     msg = str(e.value)
     assert all(k in msg for k in dropped) and "ernas-profile" in msg and str(tmp_path) in msg
     with pytest.raises(MissingKeysError) as e:
@@ -113,12 +114,12 @@ def test_missing_keys_name_the_fill_command(tiny, tiny_table, tmp_path):
 def test_mismatched_metadata_is_refused(tiny, tiny_table, tmp_path):
     tiny_table.save(tmp_path / "t.csv")
     with pytest.raises(ErnasError) as e:
-        resolve_table(tiny, (1, 3, 64, 64), {"name": "onnxruntime", "threads": 1}, "block",
-                      table=tmp_path / "t.csv")
+        resolve_table(tiny, (1, 3, 64, 64), LatencySettings(
+            backend={"name": "onnxruntime", "threads": 1}, table=tmp_path / "t.csv"))
     assert "input_shape" in str(e.value) and str(tmp_path / "t.csv") in str(e.value)
     with pytest.raises(ErnasError, match="threads"):
-        resolve_table(tiny, SHAPE, {"name": "onnxruntime", "threads": 2}, "block",
-                      table=tmp_path / "t.csv")
+        resolve_table(tiny, SHAPE, LatencySettings(
+            backend={"name": "onnxruntime", "threads": 2}, table=tmp_path / "t.csv"))
 
 
 def test_auto_uses_a_matching_shipped_table_without_profiling(tiny, tiny_table, tmp_path):
@@ -126,9 +127,9 @@ def test_auto_uses_a_matching_shipped_table_without_profiling(tiny, tiny_table, 
     tiny_table.save(shipped / "tiny.csv")
     before = (shipped / "tiny.csv").read_text()
     # the probe really runs; a huge tolerance keeps this test about selection, not speed
-    table, path = resolve_table(tiny, SHAPE, OnnxRuntimeBackend(threads=1), "block",
-                                cache_dir=tmp_path / "cache", protocol=FAST, progress=False,
-                                shipped_dir=shipped, probe_tolerance=100, probe_cache_s=0)
+    lat = LatencySettings(backend=OnnxRuntimeBackend(threads=1), cache_dir=tmp_path / "cache",
+                          measure=FAST, probe_tolerance=100, probe_cache_s=0)
+    table, path = resolve_table(tiny, SHAPE, lat, False, shipped_dir=shipped)
     assert path == shipped / "tiny.csv" and len(table) == len(tiny_table)
     assert table.probe["action"] == "used" and table.probe["accepted"]
     assert table.probe["arch"] == "nafnet_tiny_reference" and table.probe["measured_ms"] > 0
@@ -185,7 +186,7 @@ def test_profile_cli_command_backend(tmp_path):
     out = tmp_path / "cmd.csv"
     _cli("ernas.cli.profile", "latency=command_local", f"arch={tmp_path}/small.yaml",
          "input_shape=[1,3,16,16]", f"output={out}", "latency.measure.rounds=2",
-         "latency.measure.per_round=2", "+latency.backend.runs_per_call=4", "progress=false",
+         "latency.measure.per_round=2", "latency.backend.runs_per_call=4", "progress=false",
          f"hydra.run.dir={tmp_path}/c", cwd=tmp_path)
     table = LatencyTable.load(out)
     assert table.metadata["backend"] == "command" and len(table) == len(set(

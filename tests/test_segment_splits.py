@@ -67,8 +67,8 @@ def test_mask_values_declare_encodings_and_refuse_the_rest(tmp_path):
                       "mask_values": [0, 128]})
     with pytest.raises(ErnasError, match=r"holds values 1,.*\[0, 128\]"):
         task.dataset("train")
-    for bad in ({"mask_values": [0, 255], "num_classes": 3}, {"binary": True, "mask_values": [1, 2]},
-                {"mask_values": [0, 0]}, {"mask_values": "0,255"}):
+    for bad in ({"mask_values": [0, 255], "num_classes": 3}, {"mask_values": [0, 0]},
+                {"binary": True, "mask_values": [1, 2]}, {"mask_values": "0,255"}):
         with pytest.raises(ErnasError, match="mask_values"):
             make_task({"name": "segment", "data": "folder", "root": str(tmp_path), **bad})
     with pytest.raises(ErnasError, match="folder only"):

@@ -22,7 +22,7 @@ from ernas.latency.anchor import anchors_phrase
 from ernas.latency.consistency import inconsistency
 from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
-from ernas.latency.resolve import default_table_path, profile_table, resolve_from_config
+from ernas.latency.resolve import profile_path, profile_table, resolve_from_config
 from ernas.space import find_space, load_arch
 
 
@@ -74,8 +74,8 @@ def run(cfg: DictConfig, out=None) -> dict:
     backend = make_backend(lat.backend)
     arch_keys = list(dict.fromkeys(load_arch(cfg.arch).op_keys(shape, lat.granularity))) \
         if cfg.arch else None
-    path = Path(cfg.output) if cfg.output else default_table_path(
-        space, backend, shape, lat.granularity, Path(lat.cache_dir) if lat.cache_dir else None)
+    path = Path(cfg.output) if cfg.output else profile_path(
+        space, backend, shape, lat.granularity, lat.cache_dir, arch_keys)
     t0 = time.perf_counter()
     table = profile_table(space, shape, backend, lat.granularity, path, protocol,
                           lat.consistency_tolerance, cfg.progress, arch_keys, lat.profile_group,

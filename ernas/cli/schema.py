@@ -4,13 +4,14 @@ checked by its Task dataclass (``ernas.task.make_task``); the latency backend's 
 ``make_backend``."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
 from ernas.config import check
-from ernas.latency.measure import MeasureProtocol
+from ernas.latency.settings import LatencySettings
 
 
 def _shape_problems(shape) -> list[str]:
@@ -38,23 +39,8 @@ class Latency:
     anchor: bool = MISSING
     anchor_samples: int = MISSING
 
-    def __post_init__(self):
-        MeasureProtocol.from_mapping(self.measure)
-        bad = []
-        if self.granularity not in ("block", "op"):
-            bad.append(f"granularity={self.granularity!r} must be block or op")
-        if self.on_mismatch not in ("profile", "rescale", "error"):
-            bad.append(f"on_mismatch={self.on_mismatch!r} must be profile, rescale or error")
-        for f in ("probe_tolerance", "probe_cache_s", "consistency_tolerance", "anchor_samples"):
-            if getattr(self, f) < 0:
-                bad.append(f"{f}={getattr(self, f)} must be >= 0")
-        if not self.max_inconsistency >= 1:
-            bad.append(f"max_inconsistency={self.max_inconsistency} must be >= 1 (the largest "
-                       f"ratio cheaper/costlier a table may list; inf: no limit)")
-        for f in ("profile_group", "recheck_rounds"):
-            if getattr(self, f) < 1:
-                bad.append(f"{f}={getattr(self, f)} must be >= 1")
-        check("latency config", bad)
+    def __post_init__(self):  # one set of latency checks: ernas.latency.settings
+        LatencySettings.from_config(dataclasses.asdict(self))
 
 
 @dataclass

@@ -18,7 +18,7 @@ def make_backend(cfg: Mapping[str, Any]) -> Backend:
     """Build a backend from ``{name: onnxruntime, threads: 2, ...}`` (dict or DictConfig).
 
     The command backend also takes ``preset: <COMMAND_PRESETS key>``; explicit fields override
-    the preset's.
+    the preset's, and a null field counts as not given (the preset's value or the default).
     """
     cfg = plain_mapping(cfg, "latency backend")
     name = cfg.pop("name", None)
@@ -26,6 +26,8 @@ def make_backend(cfg: Mapping[str, Any]) -> Backend:
         raise ErnasError(f"Unknown latency backend name {name!r}; valid names are "
                          f"{sorted(BACKENDS)}. Fix the `name` field of the latency backend config.")
     cls = BACKENDS[name]
+    if name == "command":  # null fields (declared in command_local.yaml) mean "not given"
+        cfg = {k: v for k, v in cfg.items() if v is not None}
     if name == "command" and "preset" in cfg:
         preset = cfg.pop("preset")
         if preset not in COMMAND_PRESETS:

@@ -46,6 +46,7 @@ over odd rounds.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -83,6 +84,13 @@ def plain_mapping(cfg: Any, what: str) -> dict:
         raise ErnasError(f"Expected a mapping for the {what} config, got {type(cfg).__name__}: "
                          f"{cfg!r}. Fix: write it as `field: value, ...`.")
     return dict(cfg)
+
+
+def _finite_at_least(value, low: float, integer: bool) -> bool:
+    """Whether ``value`` is a finite number (an integer when ``integer``; never a bool) >= low."""
+    kinds = (int,) if integer else (int, float)
+    return (isinstance(value, kinds) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= low)
 
 
 def _from_mapping(cls, cfg, what: str):
@@ -254,12 +262,13 @@ class MeasureProtocol:
 
     def __post_init__(self):
         check_statistic(self.statistic)
-        bad = [f"{f}={getattr(self, f)}" for f, lo in (("rounds", 1), ("per_round", 1),
-                                                        ("warmup", 0), ("min_seconds", 0))
-               if getattr(self, f) < lo]
+        bad = [f"{f}={getattr(self, f)!r}" for f, lo in (("rounds", 1), ("per_round", 1),
+                                                          ("warmup", 0), ("min_seconds", 0))
+               if not _finite_at_least(getattr(self, f), lo, integer=f != "min_seconds")]
         if bad:
             raise ErnasError(f"Invalid latency measure protocol: {', '.join(bad)} (rounds and "
-                             f"per_round must be >= 1, warmup and min_seconds >= 0). Fix the "
+                             f"per_round must be integers >= 1, warmup an integer >= 0 and "
+                             f"min_seconds a finite number >= 0). Fix the "
                              f"latency `measure` config.")
 
     @classmethod

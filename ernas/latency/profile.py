@@ -124,8 +124,8 @@ def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor
         nonlocal dirty
         if path is None:
             return
-        if dirty:
-            table.save(path)
+        if dirty and len(table):  # a new file only once it holds a row: a failing backend
+            table.save(path)       # leaves no empty table behind
             dirty = False
         open_samples = {k: v for k, v in samples.items() if k not in table}
         if open_samples:

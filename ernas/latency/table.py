@@ -63,6 +63,20 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=json_default))
 
 
+def _read_text(path: Path) -> str:
+    """The file's text, or one ErnasError when it is unreadable or not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ErnasError(f"Latency table {path} is not UTF-8 text (byte {e.start}: "
+                         f"{e.object[e.start:e.start + 1]!r}); it is not an ernas latency table. "
+                         f"Fix the path (latency.table=... or output=...), or re-profile the "
+                         f"table with ernas-profile.") from None
+    except OSError as e:
+        raise ErnasError(f"Latency table {path} cannot be read ({e.strerror}). Fix the path or "
+                         f"its permissions.") from None
+
+
 def _empty_frame() -> pd.DataFrame:
     frame = pd.DataFrame({"median_ms": pd.Series(dtype="float64"),
                           "p10_ms": pd.Series(dtype="float64"),
@@ -225,10 +239,13 @@ class LatencyTable:
     def load(cls, path: str | os.PathLike) -> LatencyTable:
         """Read a table written by ``save``; ErnasError naming the problem and the fix."""
         path = Path(path)
+        if path.is_dir():
+            raise ErnasError(f"Latency table {path} is a folder, not a table file. Fix the path "
+                             f"(a .csv file written by ernas-profile).")
         if not path.is_file():
             raise ErnasError(f"Latency table {path} does not exist. Fix the path, or profile the "
                              f"table first (ernas-profile writes it).")
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         first, _, body = text.partition("\n")
         if not first.startswith("# ernas-latency-table "):
             raise ErnasError(f"{path} is not an ernas latency table: its first line should start "

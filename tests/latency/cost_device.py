@@ -10,6 +10,7 @@ from ernas.latency.backends import Backend
 from ernas.latency.fingerprint import fingerprint, host_hardware
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import resolve_table
+from ernas.latency.settings import LatencySettings
 from ernas.paths import SEARCH_SPACES
 
 SHAPE = (1, 3, 32, 32)
@@ -34,6 +35,11 @@ class CostBackend(Backend):
         return {**super().metadata(), "provider": "cost", "threads": self.threads}
 
 
+def cost_settings(**kw) -> LatencySettings:
+    """Latency settings on the ``CostBackend`` with the ``QUICK`` protocol (``kw`` override)."""
+    return LatencySettings(**{"backend": CostBackend(), "measure": QUICK, **kw})
+
+
 def load_tiny():
     """The tiny NAFNet search space."""
     return ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
@@ -41,8 +47,8 @@ def load_tiny():
 
 def profile_cost_table(tiny, cache):
     """A correct CostBackend table of the tiny space, profiled by resolve_table into ``cache``."""
-    table, path = resolve_table(tiny, SHAPE, CostBackend(), "block", "auto", cache, QUICK,
-                                False, cache / "none")
+    table, path = resolve_table(tiny, SHAPE, cost_settings(cache_dir=cache), False,
+                                shipped_dir=cache / "none")
     assert table.probe["action"] == "profiled" and path.parent == cache
     assert table.metadata["probe_baseline"]["ratio"] == pytest.approx(1.0)
     return path

@@ -30,17 +30,17 @@ from ernas.latency.fingerprint import digest, fingerprint, fingerprint_differenc
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.predict import ExpectedLatency, predict_ms
 from ernas.latency.resolve import resolve_table
+from ernas.latency.settings import LatencySettings
 from ernas.latency.table import LatencyTable
 from ernas.latency.validation import validate_table
 from ernas.paths import LATENCY_TABLES
 from ernas.space import find_space
-from cost_device import QUICK, SHAPE, CostBackend
+from cost_device import QUICK, SHAPE, CostBackend, cost_settings
 
 
-def _resolve(tiny, **kw):
-    kw.setdefault("protocol", QUICK)
-    kw.setdefault("progress", False)
-    return resolve_table(tiny, SHAPE, CostBackend(), "block", **kw)
+def _resolve(tiny, shipped_dir=None, **kw):
+    where = {"shipped_dir": shipped_dir} if shipped_dir is not None else {}
+    return resolve_table(tiny, SHAPE, cost_settings(**kw), False, **where)
 
 
 def _edit_metadata(src, dest, fn):
@@ -161,13 +161,14 @@ def test_probe_refuses_a_scaled_table_on_the_real_backend(tmp_path):
     space = ernas.load_space(tmp_path / "s.yaml")
     proto = MeasureProtocol(rounds=3, per_round=2, warmup=1, min_seconds=0.3)
     backend = OnnxRuntimeBackend(threads=1)
-    good, path = resolve_table(space, SHAPE, backend, "block", "auto", tmp_path / "cache", proto,
-                               False, tmp_path / "none", recheck_rounds=2)
+    lat = LatencySettings(backend=backend, cache_dir=tmp_path / "cache", measure=proto,
+                          recheck_rounds=2)
+    good, path = resolve_table(space, SHAPE, lat, False, shipped_dir=tmp_path / "none")
     bad = good.scaled(3.0)
     bad.save(tmp_path / "scaled.csv")
     with pytest.raises(ErnasError, match="does not hold on this machine"):
-        resolve_table(space, SHAPE, backend, "block", tmp_path / "scaled.csv",
-                      tmp_path / "cache", proto, False, probe_cache_s=0)
+        resolve_table(space, SHAPE, lat.replace(table=tmp_path / "scaled.csv",
+                                                probe_cache_s=0), False)
 
 
 # --------------------------------------------------------------------------- consistency
@@ -352,8 +353,9 @@ def test_profile_and_validate_tiny_end_to_end(tiny, tmp_path):
     shape = (1, 3, 64, 64)
     backend = OnnxRuntimeBackend(threads=1)
     proto = MeasureProtocol(rounds=6, per_round=3, warmup=2, min_seconds=1.0)
-    table, _ = resolve_table(tiny, shape, backend, "block", "auto", tmp_path / "cache", proto,
-                             False, tmp_path / "none", recheck_rounds=8)
+    lat = LatencySettings(backend=backend, cache_dir=tmp_path / "cache", measure=proto,
+                          recheck_rounds=8)
+    table, _ = resolve_table(tiny, shape, lat, False, shipped_dir=tmp_path / "none")
     assert table.metadata["consistency"]["pairs"] == 256
     s = validate_table(tiny, table, backend, tmp_path / "v", n=12, protocol=proto,
                        progress=False)

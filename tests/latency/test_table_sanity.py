@@ -11,7 +11,7 @@ from ernas.latency.resolve import resolve_table
 from ernas.latency.table import LatencyTable
 from ernas.paths import LATENCY_TABLES
 from ernas.space import find_space
-from cost_device import QUICK, SHAPE, CostBackend
+from cost_device import SHAPE, cost_settings
 
 
 def _busy_copy(cost_table, dest, factor=3.0):
@@ -29,9 +29,10 @@ def _busy_copy(cost_table, dest, factor=3.0):
     return dest
 
 
-def _resolve(tiny, tmp_path, **kw):
-    return resolve_table(tiny, SHAPE, CostBackend(), "block", protocol=QUICK, progress=False,
-                         cache_dir=tmp_path / "cache", **kw)
+def _resolve(tiny, tmp_path, shipped_dir=None, **kw):
+    where = {"shipped_dir": shipped_dir} if shipped_dir is not None else {}
+    return resolve_table(tiny, SHAPE, cost_settings(cache_dir=tmp_path / "cache", **kw), False,
+                         **where)
 
 
 def test_worst_pair_names_the_inverted_choice(tiny, cost_table, tmp_path):

@@ -85,8 +85,8 @@ class SegmentTask(Task):
         if self.data == "folder" and not (isinstance(self.num_classes, int)
                                           and self.num_classes > 1):
             raise ErnasError("task.data=folder needs task.num_classes=<number of classes, >= 2> "
-                             "(mask values are class ids 0..num_classes-1, 255 = ignore; declare other "
-                             "encodings with task.mask_values or task.binary=true).")
+                             "(mask values are class ids 0..num_classes-1, 255 = ignore; declare "
+                             "other encodings with task.mask_values or task.binary=true).")
         if self.ce_weight < 0 or self.dice_weight < 0 or self.ce_weight + self.dice_weight == 0:
             raise ErnasError(f"task.ce_weight={self.ce_weight} and task.dice_weight="
                              f"{self.dice_weight} must be >= 0 and not both 0.")
