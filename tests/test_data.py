@@ -27,18 +27,13 @@ def _photo(h=48, w=64, c=3, seed=0):
 
 # --------------------------------------------------------------------------- bundled images
 
-@pytest.mark.parametrize("color", [True, False])
-def test_split_is_disjoint_and_test_is_held_out(color):
-    train, val, test = (set(bundled_names(s, color)) for s in ("train", "val", "test"))
-    assert train and val and test
-    assert not train & val and not train & test and not val & test
-    expected = {True: {"chelsea", "grace_hopper"}, False: {"page", "text"}}[color]
-    assert test == expected
-
-
 def test_split_constant_matches_api():
-    assert BUNDLED_SPLITS["color"]["val"] == ("coffee", "flower")
-    assert bundled_names("train") == list(BUNDLED_SPLITS["color"]["train"])
+    """BUNDLED_SPLITS (by native kind) and bundled_names (every image of a split) agree."""
+    assert BUNDLED_SPLITS["color"]["val"] == ("chelsea", "grace_hopper")
+    for split in ("train", "val", "test"):
+        by_kind = BUNDLED_SPLITS["color"][split] + BUNDLED_SPLITS["grey"][split]
+        assert sorted(bundled_names(split)) == sorted(by_kind)
+        assert bundled_names(split, color=False) == bundled_names(split)
 
 
 @pytest.mark.parametrize("name,channels", [("chelsea", 3), ("china", 3), ("grace_hopper", 3),
@@ -58,9 +53,16 @@ def test_bundled_max_side_downscales():
     assert load_bundled("coins", max_side=1000).shape == (303, 384, 1)
 
 
-def test_bundled_images_grey_val():
-    [(name, img)] = bundled_images("val", color=False)
-    assert name == "coins" and img.shape[2] == 1
+def test_bundled_images_convert_every_image_to_the_task_channels():
+    """The colour task gets grey photos as three equal channels, the grey task gets luma."""
+    colour = dict(bundled_images("val", color=True, max_side=64))
+    grey = dict(bundled_images("val", color=False, max_side=64))
+    assert set(colour) == set(grey) == {"chelsea", "grace_hopper", "page", "text", "coins"}
+    assert all(img.shape[2] == 3 for img in colour.values())
+    assert all(img.shape[2] == 1 for img in grey.values())
+    np.testing.assert_array_equal(colour["coins"][..., 0], colour["coins"][..., 2])
+    np.testing.assert_array_equal(colour["coins"][..., :1], grey["coins"])
+    assert np.abs(colour["chelsea"][..., 0] - colour["chelsea"][..., 2]).max() > 0.1
 
 
 def test_bundled_errors_list_valid_choices():
@@ -203,9 +205,11 @@ def test_denoise_task_splits_and_eval_sets():
     assert not task.dataset("val", 32).train
     sets = task.eval_sets()
     assert list(sets) == ["sigma15", "sigma25", "sigma50"] and task.headline_set == "sigma25"
-    assert {it["name"] for it in sets["sigma25"]} == {"chelsea", "grace_hopper"}
-    # test images are whole (max_side applies to training photos only)
-    assert sets["sigma25"][0]["target"].shape[1:] == load_bundled("chelsea").shape[:2]
+    assert [it["name"] for it in sets["sigma25"]] == bundled_names("test")
+    # test images are whole (max_side applies to training photos only), grey ones as RGB
+    assert sets["sigma25"][0]["target"].shape == (3, 500, 741)
+    ascent = bundled_names("test").index("ascent")
+    assert sets["sigma25"][ascent]["target"].shape == (3, 512, 512)
     grey = make_task({"name": "denoise", "color": False, "max_side": 128})
     assert grey.dataset("val", 32)[0]["target"].shape[0] == 1
 

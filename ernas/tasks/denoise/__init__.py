@@ -4,7 +4,8 @@ Data per split (train | val | test): the split's folder when given (``<split>_di
 noise added on the fly; with ``<split>_noisy_dir`` too: real noisy/clean pairs matched by file
 name), else the bundled photos (``ernas.data.images``: a fixed train/val/test split; test photos
 are never used for search or retraining). Training and validation photos are downscaled to
-``max_side``; test images are used whole.
+``max_side``; test images are used whole, or cut into ``eval_tile`` squares named
+``<image>@<y>_<x>`` (``ernas.data.tiles``; ``image_of`` recovers the image).
 
 Noise (KAIR/Restormer test scripts): clean in [0, 1] plus N(0, σ/255), not clipped; training σ is
 ``sigma`` (a number, [lo, hi] or {choice: [...]}); evaluation sweeps ``eval_sigmas`` with noise
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ernas.data.tiles import tiled
 from ernas.errors import ErnasError
 from ernas.task import Evaluator, Task
 from ernas.tasks.denoise.data import (NoisyImageDataset, PairedImageDataset, SigmaSpec,
@@ -95,9 +97,15 @@ class DenoiseTask(Task):
     loss_fn: str = "psnr"
     crop_border: int = 0
     test_y_channel: bool = False
+    eval_tile: int | None = None
 
     def __post_init__(self):
         self._sigma = SigmaSpec.parse(self.sigma)
+        if self.eval_tile is not None and (isinstance(self.eval_tile, bool) or not isinstance(
+                self.eval_tile, int) or self.eval_tile < 11):
+            raise ErnasError(f"task.eval_tile={self.eval_tile!r} is not valid: give the side of "
+                             f"the square test tiles in pixels (at least 11, for SSIM; e.g. 128)"
+                             f" or null to evaluate whole test images.")
         if self.loss_fn not in LOSSES:
             raise ErnasError(f"task.loss_fn={self.loss_fn!r} is not known; use one of "
                              f"{', '.join(LOSSES)}.")
@@ -154,6 +162,8 @@ class DenoiseTask(Task):
         if self._paired("test"):
             return {"real": self.dataset("test", None, seed)}
         images = self.images("test")
+        if self.eval_tile is not None:
+            images = tiled(images, self.eval_tile)
         return {label: NoisyImageDataset(images, None, float(s), train=False, seed=seed)
                 for label, s in zip(self.eval_labels(), self.eval_sigmas)}
 
@@ -165,7 +175,8 @@ class DenoiseTask(Task):
                 f"same draw for every σ, not clipped; PSNR (dB) = 10·log10(255²/MSE) and SSIM "
                 f"(11x11 Gaussian window, σ 1.5) on [0, 255] after clipping the output to [0, 1], "
                 f"crop_border {self.crop_border}, {'Y channel' if self.test_y_channel else 'all channels'}"
-                f" (BasicSR); mean over images")
+                f" (BasicSR); mean over "
+                f"{'images' if self.eval_tile is None else f'{self.eval_tile}x{self.eval_tile} tiles'}")
 
     # ------------------------------------------------------------------ learning and judging
     def loss(self, pred, target):
