@@ -68,6 +68,10 @@ def test_shipped_spaces_and_references():
         ref = ernas.load_arch(SEARCH_SPACES / "archs" / f"{name}.yaml")
         assert ref.spec.io_channels(ref.geometry) == (1, 3)
         assert set(ref.op_keys((1, 1, 96, 80))) <= keys  # the demo table predicts them
+    os2 = ernas.load_space(SEARCH_SPACES / "hrnet_demo_os2.yaml")
+    mini_os2 = ernas.load_arch(SEARCH_SPACES / "archs" / "hrnet_mini_os2.yaml")
+    assert os2.geometry["output_stride"] == mini_os2.geometry["output_stride"] == 2
+    assert set(mini_os2.op_keys((1, 1, 96, 80))) <= set(os2.op_keys((1, 1, 96, 80)))
     for key in demo.op_keys((1, 1, 19, 23)):  # every builder makes a module that runs
         module, x = build_op(key)
         with torch.no_grad():
@@ -75,6 +79,7 @@ def test_shipped_spaces_and_references():
 
 
 @pytest.mark.parametrize("change, field", [({"width": 5}, "width"),
+                                           ({"output_stride": 3}, "output_stride"),
                                            ({"num_modules": [1]}, "num_modules"),
                                            ({"num_blocks": [1, 1]}, "num_blocks")])
 def test_bad_geometry_names_the_field(change, field):
@@ -95,6 +100,19 @@ def test_any_input_size_gives_full_size_logits(num_modules):
     model = ernas.build_model(tiny_space(g).reference()).eval()
     for h, w in ((37, 45), (64, 20), (9, 9)):
         assert model(torch.randn(2, 1, h, w)).shape == (2, 3, h, w)
+
+
+@pytest.mark.parametrize("output_stride", [4, 2, 1])
+def test_output_stride_sets_the_head_resolution(output_stride):
+    """Fails if branch 0 (and so the head) does not run at 1/output_stride of the input."""
+    arch = tiny_space({**GEOMETRY, "output_stride": output_stride}).reference()
+    model = ernas.build_model(arch).eval()
+    seen = []
+    hook = arch.spec.feature_modules(model)[-1].register_forward_hook(
+        lambda m, i, o: seen.append(o.shape[-2:]))
+    assert model(torch.randn(1, 1, 48, 40)).shape == (1, 3, 48, 40)
+    hook.remove()
+    assert tuple(seen[0]) == (48 // output_stride, 40 // output_stride)
 
 
 def test_extracted_network_equals_onehot_supernet():
@@ -161,10 +179,12 @@ def _onnx_ops(model, x, path) -> collections.Counter:
     return collections.Counter({k: c[k] for k in ("Conv", "Add", "Resize", "Relu", "Transpose")})
 
 
-def test_op_keys_are_the_ops_the_network_runs(tmp_path):
+@pytest.mark.parametrize("output_stride", [4, 2, 1])
+def test_op_keys_are_the_ops_the_network_runs(tmp_path, output_stride):
     """Every conv (shape, kernel, stride, groups, bias) and every Add/Resize/ReLU/Transpose the
-    fused network runs is run by exactly one of its op keys' modules, and nothing else."""
-    space = tiny_space()
+    fused network runs is run by exactly one of its op keys' modules, and nothing else (at every
+    output stride: a key priced at the wrong resolution fails)."""
+    space = tiny_space({**GEOMETRY, "output_stride": output_stride})
     for arch in archs(space, 2, seed=5):
         model = ernas.build_model(arch).eval().fuse()
         x = torch.randn(SHAPE)

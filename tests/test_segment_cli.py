@@ -148,6 +148,7 @@ def test_demo_segment_prints_the_comparison(tmp_path):
     ("unet_seg", "unet_demo", [1, 1, 96, 80], "brain"),
     ("unet_voc", "unet_voc", [1, 3, 512, 512], "voc"),
     ("unet_cityscapes", "unet_cityscapes", [1, 3, 512, 1024], "cityscapes"),
+    ("hrnet_seg_os2", "hrnet_demo_os2", [1, 1, 96, 80], "synthseg_brain"),
 ])
 def test_experiments_compose_to_matching_space_task_and_shape(experiment, space, shape, data):
     with initialize_config_dir(str(EXPERIMENTS), version_base="1.3"):

@@ -17,7 +17,9 @@ making other positions exist: a gate would need P(gate)·E[L_s] in ``ExpectedLat
 same rule in ``Arch.op_keys`` and ``SearchSpace.size``.)
 
 Geometry: ``in_channels``, ``num_classes``, ``width`` (C, even), ``stem_width``, ``head_width``,
-``num_modules`` ([M2, M3] or [M2, M3, M4]) and ``num_blocks`` (per stage, as long). Modules:
+``num_modules`` ([M2, M3] or [M2, M3, M4]), ``num_blocks`` (per stage, as long) and
+``output_stride`` (4, HRNet's; 2 or 1 for small inputs: branch 0 and the head run at 1/2 or at
+full resolution, see ``model``). Modules:
 ``blocks`` (branch blocks, fuse paths), ``model`` (the network), ``super`` (super-blocks),
 ``keys`` (op keys and builders).
 """
@@ -40,7 +42,9 @@ DECISIONS = {  # cheapest first
 }
 REFERENCE = {"block": "basic", "kernel": 3, "width": 1.0, "keep": True}
 GEOMETRY = {"in_channels": 3, "num_classes": 19, "width": 18, "stem_width": 64,
-            "head_width": 270, "num_modules": [1, 3, 2], "num_blocks": [2, 2, 2]}
+            "head_width": 270, "num_modules": [1, 3, 2], "num_blocks": [2, 2, 2],
+            "output_stride": 4}
+OUTPUT_STRIDES = (1, 2, 4)
 
 
 def _validate_geometry(g: dict, source: str) -> None:
@@ -59,6 +63,10 @@ def _validate_geometry(g: dict, source: str) -> None:
                 or any(type(n) is not int or n < 1 for n in v)):
             bad(f, f"must list 2 (three stages) or 3 (four stages) positive integers, one per "
                    f"stage from stage 2, got {v!r}")
+    if isinstance(g["output_stride"], bool) or g["output_stride"] not in OUTPUT_STRIDES:
+        bad("output_stride", f"must be one of {', '.join(map(str, OUTPUT_STRIDES))} (the "
+                             f"resolution of branch 0 and the head is 1/output_stride of the "
+                             f"input), got {g['output_stride']!r}")
     if len(g["num_blocks"]) != len(g["num_modules"]):
         bad("num_blocks", f"must have one entry per stage, as num_modules "
                           f"({len(g['num_modules'])}), got {g['num_blocks']!r}")
@@ -128,7 +136,7 @@ class HRNetLiteFamily(Family):
         return keys.position_op_keys(geometry, position, choice, input_shape, granularity)
 
     def feature_modules(self, model):
-        """Branch 0 of the last module of every stage (C channels at 1/4)."""
+        """Branch 0 of the last module of every stage (C channels at 1/output_stride)."""
         return [getattr(model, f"stage{s}")[-1][0] for s in range(2, model.stages + 1)]
 
     def feature_channels(self, arch):

@@ -11,8 +11,8 @@ Keys (``granularity='block'``; shapes are the op's input, N x C x H x W):
 - ``conv2d[cout,k=1]``: the head's projection of branch 0; ``hrnet_tail[cout,h,w]``: ReLU,
   1x1 conv to the classes and the resize to the input.
 
-Branch b runs at (h_b, w_b) with h_0 = ⌈⌈H/2⌉/2⌉ and h_{b+1} = ⌈h_b/2⌉. A skipped position has
-no key.
+Branch b runs at (h_b, w_b) with h_0 = H halved (⌈·/2⌉) once per stride-2 stem conv (twice at
+output stride 4, once at 2, never at 1) and h_{b+1} = ⌈h_b/2⌉. A skipped position has no key.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import nn
 from ernas.errors import ErnasError
 from ernas.families.hrnet_lite.blocks import BLOCKS, ConvBN, Down, Up, hidden_channels, resize
 from ernas.families.hrnet_lite.model import (FOURTH_PAIRS, branch_channels, fuse_pairs,
-                                             stage_branches)
+                                             stage_branches, stem_strides)
 from ernas.latency.ops import op_key
 
 
@@ -31,10 +31,15 @@ def _half(n: int) -> int:
     return -(-n // 2)
 
 
+def _stride(n: int, s: int) -> int:
+    return _half(n) if s == 2 else n
+
+
 def branch_shapes(geometry: dict, input_shape) -> list[tuple[int, int, int, int]]:
     """Feature shapes (N, C_b, h_b, w_b) of branches 0..3 for a network input shape."""
     n, _, h, w = input_shape
-    h, w = _half(_half(h)), _half(_half(w))
+    for s in stem_strides(geometry):
+        h, w = _stride(h, s), _stride(w, s)
     out = []
     for c in branch_channels(geometry):
         out.append((n, c, h, w))
@@ -73,8 +78,10 @@ def fixed_op_keys(geometry: dict, input_shape, granularity: str = "block") -> li
     s = branch_shapes(geometry, input_shape)
     stem = geometry["stem_width"]
     at_stem = (n, stem, s[0][2], s[0][3])
-    return [op_key("hrnet_conv", input_shape, cout=stem, k=3, s=2),
-            op_key("hrnet_conv", (n, stem, _half(h), _half(w)), cout=stem, k=3, s=2),
+    s1, s2 = stem_strides(geometry)
+    return [op_key("hrnet_conv", input_shape, cout=stem, k=3, s=s1),
+            op_key("hrnet_conv", (n, stem, _stride(h, s1), _stride(w, s1)), cout=stem, k=3,
+                   s=s2),
             op_key("hrnet_conv", at_stem, cout=s[0][1], k=3, s=1),
             op_key("hrnet_conv", at_stem, cout=s[1][1], k=3, s=2),
             op_key("hrnet_conv", s[1], cout=s[2][1], k=3, s=2),

@@ -1,9 +1,12 @@
 """HRNet-lite: a high-resolution network (Wang et al., HRNet) with searchable blocks, built from an
 Arch.
 
-Layout (C = ``width``, branch b has C·2^b channels at 1/(4·2^b) of the input):
+Layout (C = ``width``, OS = ``output_stride``, branch b has C·2^b channels at 1/(OS·2^b) of the
+input):
 
-- ``stem``: two 3x3 stride-2 conv-BN-ReLU to ``stem_width`` channels at 1/4;
+- ``stem``: two 3x3 conv-BN-ReLU to ``stem_width`` channels at 1/OS: strides (2, 2) for OS 4
+  (HRNet's), (2, 1) for 2 and (1, 1) for 1 (small inputs, where 1/4 caps the accuracy: the head
+  of a 96x80 slice would predict 24x20 pixels);
 - ``transition1``: branch 0 (3x3 conv) and branch 1 (3x3 stride-2 conv) from the stem;
 - ``stage2``: ``num_modules[0]`` modules on 2 branches; ``transition2`` adds branch 2 (3x3
   stride-2 conv of branch 1); ``stage3``: ``num_modules[1]`` modules on 3 branches; with a third
@@ -40,6 +43,11 @@ FOURTH_PAIRS = [(i, 3) for i in range(3)] + [(3, j) for j in range(3)]
 def branch_channels(geometry: dict) -> list[int]:
     """Channels of branches 0..3: width·2^b."""
     return [geometry["width"] * 2 ** b for b in range(4)]
+
+
+def stem_strides(geometry: dict) -> tuple[int, int]:
+    """Strides of the two stem convs for the geometry's ``output_stride``."""
+    return {4: (2, 2), 2: (2, 1), 1: (1, 1)}[geometry.get("output_stride", 4)]
 
 
 def stage_branches(stage: int) -> int:
@@ -147,7 +155,8 @@ class HRNetLite(nn.Module):
         self.arch = arch
         make = block or (lambda position, value: make_block(g, position, value))
         c, stem = branch_channels(g), g["stem_width"]
-        self.stem = nn.Sequential(ConvBN(g["in_channels"], stem, 3, 2), ConvBN(stem, stem, 3, 2))
+        s1, s2 = stem_strides(g)
+        self.stem = nn.Sequential(ConvBN(g["in_channels"], stem, 3, s1), ConvBN(stem, stem, 3, s2))
         self.transition1 = nn.ModuleList([ConvBN(stem, c[0], 3), ConvBN(stem, c[1], 3, 2)])
         self.transition2 = ConvBN(c[1], c[2], 3, 2)
         self.stages = len(g["num_modules"]) + 1
