@@ -152,3 +152,25 @@ def test_lazy_pairs_report_a_bad_file_when_read(voc):
     ds = task.dataset("test")
     with pytest.raises(ErnasError, match=official["val"][0]):
         ds[0]
+
+
+def test_cli_refuses_undeclared_binary_masks_before_writing(tmp_path):
+    """Fails if ernas-retrain trains on 0/255 masks read as ignore, or writes into its run
+    directory before refusing them."""
+    import subprocess
+    import sys
+
+    _binary_folder(tmp_path / "data")
+    (tmp_path / "arch.yaml").write_text(
+        "family: unet\nname: u2\ngeometry: {in_channels: 3, num_classes: 2, width: 4, "
+        "enc_blk_nums: [1], middle_blk_num: 1, dec_blk_nums: [1]}\n")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "ernas.cli.retrain", "task=segment",
+                        "task.data=folder", f"task.root={tmp_path / 'data'}", "task.num_classes=2",
+                        f"arch={tmp_path / 'arch.yaml'}", "steps=1", "batch_size=1", "crop=8",
+                        "progress=false", f"hydra.run.dir={out}"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error:" in r.stderr and "task.binary=true" in r.stderr
+    assert not [p for p in out.rglob("*") if p.is_file() and p.suffix != ".log"
+                and ".hydra" not in p.parts and p.name != ".ernas.lock"]

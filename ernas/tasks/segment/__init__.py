@@ -230,6 +230,9 @@ class SegmentTask(Task):
                              f"and gives {cout}, but task segment with data={self.data} needs "
                              f"{want[0]} in and {want[1]} out (one per class); set the "
                              f"geometry's in_channels/num_classes accordingly.")
+        if self.data in ("voc", "cityscapes", "folder"):  # list (and scan) user data now, so a
+            for split in SPLITS:                           # bad file is refused before any write
+                self.samples(split)
 
 
 TASK = SegmentTask
