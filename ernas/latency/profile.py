@@ -127,7 +127,7 @@ def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor
         if dirty and len(table):  # a new file only once it holds a row: a failing backend
             table.save(path)       # leaves no empty table behind
             dirty = False
-        open_samples = {k: v for k, v in samples.items() if k not in table}
+        open_samples = {k: v for k, v in samples.items() if v and k not in table}
         if open_samples:
             atomic_write_json(side, {"settings": settings, "samples": open_samples}, indent=None)
         else:
