@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ernas
+from ernas.errors import ErnasError
 from ernas.evaluate import ModelEntry, evaluate
 from ernas.paths import SEARCH_SPACES
 from ernas.task import make_task
@@ -91,6 +92,8 @@ def test_evaluator_per_class_and_per_image_spread_by_hand():
     assert r["miou_image_std"] == pytest.approx((1 - (2 / 3 + 1 / 2) / 2) / 2)
     assert r["iou_bg"] == pytest.approx(4 / 5) and r["iou_traffic_light"] == pytest.approx(3 / 4)
     assert 0 < r["boundary_iou"] <= 1 and "boundary_iou" in ev.rows()[0]
+    with pytest.raises(ErnasError, match="channels"):  # logits of the wrong class count
+        ev.update(torch.zeros(1, 1, 2, 2), t, "c")
 
 
 def test_per_class_iou_reaches_results_and_report(tmp_path):

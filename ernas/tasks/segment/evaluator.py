@@ -71,9 +71,9 @@ class SegmentEvaluator(Evaluator):
         self._rows: list[dict] = []
 
     def update(self, pred, target, name=None):
+        self.total.update(pred, target)  # checks the logits' channels against the classes
         if pred.dim() == target.dim() + 1:
             pred = pred.argmax(dim=1)
-        self.total.update(pred, target)
         for i in range(len(target)):
             one = ConfusionMatrix(self.num_classes, self.ignore_index)
             one.update(pred[i:i + 1], target[i:i + 1])
