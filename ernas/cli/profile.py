@@ -104,7 +104,8 @@ def run(cfg: DictConfig, out=None) -> dict:
         why = inconsistency(table, space, shape, lat.granularity, lat.max_inconsistency)
         if why:
             print(f"warning: this table {why}; latency.table=auto will not use it. Profile "
-                  f"again while nothing else runs (delete {path} first).")
+                  f"again while nothing else runs, into a new file (another output=, or "
+                  f"none: the cache).")
     return summary
 
 

@@ -245,8 +245,9 @@ def _profile_new(req: _Request, refused: list[dict], progress: bool):
                       recheck_rounds=s.recheck_rounds)
     why = req.inconsistency(t)
     if why:
-        warnings.warn(f"The latency table just profiled at {path}: {why}. It is used, but "
-                      f"delete it and run again when the machine is quiet.", stacklevel=3)
+        warnings.warn(f"The latency table just profiled at {path}: {why}. It is used this "
+                      f"time; the next latency.table=auto run refuses it and profiles a new "
+                      f"table beside it (run that while the machine is quiet).", stacklevel=3)
     t.probe = {"action": "profiled", "accepted": True, "refused": refused}
     return t, path
 
