@@ -197,7 +197,7 @@ def test_a_table_that_is_not_utf8_is_one_paragraph(tmp_path):
     """Bug: `latency.table=<latin-1 file>` raised UnicodeDecodeError (every reader of a table:
     an explicit table, ernas-profile's output, and the cache walk of `auto`)."""
     bad = tmp_path / "latin1.csv"
-    bad.write_bytes("# ernas-latency-table v1 {\"device\": \"caf\xe9\"}\nkey,ms\n".encode("latin-1"))
+    bad.write_bytes('# ernas-latency-table v1 {"device": "caf\xe9"}\nkey,ms\n'.encode("latin-1"))
     space = _space_file(tmp_path, "s")
     r = _run("search", tmp_path, f"space={space}", f"latency.table={bad}",
              "search.device=cpu", "progress=false", f"hydra.run.dir={tmp_path / 'x'}")

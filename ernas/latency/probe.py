@@ -5,7 +5,8 @@ correction), judged against the ratio the table's own machine saw right after pr
 (``probe_baseline``, ``expected_ratio``; 1 without one): with ``relative = ratio /
 expected_ratio`` a table is accepted when ``max(relative, 1/relative) <= 1 + tolerance``.
 Results are cached for ``probe_cache_s`` seconds in ``<cache_dir>/probes.json``, keyed by the
-table file's hash, this machine's fingerprint, the input shape, the space and the protocol.
+table file's hash, this machine's fingerprint, the input shape, the space's content and the
+protocol.
 See ``ernas.latency.resolve`` for how the probe picks a table.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ernas.io import atomic_write_json
 from ernas.latency.backends import Backend
+from ernas.latency.cache import space_digest
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.settings import LatencySettings
 from ernas.latency.table import LatencyTable
@@ -103,10 +105,10 @@ def _file_hash(path: Path) -> str:
 
 
 def cached_probe(path: Path, table, space, backend, shape, gran, protocol, tolerance,
-                  cache_file: Path, cache_s: float) -> dict:
+                 cache_file: Path, cache_s: float) -> dict:
     """``probe_table``, served from ``cache_file`` when a fresh enough result exists."""
     key = "|".join([_file_hash(path), backend.fingerprint()["digest"],
-                    "x".join(map(str, shape)), gran, space.name,
+                    "x".join(map(str, shape)), gran, space_digest(space),
                     json.dumps(protocol.to_dict(), sort_keys=True)])
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))

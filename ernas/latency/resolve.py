@@ -54,8 +54,8 @@ from ernas.latency.table import COMPAT_FIELDS, LatencyTable
 from ernas.paths import CACHE, LATENCY_TABLES
 
 __all__ = ["ON_MISMATCH", "default_table_path", "probe_arch", "probe_table", "profile_command",
-           "profile_path", "profile_table", "record_baseline", "required_metadata", "resolve_from_config",
-           "resolve_table"]
+           "profile_path", "profile_table", "record_baseline", "required_metadata",
+           "resolve_from_config", "resolve_table"]
 
 
 def required_metadata(backend: Backend, input_shape, granularity: str) -> dict:
