@@ -19,13 +19,17 @@ Figures: test mIoU from one confusion matrix over the set, with a 95 % percentil
 that resamples images (``digits``, ``shapes``) or slabs (``synthseg_brain``, ``brain``:
 neighbouring slices are correlated). Verdict "can rank" when every trivial baseline is at least
 10 mIoU points below the classic U-Net and tiny < small < classic with non-overlapping CIs;
-else "cannot rank". Writes ``results.csv``, ``verdict.json`` and ``report.md`` into ``--out``::
+else "cannot rank". Beside the verdict, paired bootstrap differences (both models on the same
+resampled units) of each baseline and each capacity step. Writes ``results.csv``,
+``verdict.json``, ``report.md`` and ``matrices.npz`` (per-item confusion matrices) into
+``--out``; ``--reuse`` keeps finished U-Net runs there trained with the same settings::
 
     python benchmarks/seg_rankability.py --data digits --steps 600 --out runs/rank_digits
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import sys
@@ -81,6 +85,23 @@ def bootstrap_ci(matrices: np.ndarray, groups: list[str], reps: int = 1000, seed
              for _ in range(reps)]
     lo, hi = np.nanpercentile(draws, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def paired_ci(better: np.ndarray, worse: np.ndarray, groups: list[str], reps: int = 1000,
+              seed: int = 0) -> tuple[float, float, float]:
+    """mIoU(better) - mIoU(worse) and its 95 % CI, both models on the same resampled groups
+    (a paired bootstrap: the difference's spread, not the sum of two marginal spreads)."""
+    names = sorted(set(groups))
+    pick = [np.array([g == n for g in groups]) for n in names]
+    a = np.stack([better[m].sum(0) for m in pick])
+    b = np.stack([worse[m].sum(0) for m in pick])
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(reps):
+        idx = rng.integers(len(names), size=len(names))
+        draws.append(miou_of(a[idx].sum(0)) - miou_of(b[idx].sum(0)))
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return miou_of(a.sum(0)) - miou_of(b.sum(0)), float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- trivial baselines
@@ -192,6 +213,18 @@ def id_matrices(preds, samples, num_classes: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the run
 
 
+def finished_run(run_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The summary of a finished retrain run in ``run_dir`` with exactly ``cfg``, else None."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    same = summary.get("finished") and summary.get("config") == cfg.to_dict()
+    if not same:
+        log.info("%s: not reused (unfinished or another configuration); retraining", run_dir)
+    return summary if same else None
+
+
 def limited(task, split: str, limit: int | None) -> list:
     samples = task.samples(split)
     return list(samples[:limit]) if limit else list(samples)
@@ -222,7 +255,9 @@ def run(args) -> dict:
     if not args.trivial_only:
         for name, width in WIDTHS.items():
             arch = unet_arch(task, width, name, out)
-            summary = retrain(arch, out / name, task, cfg, progress=False)
+            summary = finished_run(out / name, cfg) if args.reuse else None
+            if summary is None:
+                summary = retrain(arch, out / name, task, cfg, progress=False)
             net = load_model(arch, summary["best"]).eval()
             matrices[name] = net_matrices(net, test_set, k)[0]
             for label, ds in task.eval_sets().items():
@@ -235,6 +270,14 @@ def run(args) -> dict:
         row.update({key[1]: v for key, v in extra.items() if key[0] == name})
         rows.append(row)
     verdict = judge(rows)
+    pairs = [(m, "unet_classic") for m in ("lookup", "gmm", "conv1x1")] + [
+        ("unet_tiny", "unet_small"), ("unet_small", "unet_classic")]
+    verdict["paired_differences"] = {
+        f"{b} - {a}": dict(zip(("diff", "ci_lo", "ci_hi"),
+                               paired_ci(matrices[b], matrices[a], groups, args.boots,
+                                         args.seed)))
+        for a, b in pairs if a in matrices and b in matrices}
+    np.savez_compressed(out / "matrices.npz", names=np.array(names), **matrices)
     result = {"data": args.data, "steps": args.steps, "batch_size": args.batch_size,
               "crop": args.crop, "seed": args.seed, "limit": args.limit,
               "bootstrap_unit": "slab" if groups != names else "image",
@@ -283,6 +326,9 @@ def report(r: dict) -> str:
               f"{r['trivial_check']} (gaps: " + ", ".join(
                   f"{m} {g * 100:+.1f}" for m, g in r["gaps"].items()) + ")",
               f"- tiny < small < classic with non-overlapping CIs: {r['capacity_check']}",
+              "- paired bootstrap differences (same resampled units for both): " + "; ".join(
+                  f"{k} {d['diff'] * 100:+.1f} [{d['ci_lo'] * 100:+.1f}, {d['ci_hi'] * 100:+.1f}]"
+                  for k, d in r.get("paired_differences", {}).items()) + " points",
               f"- {r['steps']} steps, batch {r['batch_size']}, crop {r['crop']}, seed {r['seed']}; "
               f"bootstrap over {r['bootstrap_units']} {r['bootstrap_unit']}s "
               f"({r['test_items']} test items); {r['seconds']:.0f} s on {r['machine']}, "
@@ -301,6 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("--boots", type=int, default=1000)
     p.add_argument("--limit", type=int, default=None, help="use the first N items of each split")
     p.add_argument("--trivial-only", action="store_true", help="check (a)'s baselines only")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished U-Net runs under --out trained with the same settings")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.crop < 8 or args.boots < 10 or (

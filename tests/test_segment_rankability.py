@@ -103,6 +103,9 @@ def test_both_checks_run_on_a_tiny_digit_set(tmp_path):
     for m in ("lookup", "gmm", "conv1x1"):
         assert v["gaps"][m] == pytest.approx(by["unet_classic"]["miou_test"] - by[m]["miou_test"])
     assert v["verdict"] in ("can rank", "cannot rank") and v["bootstrap_unit"] == "image"
+    pair = v["paired_differences"]["unet_classic - unet_small"]
+    assert pair["diff"] == pytest.approx(by["unet_classic"]["miou_test"]
+                                         - by["unet_small"]["miou_test"])
     assert "Rankability of `digits`" in (tmp_path / "rank" / "report.md").read_text()
     assert (tmp_path / "rank" / "unet_classic" / "best.pt").is_file()
 
@@ -111,3 +114,21 @@ def test_bad_arguments_are_refused(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--steps", "0", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--steps" in r.stderr
+
+
+def test_paired_difference_resamples_both_models_together():
+    """Fails if the paired bootstrap resamples the two models independently (a model compared
+    with itself would then spread around 0) or gets the difference wrong."""
+    from seg_rankability import paired_ci
+
+    rng = np.random.default_rng(0)
+    hard = [np.array([[10, 0], [0, 10]]) * k for k in rng.integers(1, 5, 8)]
+    a = np.stack([np.array([[m[0, 0], 0], [2, m[1, 1] - 2]]) for m in hard])   # slightly worse
+    b = np.stack([np.array([[m[0, 0], 0], [3 * (i % 3), m[1, 1] - 3 * (i % 3)]])
+                  for i, m in enumerate(hard)])                                 # varies more
+    groups = [f"u{i}" for i in range(8)]
+    diff, lo, hi = paired_ci(a, b, groups, reps=300)
+    assert diff == pytest.approx(miou_of(a.sum(0)) - miou_of(b.sum(0)))
+    assert lo <= diff <= hi
+    same = paired_ci(a, a, groups, reps=50)
+    assert same == (0.0, 0.0, 0.0)
