@@ -116,3 +116,19 @@ def test_a_bad_eval_tile_is_refused_by_the_cli(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
     assert "eval_tile" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").glob("*.json"))
+
+
+def test_docs_list_the_split_that_the_code_uses():
+    """docs/data.md's split table names every catalogue image with its package, kind and
+    split (a split changed in code but not in the docs fails here)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[4] in SPLITS:
+            rows[cells[0]] = (cells[1], cells[3], cells[4], cells[5])
+    expected = {i.name: (i.package, "colour" if i.kind == "color" else "grey", i.split,
+                         i.scene_name) for i in BUNDLED}
+    assert rows == expected

@@ -89,8 +89,8 @@ EXCLUDED: dict[str, str] = {
     "skimage.data.checkerboard / chessboard": "a synthetic pattern (eight grey levels)",
     "skimage.data.colorwheel (color.png)": "a synthetic colour chart",
     "skimage.data.logo": "a drawn logo with transparency",
-    "skimage.data.microaneurysms": "102x102 pixels, smaller than the 128-pixel training crops "
-                                   "and evaluation tiles",
+    "skimage.data.microaneurysms": "102x102 pixels, smaller than the 128-pixel validation crops "
+                                   "(retrain val_crop) and evaluation tiles",
     "skimage.data.lfw_subset": "25x25 face thumbnails",
     "skimage.data multipage.tif, multipage_rgb.tif, no_time_for_that_tiny.gif":
         "tiny test files (at most 25x25 pixels)",
