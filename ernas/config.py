@@ -11,6 +11,8 @@ CLIs), before anything runs or is written.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from typing import Any, Mapping, TypeVar
 
 from ernas.errors import ErnasError
@@ -25,7 +27,9 @@ def validated(cfg: Any, schema: type[T], where: str) -> T:
 
     data = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg or {}))
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        check(where, nonfinite_values(OmegaConf.to_container(merged, resolve=True), schema))
+        return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         names = ", ".join(f.name for f in dataclasses.fields(schema))
         raise ErnasError(f"{where}: unknown field {_key(e)!r}; the fields here are {names}. "
@@ -51,7 +55,30 @@ def from_mapping(cls: type[T], data: Mapping | None, where: str) -> T:
     if unknown:
         raise ErnasError(f"{where}: unknown field(s) {unknown}; the fields are "
                          f"{', '.join(sorted(names))}.")
+    check(where, nonfinite_values(data, cls))
     return cls(**data)
+
+
+def nonfinite_values(data: Any, schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every NaN or infinite number in ``data`` (mappings and lists, walked), as problems for
+    :func:`check`. A schema dataclass may list fields where infinity means "no limit" in a
+    class attribute ``INF_OK``; NaN is never a setting. Nested schemas are followed by field."""
+    if isinstance(data, Mapping):
+        types = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+        inf_ok = getattr(schema, "INF_OK", ())
+        bad = []
+        for k, v in data.items():
+            if isinstance(v, float) and math.isinf(v) and k in inf_ok:
+                continue
+            sub = types.get(k)
+            bad += nonfinite_values(v, sub if isinstance(sub, type) else None, f"{prefix}{k}.")
+        return bad
+    if isinstance(data, (list, tuple)):
+        return [p for i, v in enumerate(data)
+                for p in nonfinite_values(v, None, f"{prefix.removesuffix('.')}[{i}].")]
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{prefix.removesuffix('.')}={data} must be a finite number"]
+    return []
 
 
 def check(where: str, problems: list[str]) -> None:

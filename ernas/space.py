@@ -22,12 +22,14 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ernas import footprint
 from ernas.errors import ErnasError
 from ernas.family import Family, get_family
 
@@ -244,11 +246,7 @@ def space_from_dict(data: dict, source: str = "<memory>", name: str | None = Non
         entry = blocks[key]
         hit = [p for p in positions if matches(str(key), p)]
         if not hit:
-            raise ErnasError(
-                f"{source}: block key {key!r} matches no block position of this geometry; valid "
-                f"keys are 'all', a group ({', '.join(sorted({p.split('.')[0] for p in positions}))}), "
-                f"a level or a position such as {positions[0]!r} .. {positions[-1]!r}. Check the "
-                f"block counts in 'geometry' (enc_blk_nums, middle_blk_num, dec_blk_nums).")
+            raise ErnasError(_no_position_message(source, key, positions))
         if not isinstance(entry, dict):
             raise ErnasError(f"{source}: block {key!r} must map decisions to a value or a list of "
                              f"candidates, e.g. {{kernel: [3, 5]}}.")
@@ -272,7 +270,28 @@ def space_from_dict(data: dict, source: str = "<memory>", name: str | None = Non
             for p in hit:
                 choices[p][d] = cands
     name = name or data.get("name") or (Path(source).stem if source != "<memory>" else "space")
-    return SearchSpace(spec.name, geometry, choices, name=name, source=source, blocks=blocks)
+    space = SearchSpace(spec.name, geometry, choices, name=name, source=source, blocks=blocks)
+    largest = space.largest()
+    size = footprint.check(largest, source, "network" if space.is_arch else "largest network")
+    if "geometry" not in data:
+        warnings.warn(f"{source} gives no 'geometry', so the family's default geometry is built "
+                      f"({_fmt([geometry])}: {size.describe()}); write the geometry in the file "
+                      f"to choose another or to silence this warning.", stacklevel=2)
+    return space
+
+
+def _no_position_message(source: str, key, positions: list[str]) -> str:
+    """The paragraph for a ``blocks`` key that matches no block position of the geometry."""
+    fix = ("Check the block counts in 'geometry' (e.g. enc_blk_nums, middle_blk_num, "
+           "dec_blk_nums)")
+    if not positions:
+        return (f"{source}: block key {key!r} matches no block position: this geometry has no "
+                f"block positions at all (every block count is 0), so 'blocks' has nothing to "
+                f"set. {fix}, or remove the 'blocks' section.")
+    groups = ", ".join(sorted({p.split(".")[0] for p in positions}))
+    return (f"{source}: block key {key!r} matches no block position of this geometry; valid keys "
+            f"are 'all', a group ({groups}), a level or a position such as {positions[0]!r} .. "
+            f"{positions[-1]!r}. {fix}.")
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -305,7 +324,39 @@ def load_arch(path: str | Path) -> Arch:
             f"{path}: this is an architecture file, so every decision needs a single value, but "
             f"block {p!r}, field {d!r} lists {_fmt(c)} ({len(multi)} such fields in all). Pick "
             f"one value, or load it as a search space with load_space.")
+    warn_unset_decisions(space)
     return arch_of(space)
+
+
+def warn_unset_decisions(space: SearchSpace) -> None:
+    """Warn when an architecture file leaves a decision unset at some positions: those take
+    the family's reference value, which the file does not say."""
+    def covers(key: str, pos: str) -> bool:
+        return key == "all" or pos == key or pos.startswith(key + ".")
+
+    unset: dict[str, list[str]] = {}
+    for pos in space.positions:
+        given = {d for key, entry in space.blocks.items() if covers(str(key), pos)
+                 for d in (entry or {})}
+        for d in space.choices[pos]:
+            if d not in given:
+                unset.setdefault(d, []).append(pos)
+    if not unset:
+        return
+    ref = space.spec.reference
+    parts = [f"{d}={_fmt([ref[d]])} at {_positions(ps, len(space.positions))}"
+             for d, ps in unset.items()]
+    warnings.warn(f"{space.source}: this architecture does not set every decision, so the "
+                  f"family's reference values are taken: {'; '.join(parts)}. Write them in "
+                  f"'blocks' (e.g. under 'all') to make the file say what is built.",
+                  stacklevel=2)
+
+
+def _positions(ps: list[str], total: int) -> str:
+    if len(ps) == total:
+        return f"every position ({total})"
+    shown = ", ".join(ps[:6])
+    return f"{len(ps)} positions ({shown}{', ...' if len(ps) > 6 else ''})"
 
 
 def arch_of(space: SearchSpace) -> Arch:

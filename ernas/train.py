@@ -95,7 +95,8 @@ class TrainConfig:
         return d
 
 
-# fields that may differ when resuming (they do not change the computation)
+# fields that may differ when resuming (they do not change the computation): the one list,
+# which ernas-retrain extends with its own `threads`
 RESUME_FREE = ("num_workers", "log_every", "device", "logger")
 
 
@@ -151,10 +152,20 @@ class _State:
     window: list = field(default_factory=list)  # losses since the last log row
 
 
+def training_data(task, cfg: TrainConfig, rank: int) -> tuple[StepBatches, object]:
+    """This rank's training batches and (rank 0 only, else None) the validation set. Built
+    before a run writes its first file, so a data error (a folder, a crop larger than the
+    images) refuses the run instead of leaving a half-made run directory."""
+    key = data_key(cfg.seed, rank)
+    batches = StepBatches(task.dataset("train", cfg.crop, key, random=True), cfg.batch_size, key)
+    return batches, task.dataset("val", cfg.val_crop, cfg.seed) if rank == 0 else None
+
+
 def _run(arch: Arch, out: Path, cfg: TrainConfig, task, model: nn.Module,
          distill: DistillConfig | None, init_info: dict, ckpt: dict | None, progress: bool,
-         stop_at: int | None, info: D.DistInfo) -> dict | None:
-    """The training loop shared by :func:`retrain` and :func:`resume`."""
+         stop_at: int | None, info: D.DistInfo, data: tuple) -> dict | None:
+    """The training loop shared by :func:`retrain` and :func:`resume` (``data``: from
+    :func:`training_data`)."""
     from ernas.complexity import count_macs, count_params
 
     main = info.rank == 0
@@ -189,13 +200,11 @@ def _run(arch: Arch, out: Path, cfg: TrainConfig, task, model: nn.Module,
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
 
-    key = data_key(cfg.seed, info.rank)
-    batches = StepBatches(task.dataset("train", cfg.crop, key, random=True), cfg.batch_size, key)
+    batches, val_set = data
     end = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(st.step, end),
                                          num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda")
-    val_set = task.dataset("val", cfg.val_crop, cfg.seed) if main else None
     cin = arch.spec.io_channels(arch.geometry)[0]
     shape = (1, cin, 256, 256)
     size = {"params": count_params(model), "macs": count_macs(model, shape),
@@ -296,15 +305,18 @@ def _run(arch: Arch, out: Path, cfg: TrainConfig, task, model: nn.Module,
 
 def retrain(arch: Arch, out_dir, task, cfg: TrainConfig | None = None, init: str = "scratch",
             source=None, distill: DistillConfig | None = None, progress: bool = True,
-            stop_at: int | None = None, space=None) -> dict | None:
+            stop_at: int | None = None, space=None, data: tuple | None = None) -> dict | None:
     """Train ``arch`` on ``task`` into ``out_dir``: arch.yaml, init_report.json, best.pt (best
     validation metric), last.pt, log.csv, curves.png, summary.json (written by rank 0 only).
     ``stop_at=k`` stops after step k as if interrupted (``last.pt`` is written; :func:`resume`
-    continues). Under torchrun it trains with DDP. Returns the summary (None on ranks > 0)."""
+    continues). Under torchrun it trains with DDP. ``data``: :func:`training_data`, when the
+    caller built it already (to check the data before it claims a run directory). Returns the
+    summary (None on ranks > 0)."""
     cfg = cfg or TrainConfig()
     task.check_arch(arch)
     info = D.setup(cfg.device)
     out = Path(out_dir)
+    data = data or training_data(task, cfg, info.rank)
     model, report = init_model(arch, init, source, cfg.seed, space)
     if info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +324,8 @@ def retrain(arch: Arch, out_dir, task, cfg: TrainConfig | None = None, init: str
         atomic_write_json(out / "init_report.json", report)
         getattr(task, "record_splits", lambda _: None)(out)  # which files each split used
     init_info = {"init": init, "source": str(source) if source else None}
-    return _run(arch, out, cfg, task, model, distill, init_info, None, progress, stop_at, info)
+    return _run(arch, out, cfg, task, model, distill, init_info, None, progress, stop_at, info,
+                data)
 
 
 def resume(run_dir, progress: bool = True, stop_at: int | None = None,
@@ -353,4 +366,4 @@ def resume(run_dir, progress: bool = True, stop_at: int | None = None,
     state = {k: ckpt[k] for k in ("model", "adapters", "optimizer", "scheduler", "scaler",
                                   "state")}
     return _run(arch, out, cfg, task, build_model(arch), distill, ckpt["init"], state, progress,
-                stop_at, info)
+                stop_at, info, training_data(task, cfg, info.rank))

@@ -4,6 +4,8 @@ import csv
 import hashlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +25,10 @@ RETRAIN = ["steps=4", "batch_size=2", "crop=32", "val_every=2", "log_every=2", "
            "task.max_side=256", "threads=1", "progress=false"]
 
 
-def _run(module, tmp_path, *args):
+def _run(module, tmp_path, *args, env=None):
     return subprocess.run([sys.executable, "-m", f"ernas.cli.{module}", *args],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, **(env or {})})
 
 
 def _user_error(r, *fragments):
@@ -35,6 +38,23 @@ def _user_error(r, *fragments):
     text = " ".join(r.stderr.split())  # the paragraph is wrapped to the terminal width
     for f in fragments:
         assert f in text, (f, r.stderr[-2000:])
+
+
+def _every_file(folder: Path) -> dict:
+    """SHA-1 of every file under ``folder``, Hydra's record and logs included."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _outputs(folder: Path) -> list[str]:
+    """The outputs in a run directory (not its lock, Hydra's record or the job log)."""
+    return sorted(p.name for p in folder.glob("*") if p.suffix != ".log"
+                  and not p.name.startswith(".")) if folder.exists() else []
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".ernas.lock"))
+    return to
 
 
 def _digest(folder: Path) -> dict:
@@ -195,3 +215,165 @@ def test_evaluate_pareto_runs_given_as_a_glob(tmp_path):
     r = _run("evaluate", tmp_path, f"runs='{tmp_path}/nothing/*'",
              f"hydra.run.dir={tmp_path / 'q'}")
     _user_error(r, "nothing/*")
+
+
+# --------------------------------------------------------------------------- resumes (issue 37)
+@pytest.fixture(scope="module")
+def stopped_retrain(tmp_path_factory):
+    """A retrain run stopped at step 2 of 4 (resumable), made with log_every=2 and threads=1."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    r = _run("retrain", tmp, *RETRAIN, "stop_at=2", f"hydra.run.dir={tmp / 'run'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    """A finished 4-step search with a checkpoint at step 2, logged every step, on one thread."""
+    tmp = tmp_path_factory.mktemp("search")
+    r = _run("search", tmp, *SEARCH, "search.steps=4", "search.log_every=1", "threads=1",
+             f"latency.cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / 'run'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp / "run" / "checkpoint.pt").is_file()
+    return tmp / "run"
+
+
+def test_resume_into_its_own_folder_refuses_changes_and_leaves_it_untouched(tmp_path,
+                                                                           stopped_retrain):
+    """Hydra used to rewrite D/.hydra/config.yaml with the new values before the comparison, so
+    the changes were dropped silently, the record lied, and a plain resume= was refused after."""
+    run = _copy_run(stopped_retrain, tmp_path / "run")
+    before = _every_file(run)
+    r = _run("retrain", tmp_path, f"resume={run}", "lr=0.5", "steps=80", f"hydra.run.dir={run}")
+    _user_error(r, "lr (run: 0.001, now: 0.5)", "steps (run: 4, now: 80)")
+    assert _every_file(run) == before
+    r = _run("retrain", tmp_path, f"resume={run}", f"hydra.run.dir={run}", "progress=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_free_settings_keep_the_runs_values_on_resume(tmp_path, stopped_retrain, finished_search):
+    """log_every/threads/search.log_every not given on resume used to take today's defaults:
+    a retrain's summary recorded log_every 10, a search's log.csv lost its per-step rows."""
+    run = _copy_run(stopped_retrain, tmp_path / "rt")
+    r = _run("retrain", tmp_path, f"resume={run}", f"hydra.run.dir={tmp_path / 'h1'}",
+             "progress=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["config"]["log_every"] == 2
+    search = _copy_run(finished_search, tmp_path / "s")
+    r = _run("search", tmp_path, f"resume={search}", f"hydra.run.dir={tmp_path / 'h2'}",
+             f"latency.cache_dir={tmp_path / 'c'}", "progress=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("log.csv", "alphas.csv", "arch.yaml"):
+        assert (search / f).read_text() == (finished_search / f).read_text(), f
+
+
+def test_a_refused_search_leaves_a_running_runs_files_byte_identical(tmp_path, finished_search):
+    """A second search on a directory whose lock is held (as a running command holds it) used to
+    overwrite the first run's .hydra/config.yaml and overrides.yaml before being refused."""
+    import fcntl
+
+    run = _copy_run(finished_search, tmp_path / "run")
+    before = _every_file(run)
+    with open(run / ".ernas.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = _run("search", tmp_path, *SEARCH, "search.steps=4", "search.lam=9.0",
+                 f"latency.cache_dir={finished_search.parent / 'cache'}", f"hydra.run.dir={run}")
+    _user_error(r, str(run), "another ernas command")
+    assert {k: v for k, v in _every_file(run).items() if k != ".ernas.lock"} == before
+
+
+def test_resume_of_another_commands_run_or_before_its_first_checkpoint(tmp_path, stopped_retrain):
+    before = _every_file(stopped_retrain)
+    r = _run("search", tmp_path, f"resume={stopped_retrain}", f"hydra.run.dir={tmp_path / 'x'}")
+    _user_error(r, "run of ernas-retrain", f"ernas-retrain resume={stopped_retrain}")
+    assert _every_file(stopped_retrain) == before
+    early = tmp_path / "early"  # killed before its first checkpoint: only its record exists
+    (early / ".hydra").mkdir(parents=True)
+    saved = (stopped_retrain / ".hydra" / "config.yaml").read_text()
+    assert "val_every: 2\n" in saved
+    (early / ".hydra" / "config.yaml").write_text(saved.replace("val_every: 2\n",
+                                                                "val_every: 7\n"))
+    r = _run("retrain", tmp_path, f"resume={early}", f"hydra.run.dir={tmp_path / 'y'}")
+    _user_error(r, "before its first checkpoint", "val_every=7")
+
+
+# --------------------------------------------------------------------------- geometry (issue 37)
+def test_a_geometry_without_block_positions_but_with_blocks(tmp_path):
+    f = tmp_path / "zero.yaml"
+    f.write_text("family: nafnet\ngeometry: {enc_blk_nums: [0, 0], middle_blk_num: 0, "
+                 "dec_blk_nums: [0, 0]}\nblocks:\n  all: {kernel: 3}\n")
+    _user_error(_run("check", tmp_path, str(f)), "zero.yaml", "'all'", "no block positions")
+
+
+def _geometry_file(folder: Path, width: int) -> Path:
+    f = folder / f"w{width}.yaml"
+    f.write_text(f"family: nafnet\ngeometry: {{width: {width}, enc_blk_nums: [1, 1], "
+                 f"middle_blk_num: 1, dec_blk_nums: [1, 1]}}\n")
+    return f
+
+
+@pytest.mark.parametrize("module, args", [
+    ("check", []), ("search", SEARCH), ("retrain", RETRAIN),
+    ("evaluate", ["measure_latency=false"]), ("export", [])])
+def test_huge_widths_are_refused_from_an_estimate_before_building(tmp_path, module, args):
+    """Width 100000 used to crash allocating 80 GB; every command loads through one check."""
+    f = _geometry_file(tmp_path, 100000)
+    ref = [str(f)] if module == "check" else \
+        [f"space={f}" if module == "search" else f"arch={f}", f"hydra.run.dir={tmp_path / 'x'}"]
+    r = _run(module, tmp_path, *ref, *args)
+    _user_error(r, "w100000.yaml", "too large", "parameters", "GiB of activations",
+                "ERNAS_MAX_PARAMS")
+    assert not _outputs(tmp_path / "x")
+
+
+def test_the_size_limit_is_an_estimate_and_configurable(tmp_path):
+    """Width 20000 used to climb past 4 GB before anything was said; the limit can be lowered
+    (or raised) with the environment, and the estimate is in the message."""
+    _user_error(_run("check", tmp_path, str(_geometry_file(tmp_path, 20000))), "too large")
+    tiny = _geometry_file(tmp_path, 8)
+    assert _run("check", tmp_path, str(tiny)).returncode == 0
+    r = _run("check", tmp_path, str(tiny), env={"ERNAS_MAX_PARAMS": "1000"})
+    _user_error(r, "w8.yaml", "too large", "above the limits of 1,000 parameters")
+
+
+def test_defaults_taken_silently_are_said(tmp_path):
+    """A file holding only `family: nafnet` builds the default 29M-parameter geometry, and an
+    arch missing a decision takes the reference's value: both used to pass without a word."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("family: nafnet\n")
+    r = _run("check", tmp_path, str(bare))
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stderr.split())
+    assert "gives no 'geometry'" in text and "default geometry" in text and "parameters" in text
+    partial = tmp_path / "partial.yaml"
+    official_arch(**TINY).save(partial)
+    lines = partial.read_text().splitlines(True)
+    partial.write_text("".join(ln for ln in lines if "norm:" not in ln))
+    r = _run("retrain", tmp_path, f"arch={partial}", *RETRAIN, "steps=1", "val_every=1",
+             f"hydra.run.dir={tmp_path / 'r'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = " ".join(r.stderr.split())
+    assert "does not set every decision" in text and "norm=layernorm at every position (5)" \
+        in text, text
+
+
+# --------------------------------------------------------------------------- values (issue 37)
+@pytest.mark.parametrize("module, args, fragments", [
+    ("retrain", [*RETRAIN, "crop=100000"], ["crop"]),
+    ("retrain", [*RETRAIN, "task.train_dir={empty}"], ["empty"]),
+    ("retrain", [*RETRAIN, "lr=inf"], ["lr=inf", "finite"]),
+    ("retrain", [*RETRAIN, "betas=[0.9,nan]"], ["betas[1]=nan", "finite"]),
+    ("search", [*SEARCH, "search.steps=4", "search.lam=nan"], ["search.lam=nan", "finite"]),
+    ("search", [*SEARCH, "search.steps=4", "search.crop=100000"], ["crop"])])
+def test_data_and_non_finite_values_are_refused_before_the_first_file(tmp_path, module, args,
+                                                                      fragments, finished_search):
+    """These used to be found after arch.yaml and init_report.json were written (or, for
+    search.lam=nan, at step 2 as "lower the learning rate")."""
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
+    cache = finished_search.parent / "cache"  # the table is cached: nothing is profiled here
+    r = _run(module, tmp_path, *args, f"latency.cache_dir={cache}" if module == "search"
+             else "seed=0", f"hydra.run.dir={tmp_path / 'x'}")
+    _user_error(r, *fragments)
+    assert not _outputs(tmp_path / "x")

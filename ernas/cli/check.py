@@ -5,7 +5,7 @@ import argparse
 import math
 
 from ernas.cli.common import user_errors
-from ernas.space import arch_of, load_space
+from ernas.space import arch_of, load_space, warn_unset_decisions
 
 
 @user_errors
@@ -18,6 +18,8 @@ def main(argv=None) -> None:
 
     for f in args.files:
         space = load_space(f)
+        if space.is_arch:
+            warn_unset_decisions(space)
         kind = "architecture" if space.is_arch else "search space"
         size = space.size()
         arch = arch_of(space) if space.is_arch else space.reference()

@@ -22,12 +22,14 @@ def hydra_main(config_name: str, run):
     is reported like every other user error: one ``error:`` paragraph, exit status 2."""
     import hydra
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from ernas.paths import EXPERIMENTS
 
     @hydra.main(config_path=str(EXPERIMENTS), config_name=config_name, version_base="1.3")
     def _main(cfg) -> None:
+        _COMPOSED[:] = [OmegaConf.to_yaml(cfg)]  # recorded once the run directory is claimed
         run(cfg)
 
     def main() -> None:
@@ -70,57 +72,104 @@ def user_errors(fn):
 
 
 _ABSENT = object()
+# the file a resumable run of each command holds
+RUN_CHECKPOINTS = {"search": "checkpoint.pt", "retrain": "last.pt"}
 
 
-def resumed_config(cfg, checkpoint: str, free: tuple[str, ...], every: str):
-    """The config of the run in ``cfg.resume`` (its ``.hydra/config.yaml``), so ``resume=DIR``
-    alone continues with the run's own settings. Overrides given with it must equal the run's
-    values (except the ``free`` keys); differences are refused, listed. ``checkpoint`` is the
-    file a resumable run holds; ``every`` says how often it is written (for the message)."""
+def given_overrides() -> list[str]:
+    """The task overrides of this Hydra command line (``key=value``; empty outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def given_keys() -> set[str]:
+    """The keys set on this command line (``lr`` of ``lr=0.5``, ``search.lam`` of ``+search.lam=1``)."""
+    return {ov.split("=", 1)[0].lstrip("+~") for ov in given_overrides()}
+
+
+def _run_command(d: Path) -> str | None:
+    """The ernas command that made run directory ``d``: the job name Hydra recorded, else the
+    checkpoint file it holds."""
+    from omegaconf import OmegaConf
+
+    recorded = d / ".hydra" / "hydra.yaml"
+    if recorded.is_file():
+        try:
+            name = OmegaConf.select(OmegaConf.load(recorded), "hydra.job.name")
+        except Exception:  # noqa: BLE001 - an unreadable record: judge by the files
+            name = None
+        if name in RUN_CHECKPOINTS:
+            return name
+    held = [c for c, f in RUN_CHECKPOINTS.items() if (d / f).is_file()]
+    return held[0] if len(held) == 1 else None
+
+
+def resumed_config(cfg, command: str, free: tuple[str, ...], every: str,
+                   invocation: tuple[str, ...] = ("resume",)):
+    """The config of the ``command`` run in ``cfg.resume`` (its ``.hydra/config.yaml``), so
+    ``resume=DIR`` alone continues with the run's own settings. Overrides given with it must
+    equal the run's values (except the ``free`` and ``invocation`` keys); differences are
+    refused, listed. A ``free`` key keeps the run's value unless given on this command line;
+    an ``invocation`` key (``resume``, ``stop_at``, ...) always takes this command line's.
+    ``every`` is the key saying how often the checkpoint is written (for the message)."""
     from omegaconf import OmegaConf, open_dict
 
     d = Path(str(cfg.resume))
+    checkpoint = RUN_CHECKPOINTS[command]
     if not d.is_dir():
         raise ErnasError(f"resume={d}: no such directory; give the run directory of an earlier "
                          f"run (it holds {checkpoint}).")
-    if not (d / checkpoint).is_file():
-        raise ErnasError(f"resume={d}: this run directory holds no {checkpoint}: the run stopped "
-                         f"before its first checkpoint ({every}), so there is nothing to "
-                         f"resume; start it again (in a new run directory).")
+    other = _run_command(d)
+    if other and other != command:
+        raise ErnasError(f"resume={d}: this is a run of ernas-{other}, not of ernas-{command}; "
+                         f"continue it with `ernas-{other} resume={d}`.")
     saved = d / ".hydra" / "config.yaml"
-    if not saved.is_file():
+    run_cfg = OmegaConf.load(saved) if saved.is_file() else None
+    if not (d / checkpoint).is_file():
+        n = OmegaConf.select(run_cfg if run_cfg is not None else cfg, every)
+        raise ErnasError(f"resume={d}: this run directory holds no {checkpoint}: the run stopped "
+                         f"before its first checkpoint ({every}={n} steps), so there is nothing "
+                         f"to resume; start it again (in a new run directory).")
+    if run_cfg is None:
         return cfg  # made through the Python API: the checkpoint's own check applies
-    run_cfg = OmegaConf.load(saved)
-    try:
-        given = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        given = []
+    _refuse_changed(d, cfg, run_cfg, (*free, *invocation))
+    given = given_keys()
+    with open_dict(run_cfg):
+        for key in (*free, *invocation):
+            if key in invocation or key in given \
+                    or OmegaConf.select(run_cfg, key, default=_ABSENT) is _ABSENT:
+                OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
+        added = new_fields(run_cfg, cfg)
+    if added:
+        print(f"ernas: resume={d}: settings added to ernas since this run take their current "
+              f"values: {', '.join(added)}.", file=sys.stderr, flush=True)
+    return run_cfg
+
+
+def _refuse_changed(d: Path, cfg, run_cfg, free: tuple[str, ...]) -> None:
+    """An ErnasError listing every override of this command line (other than ``free`` and
+    ``hydra.*`` keys) whose value differs from the run's."""
+    from omegaconf import OmegaConf
+
     diffs = []
-    for ov in given:
-        key = ov.split("=", 1)[0].lstrip("+~")
+    for key in sorted(given_keys()):
         if key in free or key.startswith("hydra."):
             continue
         if OmegaConf.select(run_cfg, key, default=_ABSENT) is _ABSENT:
             continue  # a setting added since the run: it takes the value given (new_fields)
         now, was = (OmegaConf.select(c, key, default=None) for c in (cfg, run_cfg))
-        if OmegaConf.is_config(now):
-            now, was = OmegaConf.to_container(now), OmegaConf.to_container(was) \
-                if OmegaConf.is_config(was) else was
+        now, was = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                    for v in (now, was))
         if now != was:
             diffs.append(f"{key} (run: {was!r}, now: {now!r})")
     if diffs:
         raise ErnasError(f"resume={d}: a resumed run keeps its own settings, but these overrides "
                          f"differ from the run's: {'; '.join(diffs)}. Drop them to continue the "
                          f"run, or start a new run to change them.")
-    with open_dict(run_cfg):
-        for key in free:
-            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
-        added = new_fields(run_cfg, cfg)
-    if added:
-        print(f"ernas: resume={d}: settings added to ernas since this run take their current "
-              f"values: {', '.join(added)}.", file=sys.stderr, flush=True)
-    return run_cfg
 
 
 def new_fields(run_cfg, cfg, prefix: str = "") -> list[str]:
@@ -155,13 +204,15 @@ def task_of(cfg):
 _HELD: list = []  # lock files of claimed run directories, held until the process ends
 
 
-def claim_run_dir(out, resume: bool = False, main: bool = True) -> Path:
+def claim_run_dir(out, resume: bool = False, main: bool = True, record: bool = True) -> Path:
     """Make ``out`` this process's run directory: create it and hold an exclusive lock on
     ``out/.ernas.lock`` (``fcntl.flock``, released when the process ends, even when killed), so
     a second run on the same directory is refused instead of overwriting it. A new run also
     refuses a directory that already holds an earlier run's outputs (anything but Hydra's
     ``.hydra/`` and ``*.log``); a resumed run removes the ``.*.tmp`` files an interrupted atomic
-    write left behind. Ranks other than 0 (``main=False``) write nothing and claim nothing."""
+    write left behind. A new run records its config there (:func:`record_run_config`), unless
+    ``record=False`` (a command that claims first and checks after records it itself). Ranks
+    other than 0 (``main=False``) write nothing and claim nothing."""
     import fcntl
 
     out = Path(out)
@@ -187,10 +238,38 @@ def claim_run_dir(out, resume: bool = False, main: bool = True) -> Path:
                          f"({', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}); "
                          f"choose another hydra.run.dir, or continue that run with "
                          f"resume={out}.")
+    if record:
+        record_run_config(out)
     return out
 
 
-def output_dir(resume: bool = False, main: bool = True) -> Path:
+_COMPOSED: list[str] = []  # the YAML of the config Hydra composed for this command
+
+
+def record_run_config(out: Path) -> None:
+    """Write ``.hydra/config.yaml``, ``overrides.yaml`` and ``hydra.yaml`` (what Hydra writes
+    itself when ``hydra.output_subdir`` is set) into ``out`` when it is this Hydra command's
+    run directory. The command configs set ``hydra.output_subdir: null``, so this record is made
+    by the run that claimed the directory (:func:`claim_run_dir`), never by a refused one."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from ernas.io import atomic_write_text
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return
+    if not _COMPOSED or Path(hc.runtime.output_dir).resolve() != out.resolve():
+        return
+    d = out / ".hydra"
+    d.mkdir(exist_ok=True)
+    atomic_write_text(d / "config.yaml", _COMPOSED[0])
+    atomic_write_text(d / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+    atomic_write_text(d / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+
+
+def output_dir(resume: bool = False, main: bool = True, record: bool = True) -> Path:
     """The Hydra run directory (or the current directory outside Hydra), claimed for this run
     (:func:`claim_run_dir`)."""
     try:
@@ -199,7 +278,7 @@ def output_dir(resume: bool = False, main: bool = True) -> Path:
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         out = Path.cwd()
-    return claim_run_dir(out, resume, main)
+    return claim_run_dir(out, resume, main, record)
 
 
 def resolve_arch(ref):

@@ -23,9 +23,10 @@ def run(cfg: DictConfig, out=None) -> dict:
     if params.threads:
         import torch
         torch.set_num_threads(params.threads)
-    out = claim_run_dir(out) if out else output_dir()
     if params.runs:
-        df = pareto(run_dirs(params.runs), out / "pareto.png", cfg.pareto_table)
+        dirs = run_dirs(params.runs)
+        out = claim_run_dir(out) if out else output_dir()
+        df = pareto(dirs, out / "pareto.png", cfg.pareto_table)
         summary = {"runs": df.to_dict(orient="records"),
                    "front": list(dict.fromkeys(df.loc[df["on_front"], "name"])),
                    "plot": str(out / "pareto.png"), "csv": str(out / "pareto.csv")}
@@ -51,6 +52,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     latency = OmegaConf.to_container(cfg.latency, resolve=True) if cfg.get("latency") else None
     if latency and not cfg.arch:
         latency = search_table(latency, cfg.checkpoint)
+    out = claim_run_dir(out) if out else output_dir()
     summary = evaluate(entries, out, task_of(cfg), cfg.seed, latency, tuple(cfg.input_shape),
                        cfg.predict_latency, cfg.measure_latency, cfg.device, cfg.progress)
     print(_line(summary) + f"; wrote {out}/report.md, results.csv")

@@ -22,11 +22,11 @@ def run(cfg: DictConfig, out=None) -> dict:
     validated({"latency": cfg.latency}, LatencyGroup, "export config")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    out = claim_run_dir(out) if out else output_dir()
     arch = arch_for(cfg.arch, cfg.checkpoint)
     task = task_of(cfg)
     task.check_arch(arch)
     model = load_model(arch, resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None)
+    out = claim_run_dir(out) if out else output_dir()
     plain = OmegaConf.to_container(cfg, resolve=True)
     summary = export_all(arch, model, task, out, make_backend(plain["latency"]["backend"]),
                          plain["latency"]["measure"], cfg.opset, cfg.dynamic_hw,

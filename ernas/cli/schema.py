@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -23,6 +23,7 @@ def _shape_problems(shape) -> list[str]:
 
 @dataclass
 class Latency:
+    INF_OK: ClassVar = ("max_inconsistency",)   # inf: no limit (ernas.config.nonfinite_values)
     backend: Dict[str, Any] = MISSING
     granularity: str = MISSING
     table: Optional[str] = MISSING

@@ -7,7 +7,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernas import distributed as D
 from ernas.batches import step_batches
-from ernas.cli.common import claim_run_dir, hydra_main, output_dir, resumed_config, task_of, user_errors
+from ernas.cli.common import (claim_run_dir, hydra_main, output_dir, record_run_config,
+                              resumed_config, task_of, user_errors)
 from ernas.cli.schema import Search
 from ernas.config import validated
 from ernas.errors import ErnasError
@@ -16,12 +17,16 @@ from ernas.latency.predict import ExpectedLatency
 from ernas.latency.resolve import profile_command, resolve_from_config
 from ernas.latency.table import LatencyTable
 from ernas.search import SearchConfig, run_search
+from ernas.search.config import RESUME_FREE as SEARCH_RESUME_FREE
 from ernas.space import find_space
 
 
-# settings that may differ when a run is resumed (they do not change what is computed)
-RESUME_FREE = ("resume", "progress", "threads", "search.checkpoint_every", "search.log_every",
-               "search.device", "latency.cache_dir", "latency.probe_cache_s")
+# settings of the command line, not of the run: a resumed run always takes this invocation's
+INVOCATION = ("resume", "progress")
+# run settings that may differ when a run is resumed (they do not change what is computed); not
+# given on the command line, each keeps the run's value. The search's own are the library's list.
+RESUME_FREE = ("threads", "latency.cache_dir", "latency.probe_cache_s",
+               *(f"search.{k}" for k in sorted(SEARCH_RESUME_FREE)))
 # the table a run started with, copied into its directory: a resumed run continues with it, so a
 # probe that fails on a busy machine (and re-profiles) cannot change the objective mid-run
 RUN_TABLE = "latency_table.csv"
@@ -32,8 +37,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     """Search; under ``torchrun`` each rank draws its own batches, weight and α gradients are
     averaged over ranks (so α, and the derived arch, are identical) and rank 0 writes files."""
     if cfg.resume:
-        cfg = resumed_config(cfg, "checkpoint.pt", RESUME_FREE,
-                             f"search.checkpoint_every={cfg.search.checkpoint_every} steps")
+        cfg = resumed_config(cfg, "search", RESUME_FREE, "search.checkpoint_every", INVOCATION)
     params = validated(cfg, Search, "search config")
     SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))  # ranges, up front
     if params.threads:
@@ -76,6 +80,11 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     if space.is_arch:
         raise ErnasError(f"space {space.source} has nothing to search (every decision has one "
                          f"value); give a search space such as nafnet_tiny.")
+    data_seed = cfg.seed + 1000 * rank
+    scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
+    # the data first: a data error refuses the run before any latency is timed
+    train = task.dataset("train", scfg.crop, data_seed, random=True)
+    val = task.dataset("val", scfg.crop, data_seed + 1, random=True)
     lat = cfg.latency
     shape = [int(s) for s in cfg.input_shape]
     backend = make_backend(lat.backend)
@@ -95,10 +104,6 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     table.probe = probe
     expected = ExpectedLatency(space, table, shape, lat.granularity,
                                profile_command(space, shape, backend, lat.granularity))
-    data_seed = cfg.seed + 1000 * rank
-    scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
-    train = task.dataset("train", scfg.crop, data_seed, random=True)
-    val = task.dataset("val", scfg.crop, data_seed + 1, random=True)
     return dict(space=space, task=task, shape=shape, table=table, table_path=table_path,
                 expected=expected, scfg=scfg,
                 train_batch=step_batches(train, scfg.batch_size, data_seed),
@@ -106,13 +111,18 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
 
 
 def _run(cfg: DictConfig, info, out: Path | None) -> dict:
-    p = prepare(cfg, info.rank)
-    space, shape, table, scfg = p["space"], p["shape"], p["table"], p["scfg"]
+    # the run directory is claimed first (a busy or used one is refused before any profiling)
+    # and its config recorded once every check of prepare() passed
     main = info.rank == 0
     if cfg.resume:
         out = claim_run_dir(cfg.resume, resume=True, main=main)
     else:
-        out = claim_run_dir(out, main=main) if out else output_dir(main=main)
+        out = claim_run_dir(out, main=main, record=False) if out else \
+            output_dir(main=main, record=False)
+    p = prepare(cfg, info.rank)
+    space, shape, table, scfg = p["space"], p["shape"], p["table"], p["scfg"]
+    if main and not cfg.resume:
+        record_run_config(out)
     if info.enabled:
         scfg.device = info.device
     if main and not cfg.resume:

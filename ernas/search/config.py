@@ -110,6 +110,7 @@ def register_schema() -> None:
 register_schema()
 
 
-# fields that may change between a run and its resumption
-RESUME_FREE = {"checkpoint_every", "log_every", "device", "eval_batches",
-               "bn_calibration_batches"}
+# fields that may change between a run and its resumption (they do not change what is
+# computed: eval_batches and bn_calibration_batches do, through derive=budget and the
+# recalibrated weights); the one list, which ernas-search prefixes with `search.`
+RESUME_FREE = {"checkpoint_every", "log_every", "device"}
