@@ -1,7 +1,11 @@
 """ernas: hardware-aware differentiable architecture search for restoration and segmentation
 networks."""
 from ernas.errors import ErnasError
-from ernas.space import Arch, SearchSpace, load_arch, load_space
+from ernas.api import (Result, bench, evaluate, export, list_archs, list_backends, list_families,
+                       list_spaces, list_tasks, profile, retrain, search)
+from ernas.api import find_arch as load_arch
+from ernas.api import find_space as load_space
+from ernas.space import Arch, SearchSpace
 
 __version__ = "0.1.0"
 
@@ -18,4 +22,6 @@ def inference_model(model):
     return model.fuse() or model if hasattr(model, "fuse") else model
 
 
-__all__ = ["Arch", "ErnasError", "SearchSpace", "build_model", "inference_model", "load_arch", "load_space"]
+__all__ = ["Arch", "ErnasError", "Result", "SearchSpace", "bench", "build_model", "evaluate",
+           "export", "inference_model", "list_archs", "list_backends", "list_families",
+           "list_spaces", "list_tasks", "load_arch", "load_space", "profile", "retrain", "search"]

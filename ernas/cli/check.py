@@ -5,19 +5,21 @@ import argparse
 import math
 
 from ernas.cli.common import user_errors
-from ernas.space import arch_of, load_space, warn_unset_decisions
+from ernas.api import find_space
+from ernas.space import arch_of, warn_unset_decisions
 
 
 @user_errors
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="ernas-check", description=__doc__)
-    ap.add_argument("files", nargs="+", help="search space or architecture YAML files")
+    ap.add_argument("files", nargs="+", help="search space or architecture YAML files, or "
+                    "shipped names (nafnet_ern, nafnet_sidd_w32, ...)")
     args = ap.parse_args(argv)
     from ernas import build_model
     from ernas.complexity import count_params
 
     for f in args.files:
-        space = load_space(f)
+        space = find_space(f)
         if space.is_arch:
             warn_unset_decisions(space)
         kind = "architecture" if space.is_arch else "search space"

@@ -87,7 +87,8 @@ def given_overrides() -> list[str]:
 
 
 def given_keys() -> set[str]:
-    """The keys set on this command line (``lr`` of ``lr=0.5``, ``search.lam`` of ``+search.lam=1``)."""
+    """The keys set on this command line (``lr`` of ``lr=0.5``, ``search.lam`` of
+    ``+search.lam=1``)."""
     return {ov.split("=", 1)[0].lstrip("+~") for ov in given_overrides()}
 
 

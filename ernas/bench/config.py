@@ -1,0 +1,130 @@
+"""The protocol's schema (``experiments/bench.yaml``): types here, defaults in the YAML, ranges
+and relations in ``__post_init__``; checked once, before anything runs or is written."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from ernas.config import check
+
+LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm", "ray")
+
+
+@dataclass
+class SearchArm:
+    seeds: List[int] = MISSING
+    overrides: Dict[str, Any] = MISSING
+
+
+@dataclass
+class RandomArm:
+    draws: int = MISSING
+    tolerance: float = MISSING
+    seed: int = MISSING
+    max_tries: int = MISSING
+
+
+@dataclass
+class Train:
+    overrides: Dict[str, Any] = MISSING
+    seeds: List[int] = MISSING
+    others_seeds: List[int] = MISSING
+
+
+@dataclass
+class Select:
+    headline_drop: float = MISSING
+
+
+@dataclass
+class Evaluate:
+    set: Optional[str] = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class Bootstrap:
+    samples: int = MISSING
+    alpha: float = MISSING
+    noninferiority: float = MISSING
+    speedup: float = MISSING
+
+
+@dataclass
+class Protocol:
+    task: Any = MISSING
+    latency: Any = MISSING
+    protocol: str = MISSING
+    space: str = MISSING
+    input_shape: List[int] = MISSING
+    targets: List[float] = MISSING
+    search: SearchArm = MISSING
+    random: RandomArm = MISSING
+    scaled: List[Any] = MISSING
+    train: Train = MISSING
+    select: Select = MISSING
+    evaluate: Evaluate = MISSING
+    measure_passes: int = MISSING
+    bootstrap: Bootstrap = MISSING
+    launcher: str = MISSING
+    launcher_settings: Dict[str, Any] = field(default_factory=dict)
+    threads: Optional[int] = MISSING
+    resume: Optional[str] = MISSING
+    progress: bool = MISSING
+
+    def __post_init__(self):
+        check("bench config", self.problems())
+
+    def problems(self) -> list[str]:
+        bad = []
+        if not self.protocol.replace("_", "").replace("-", "").isalnum():
+            bad.append(f"protocol={self.protocol!r} must be a plain name (letters, digits, _ -)")
+        if not self.targets or any(not (math.isfinite(t) and 0 < t <= 1) for t in self.targets):
+            bad.append(f"targets={list(self.targets)} must be fractions in (0, 1] of the "
+                       f"reference's predicted latency")
+        if len(set(self.targets)) != len(self.targets):
+            bad.append(f"targets={list(self.targets)} lists a target twice")
+        for name, seeds in (("search.seeds", self.search.seeds), ("train.seeds", self.train.seeds),
+                            ("train.others_seeds", self.train.others_seeds)):
+            if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+                bad.append(f"{name}={list(seeds)} must be distinct non-negative seeds, at least one")
+        if not set(self.train.others_seeds) <= set(self.train.seeds):
+            bad.append(f"train.others_seeds={list(self.train.others_seeds)} must be a subset of "
+                       f"train.seeds={list(self.train.seeds)} (selection reads the shared seeds)")
+        if self.random.draws < 1 or self.random.max_tries < self.random.draws:
+            bad.append(f"random.draws={self.random.draws} must be >= 1 and <= random.max_tries")
+        if not (0 < self.random.tolerance < 1):
+            bad.append(f"random.tolerance={self.random.tolerance} must be in (0, 1)")
+        if not (0 <= self.select.headline_drop < 1):
+            bad.append(f"select.headline_drop={self.select.headline_drop} must be in [0, 1)")
+        b = self.bootstrap
+        if b.samples < 100 or not (0 < b.alpha < 1) or not (0 <= b.noninferiority < 1) \
+                or not (math.isfinite(b.speedup) and b.speedup > 0):
+            bad.append(f"bootstrap={{samples: {b.samples}, alpha: {b.alpha}, noninferiority: "
+                       f"{b.noninferiority}, speedup: {b.speedup}}} needs samples >= 100, alpha "
+                       f"and noninferiority in (0, 1), speedup > 0")
+        if self.measure_passes < 1:
+            bad.append(f"measure_passes={self.measure_passes} must be >= 1")
+        if self.launcher not in LAUNCHERS:
+            bad.append(f"launcher={self.launcher!r} must be one of {', '.join(LAUNCHERS)}")
+        if self.threads is not None and self.threads < 1:
+            bad.append(f"threads={self.threads} must be >= 1 (or null)")
+        bad += _scaled_problems(self.scaled)
+        return bad
+
+
+def _scaled_problems(scaled) -> list[str]:
+    bad, names = [], set()
+    for i, s in enumerate(scaled):
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) \
+                or set(s) - {"name", "geometry", "blocks"}:
+            bad.append(f"scaled[{i}]={s!r} must be a mapping {{name, geometry, blocks}} (geometry "
+                       f"and blocks optional: what differs from the reference)")
+            continue
+        if not s["name"].replace("_", "").isalnum() or s["name"] in names:
+            bad.append(f"scaled[{i}].name={s['name']!r} must be a plain, unique name")
+        names.add(s["name"])
+    return bad

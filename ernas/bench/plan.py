@@ -1,0 +1,202 @@
+"""The protocol's plan: every network of every arm and every job, fixed before any job runs.
+
+Networks (``plan["networks"]``, name -> record):
+
+- ``reference``: the reference network of the space's geometry;
+- ``searched_t<i>_s<k>``: the search at target i (fraction f_i of the reference's predicted
+  latency L_ref, so T_i = f_i·L_ref) with search seed k; its arch is the search's ``arch.yaml``;
+- ``random_t<i>_d<j>``: uniform samples of the space accepted when |L̂(a)/T_i − 1| ≤ tolerance,
+  drawn in order from one seeded generator per target;
+- ``scaled_<name>``: the reference with the stated geometry and block values changed.
+
+Jobs (``plan["jobs"]``, id -> record): searches, one training per network and seed (the reference
+with every ``train.seeds``, the others with ``train.others_seeds``), one test evaluation per
+training. The selected networks' extra seeds are added after selection (``add_selected_seeds``).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ernas.errors import ErnasError
+from ernas.latency.predict import predict_ms
+from ernas.space import Arch, find_space, space_from_dict
+
+TABLE = "latency_table.csv"  # the protocol's table, copied into the bench directory
+CHECKPOINTS = {"search": "checkpoint.pt", "retrain": "last.pt", "evaluate": None}
+
+
+def reference_arch(space) -> Arch:
+    arch = space.reference()
+    arch.name = "reference"
+    return arch
+
+
+def scaled_arch(space, spec: dict) -> Arch:
+    """The reference block everywhere, on the space's geometry with ``spec['geometry']``
+    changed, and ``spec['blocks']`` (decision values, by ``all``/group/level/position) over it."""
+    ref = space.spec.reference
+    blocks = {"all": dict(ref)}
+    for where, values in (spec.get("blocks") or {}).items():
+        blocks[where] = {**blocks.get(where, {}), **dict(values)}
+    data = {"family": space.family, "name": f"scaled_{spec['name']}",
+            "geometry": {**space.geometry, **dict(spec.get("geometry") or {})}, "blocks": blocks}
+    made = space_from_dict(data, f"protocol scaled[{spec['name']}]")
+    if any(len(v) > 1 for c in made.choices.values() for v in c.values()):
+        raise ErnasError(f"bench config: scaled {spec['name']!r} lists several values for a "
+                         f"decision; give one value each.")
+    return Arch(made.family, dict(made.geometry),
+                {p: {d: v[0] for d, v in c.items()} for p, c in made.choices.items()},
+                name=data["name"])
+
+
+def random_archs(space, table, shape, target_ms: float, draws: int, tolerance: float,
+                 seed: int, max_tries: int, label: str) -> list[tuple[Arch, float]]:
+    """``draws`` uniform samples of ``space`` predicted within ±tolerance of ``target_ms``."""
+    rng = random.Random(seed)
+    found, seen = [], set()
+    for _ in range(max_tries):
+        a = space.sample(rng)
+        digest = repr(sorted(a.values.items()))
+        if digest in seen:
+            continue
+        seen.add(digest)
+        ms = predict_ms(table, a, shape)
+        if abs(ms / target_ms - 1) <= tolerance:
+            found.append((a, ms))
+            if len(found) == draws:
+                return found
+    raise ErnasError(f"bench config: only {len(found)} of random.draws={draws} networks of "
+                     f"{space.name} are predicted within ±{tolerance:.0%} of {label} "
+                     f"({target_ms:.2f} ms) after {max_tries} samples; widen random.tolerance, "
+                     f"raise random.max_tries, or choose a target the space reaches.")
+
+
+def _node(cfg, key: str) -> dict:
+    return OmegaConf.to_container(cfg[key], resolve=True)
+
+
+def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
+    """Networks and jobs of the protocol ``cfg`` priced on ``table``, and the arch files to
+    write (``{path: Arch}``, under ``bench/archs/``); nothing is written here."""
+    space = find_space(cfg.space)
+    shape = [int(s) for s in cfg.input_shape]
+    ref = reference_arch(space)
+    ref_ms = predict_ms(table, ref, shape)
+    archs = bench / "archs"
+    networks = {"reference": {"arm": "reference", "arch": str(archs / "reference.yaml"),
+                              "predicted_ms": ref_ms}}
+    written = {"reference": ref}
+    targets = [{"fraction": float(f), "ms": float(f) * ref_ms} for f in cfg.targets]
+    for i, t in enumerate(targets):
+        for k in cfg.search.seeds:
+            networks[f"searched_t{i}_s{k}"] = {
+                "arm": "searched", "target": i, "search_seed": int(k),
+                "arch": str(bench / "jobs" / f"search_t{i}_s{k}" / "arch.yaml")}
+        drawn = random_archs(space, table, shape, t["ms"], cfg.random.draws,
+                             cfg.random.tolerance, cfg.random.seed + 1000 * i,
+                             cfg.random.max_tries, f"target {t['fraction']}")
+        for j, (a, ms) in enumerate(drawn):
+            name = f"random_t{i}_d{j}"
+            a.name = name
+            written[name] = a
+            networks[name] = {"arm": "random", "target": i, "draw": j, "predicted_ms": ms,
+                              "arch": str(archs / f"{name}.yaml")}
+    for spec in _node(cfg, "scaled"):
+        a = scaled_arch(space, spec)
+        written[a.name] = a
+        networks[a.name] = {"arm": "scaled", "arch": str(archs / f"{a.name}.yaml"),
+                            "predicted_ms": _predicted_or_none(table, a, shape)}
+    plan = {"protocol": cfg.protocol, "reference_ms": ref_ms, "targets": targets,
+            "networks": networks, "jobs": {}, "nodes": job_nodes(cfg, bench / TABLE)}
+    for i, t in enumerate(targets):
+        for k in cfg.search.seeds:
+            add_job(plan, bench, f"search_t{i}_s{k}", "search", search_overrides(cfg, t, k))
+    for name in networks:
+        seeds = cfg.train.seeds if name == "reference" else cfg.train.others_seeds
+        for s in seeds:
+            add_training(plan, bench, cfg, name, int(s))
+    return plan, {str(archs / f"{name}.yaml"): a for name, a in written.items()}
+
+
+def job_nodes(cfg, table_path) -> dict:
+    """The task node of the protocol, and its latency node pinned to the protocol's table (no
+    probe, no re-anchoring: every search optimises the same prices)."""
+    lat = {**_node(cfg, "latency"), "table": str(table_path), "trust_table": True,
+           "anchor": False}
+    return {"task": _node(cfg, "task"), "latency": lat}
+
+
+def _predicted_or_none(table, arch, shape):
+    keys = arch.op_keys(shape, table.metadata.get("granularity", "block"))
+    return predict_ms(table, arch, shape) if all(k in table for k in keys) else None
+
+
+def search_overrides(cfg, target: dict, seed: int) -> dict:
+    return {**_node(cfg.search, "overrides"), "space": str(cfg.space),
+            "input_shape": [int(s) for s in cfg.input_shape], "seed": int(seed),
+            "search.target_ms": round(target["ms"], 6), "threads": cfg.threads,
+            "progress": False}
+
+
+def add_job(plan: dict, bench: Path, job_id: str, command: str, overrides: dict,
+            after: str | None = None) -> None:
+    """A job: ``command`` with ``overrides`` and the protocol's task and pinned latency nodes."""
+    nodes = {k: v for k, v in plan["nodes"].items() if command != "retrain" or k == "task"}
+    plan["jobs"][job_id] = {"command": command, "overrides": overrides, "nodes": nodes,
+                            "run_dir": str(bench / "jobs" / job_id), "after": after}
+
+
+def add_training(plan: dict, bench: Path, cfg, network: str, seed: int) -> None:
+    """The training of ``network`` with training seed ``seed`` and its test evaluation."""
+    train_id = f"train_{network}_seed{seed}"
+    if train_id in plan["jobs"]:
+        return
+    arch = plan["networks"][network]["arch"]
+    add_job(plan, bench, train_id, "retrain",
+            {**_node(cfg.train, "overrides"), "arch": arch, "seed": seed, "init": "scratch",
+             "threads": cfg.threads, "progress": False})
+    add_job(plan, bench, f"test_{network}_seed{seed}", "evaluate",
+            {"checkpoint": str(bench / "jobs" / train_id), "name": network,
+             "seed": int(cfg.evaluate.seed), "baseline.enabled": False,
+             "predict_latency": False, "measure_latency": False,
+             "input_shape": [int(s) for s in cfg.input_shape], "threads": cfg.threads,
+             "progress": False}, after=train_id)
+
+
+def add_selected_seeds(plan: dict, bench: Path, cfg, selected: list[str]) -> None:
+    """Every ``train.seeds`` of the validation-selected networks."""
+    for name in selected:
+        for s in cfg.train.seeds:
+            add_training(plan, bench, cfg, name, int(s))
+
+
+def check_jobs(plan: dict) -> None:
+    """Compose and validate the config of the first job of each command, so a bad setting in
+    the protocol is refused before anything is written or run."""
+    from ernas.api import compose
+    from ernas.cli import schema
+    from ernas.config import validated
+    from ernas.search import SearchConfig
+
+    first = {}
+    for job in plan["jobs"].values():
+        first.setdefault(job["command"], job)
+    for command, job in first.items():
+        cfg = compose(command, job["overrides"])
+        OmegaConf.set_struct(cfg, False)
+        for key, node in job["nodes"].items():
+            cfg[key] = OmegaConf.create(node)
+        validated(cfg, getattr(schema, command.capitalize()), f"bench: the {command} jobs' config")
+        if command == "search":
+            SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
+        if command == "retrain":
+            from ernas.train import TrainConfig
+
+            TrainConfig.from_dict(validated(cfg, schema.Retrain, "retrain").train_fields())
+
+
+def stage_jobs(plan: dict, command: str) -> list[str]:
+    return [j for j, rec in plan["jobs"].items() if rec["command"] == command]

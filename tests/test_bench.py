@@ -1,0 +1,190 @@
+"""ernas-bench: the tiny protocol end to end (killed after its searches and resumed through the
+joblib launcher), selection on validation only, tie verdicts, and refusals."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ernas.bench import analysis, stats
+from ernas.bench.config import Bootstrap
+
+BENCH = [sys.executable, "-m", "ernas.cli.bench", "experiment=protocol_denoise_tiny"]
+
+
+def _digest(paths) -> dict:
+    return {str(p): hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def _wait_for(paths, proc, limit_s=600):
+    start = time.time()
+    while not all(Path(p).is_file() for p in paths):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - start < limit_s, "searches did not finish in time"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One latency cache for the module (the tiny space's table is profiled once)."""
+    return {**os.environ, "ERNAS_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_protocol(tmp_path_factory, env):
+    """The tiny protocol, killed (SIGKILL, whole process group) once both searches finished,
+    then resumed with the joblib launcher; returns the bench dir and the searches' digests."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "run"
+    proc = subprocess.Popen([*BENCH, f"hydra.run.dir={out}"], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    searches = [out / "jobs" / f"search_t0_s{k}" / "summary.json" for k in (0, 1)]
+    _wait_for(searches, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = _digest(p.parent / n for p in searches for n in ("summary.json", "arch.yaml"))
+    r = subprocess.run([sys.executable, "-m", "ernas.cli.bench", f"resume={out}",
+                        "launcher=joblib", "+launcher_settings.n_jobs=2",
+                        f"hydra.run.dir={tmp / 'resume_log'}"], cwd=tmp, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, kept
+
+
+def test_every_arm_is_reported_and_finished_jobs_are_kept(tiny_protocol):
+    out, kept = tiny_protocol
+    assert _digest(kept) == kept  # the searches finished before the kill were not re-run
+    arms = pd.read_csv(out / "arms.csv")
+    plan = json.loads((out / "plan.json").read_text())
+    assert sorted(arms["network"]) == sorted(plan["networks"])
+    assert set(arms["arm"]) == {"reference", "searched", "random", "scaled"}
+    assert sorted(arms.loc[arms.arm == "searched", "search_seed"]) == [0, 1]
+    assert sorted(arms.loc[arms.arm == "random", "draw"]) == [0, 1]
+    assert sorted(arms.loc[arms.arm == "scaled", "network"]) == ["scaled_batchnorm", "scaled_w4"]
+    assert arms["measured_ms"].gt(0).all() and arms["test"].notna().all()
+    sel = json.loads((out / "selection.json").read_text())
+    # the reference and the selected networks carry every training seed, the others one
+    multi = {"reference", sel["searched"]["0"], sel["random"]["0"]}
+    assert dict(zip(arms.network, arms.train_seeds)) == {
+        n: 2 if n in multi else 1 for n in plan["networks"]}
+    comps = pd.read_csv(out / "comparisons.csv")
+    assert len(comps) == 4 and comps["alpha_each"].eq(0.05 / 4).all()
+    assert (out / "pareto.png").stat().st_size > 0
+    assert "## Verdicts" in (out / "report.md").read_text()
+
+
+def test_test_is_scored_after_selection_once_per_training(tiny_protocol):
+    out, _ = tiny_protocol
+    plan = json.loads((out / "plan.json").read_text())
+    selected_at = (out / "selection.json").stat().st_mtime
+    trainings = [j for j in plan["jobs"] if j.startswith("train_")]
+    tests = [j for j in plan["jobs"] if j.startswith("test_")]
+    assert sorted(t.removeprefix("test_") for t in tests) == \
+        sorted(t.removeprefix("train_") for t in trainings)
+    for t in tests:
+        per_image = Path(plan["jobs"][t]["run_dir"]) / "per_image.csv"
+        assert per_image.stat().st_mtime > selected_at
+
+
+def _summaries(tmp_path, vals: dict[str, float]) -> dict:
+    """A plan whose trainings hold the given best validation figures (real files)."""
+    plan = {"targets": [{"fraction": 0.5, "ms": 1.0}], "networks": {}, "jobs": {}}
+    for name, v in vals.items():
+        arm = name.split("_")[0]
+        rec = {"arm": arm, "target": 0} if arm in ("searched", "random") else {"arm": arm}
+        plan["networks"][name] = rec
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"metric": "psnr", "best_val_psnr": v}))
+        plan["jobs"][f"train_{name}_seed0"] = {"command": "retrain", "run_dir": str(d)}
+    return plan
+
+
+def test_selection_reads_validation_not_test(tmp_path):
+    # searched_a would be best on test (it is not given to selection at all) but is worst on
+    # validation; searched_b is best on validation and must be the one selected
+    plan = _summaries(tmp_path, {"reference": 30.0, "searched_a": 29.0, "searched_b": 29.99,
+                                 "random_x": 29.5, "random_y": 29.4, "scaled_w": 29.2})
+    val = analysis.validation(plan, [0])
+    sel = analysis.select(plan, val, headline_drop=0.005)
+    assert sel["searched"] == {0: "searched_b"} and sel["random"] == {0: "random_x"}
+    assert sel["headline"] == "searched_b"
+
+
+def test_a_diverged_network_is_never_selected(tmp_path):
+    plan = _summaries(tmp_path, {"reference": 30.0, "searched_a": float("nan"),
+                                 "searched_b": 20.0, "random_x": 29.0})
+    sel = analysis.select(plan, analysis.validation(plan, [0]), headline_drop=0.005)
+    assert sel["searched"][0] == "searched_b"
+
+
+def test_overlapping_intervals_are_a_tie_and_clear_gaps_are_not():
+    rng = np.random.default_rng(0)
+    base = rng.normal(30, 2, size=12)
+    swing = np.tile([1.5, -1.5], 6)  # per-image differences of ±1.5 dB around +0.05
+    other = {0: base, 1: base + 0.1}
+    close = {0: base + 0.1 + swing}
+    iv = stats.paired_interval(close, other, 0.05, 2000)
+    assert iv.verdict == "tie" and iv.low < 0 < iv.high and iv.estimate == pytest.approx(0.05)
+    better = {0: base + 1.0}
+    assert stats.paired_interval(better, {0: base, 1: base + 0.01}, 0.05, 2000).verdict == "above"
+    assert stats.paired_interval({0: base}, better, 0.05, 2000).verdict == "below"
+    assert stats.majority(["above", "tie", "above"]) == "above"
+    assert stats.majority(["above", "tie"]) == "tie"
+
+
+def test_the_scaled_front_interpolates_image_by_image():
+    pts = stats.front([("slow", 10.0, 31.0), ("fast", 4.0, 29.0), ("dominated", 8.0, 28.0)])
+    assert pts == [("fast", 4.0), ("slow", 10.0)]
+    scores = {"fast": {0: np.array([29.0, 27.0])}, "slow": {0: np.array([31.0, 33.0])}}
+    mid, how = stats.front_at(7.0, pts, scores)
+    assert np.allclose(mid[0], [30.0, 30.0]) and "0.50·fast" in how
+    assert stats.front_at(2.0, pts, scores)[0] is scores["fast"]
+
+
+def test_non_inferiority_uses_the_stated_bound(tmp_path):
+    plan = {"targets": [], "networks": {}}
+    sel = {"searched": {}, "random": {}, "headline": "h"}
+    ref = {0: np.full(20, 30.0), 1: np.full(20, 30.02)}
+    boot = Bootstrap(samples=500, alpha=0.05, noninferiority=0.005, speedup=2.0)
+    ok = analysis.comparisons(plan, sel, {"h": {0: np.full(20, 29.95)}, "reference": ref},
+                              {}, [], boot)
+    assert ok[0]["verdict"] == "non-inferior" and ok[0]["threshold"] == pytest.approx(-0.15005)
+    bad = analysis.comparisons(plan, sel, {"h": {0: np.full(20, 29.5)}, "reference": ref},
+                               {}, [], boot)
+    assert bad[0]["verdict"] == "not shown"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("targets=[1.5]", "targets=[1.5]"),
+    ("train.others_seeds=[5]", "train.others_seeds"),
+    ("launcher=threads", "launcher='threads'"),
+    ("targets=[0.01]", "random.draws=2"),
+])
+def test_a_bad_protocol_is_refused_before_anything_is_written(tmp_path, env, override,
+                                                              fragment):
+    out = tmp_path / "run"
+    r = subprocess.run([*BENCH, override, f"hydra.run.dir={out}"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
+    assert fragment in " ".join(r.stderr.split())
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")
+                                    and p.suffix != ".log"]
+
+
+def test_resume_refuses_a_changed_protocol(tiny_protocol, tmp_path):
+    out, _ = tiny_protocol
+    before = _digest(p for p in out.rglob("*") if p.is_file() and p.suffix != ".log")
+    r = subprocess.run([*BENCH, f"resume={out}", "targets=[0.5]",
+                        f"hydra.run.dir={tmp_path / 'log'}"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "targets" in r.stderr, r.stderr[-2000:]
+    assert _digest(before) == before
