@@ -125,7 +125,7 @@ class Family(abc.ABC):
 
 def register_family(family: Family) -> Family:
     """Make ``family`` findable by its name (and register its op builders)."""
-    from ernas.latency.ops import register_ops
+    from ernas.keys import register_ops
 
     if not isinstance(family, Family):
         raise TypeError(f"register_family takes a Family instance, got {type(family).__name__}")

@@ -188,3 +188,30 @@ def test_resume_refuses_a_changed_protocol(tiny_protocol, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "targets" in r.stderr, r.stderr[-2000:]
     assert _digest(before) == before
+
+
+@pytest.mark.parametrize("name", ["protocol_denoise_tiny", "protocol_denoise",
+                                  "protocol_denoise_full", "protocol_segment_tiny",
+                                  "protocol_segment"])
+def test_shipped_protocols_compose_validate_and_build_their_networks(name):
+    from omegaconf import OmegaConf
+
+    from ernas.api import compose
+    from ernas.bench.config import Protocol
+    from ernas.bench.plan import reference_arch, scaled_arch
+    from ernas.cli.common import task_of
+    from ernas.config import validated
+    from ernas.space import find_space
+
+    cfg = compose("bench", [f"experiment={name}"])
+    p = validated(cfg, Protocol, name)
+    assert p.protocol == name and len(p.search.seeds) >= 2
+    space = find_space(cfg.space)
+    task = task_of(cfg)
+    task.check_arch(reference_arch(space))
+    for spec in OmegaConf.to_container(cfg.scaled, resolve=True):
+        arch = scaled_arch(space, spec)
+        task.check_arch(arch)
+        assert arch.to_dict() != reference_arch(space).to_dict()
+    if not name.endswith("tiny"):  # the minimum sizes
+        assert len(p.search.seeds) >= 3 and p.random.draws >= 5 and len(p.train.seeds) >= 3

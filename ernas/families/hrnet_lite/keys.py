@@ -24,7 +24,7 @@ from ernas.errors import ErnasError
 from ernas.families.hrnet_lite.blocks import BLOCKS, ConvBN, Down, Up, hidden_channels, resize
 from ernas.families.hrnet_lite.model import (FOURTH_PAIRS, branch_channels, fuse_pairs,
                                              stage_branches, stem_strides)
-from ernas.latency.ops import op_key
+from ernas.keys import op_key
 
 
 def _half(n: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ernas.errors import ErnasError
 from ernas.families.nafnet.model import (ChannelAttention, LayerNorm2d, NAFBlock, SimpleGate,
                                          UpSample, level_of)
-from ernas.latency.ops import op_key
+from ernas.keys import op_key
 
 
 def padded(shape, levels: int) -> tuple[int, int, int, int]:

@@ -20,7 +20,7 @@ from torch import nn
 from ernas.errors import ErnasError
 from ernas.families.unet.model import (ConvBlock, SqueezeExcite, block_channels, level_of,
                                        make_up, mid_channels)
-from ernas.latency.ops import op_key
+from ernas.keys import op_key
 
 
 def padded(shape, levels: int) -> tuple[int, int, int, int]:

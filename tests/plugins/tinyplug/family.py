@@ -23,7 +23,7 @@ from torch import nn
 
 from ernas.errors import ErnasError
 from ernas.family import Family
-from ernas.latency.ops import op_key
+from ernas.keys import op_key
 from ernas.nn.mixed import SuperBlock, centre_crop_kernel, keep_or_skip, kernel_masks, mix_kernel
 
 
