@@ -16,10 +16,12 @@ def _print_error(text: str) -> None:
                                     break_on_hyphens=False), file=sys.stderr)
 
 
-def hydra_main(config_name: str, run):
+def hydra_main(config_name: str, run, objective=None):
     """The console-script entry point of a Hydra command: compose ``experiments/<config_name>``
-    with the command line and call ``run(cfg)``. A bad override (syntax, unknown key, wrong type)
-    is reported like every other user error: one ``error:`` paragraph, exit status 2."""
+    with the command line and call ``run(cfg)``; the Hydra task returns ``objective(summary)``
+    (the command's headline figure, higher is better) so a sweeper plugin can optimise it. A bad
+    override (syntax, unknown key, wrong type) is reported like every other user error: one
+    ``error:`` paragraph, exit status 2."""
     import hydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -28,9 +30,10 @@ def hydra_main(config_name: str, run):
     from ernas.paths import EXPERIMENTS
 
     @hydra.main(config_path=str(EXPERIMENTS), config_name=config_name, version_base="1.3")
-    def _main(cfg) -> None:
+    def _main(cfg):
         _COMPOSED[:] = [OmegaConf.to_yaml(cfg)]  # recorded once the run directory is claimed
-        run(cfg)
+        summary = run(cfg)
+        return objective(summary) if objective and isinstance(summary, dict) else None
 
     def main() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, not sys.exit(1)

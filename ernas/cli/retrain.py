@@ -124,7 +124,7 @@ def _new_run_inputs(cfg: DictConfig):
     return arch, DistillConfig(t_arch, str(t.checkpoint), float(t.w_out), float(t.w_feat)), task
 
 
-_main = hydra_main("retrain", run)
+_main = hydra_main("retrain", run, objective=lambda s: s[f"best_val_{s['metric']}"])
 
 
 def main() -> None:

@@ -165,7 +165,7 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
     return s
 
 
-main = hydra_main("search", run)
+main = hydra_main("search", run, objective=lambda s: s[f"supernet_val_{s['metric']}"])
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def qat_finetune(model: nn.Module, task, steps: int, batch_size: int = 8, crop: 
     activation ranges on ``calibration_batches`` training batches, fine-tune ``steps`` steps
     (AdamW, cosine to 0, the task's loss on its training split), freeze. Returns the
     fake-quantised model in eval mode; ``export_onnx`` of it is the deployable QDQ graph."""
-    from tqdm.auto import tqdm
+    from ernas.progress import progress as progress_bar
 
     batch = step_batches(task.dataset("train", crop, seed, random=True), batch_size, seed)
     q = prepare_qat(model, batch(10_000_000)[0], reduce_range, op_types, conv_rule)
@@ -199,13 +199,16 @@ def qat_finetune(model: nn.Module, task, steps: int, batch_size: int = 8, crop: 
         params = [p for p in q.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.9))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
-        for step in tqdm(range(steps), desc="qat", disable=not progress):
+        bar = progress_bar(steps, "qat", unit="step", enabled=progress)
+        for step in range(steps):
+            bar.update(1)
             x, y = batch(step)
             loss = task.loss(q(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+        bar.close()
     for m in _quant_convs(q):
         m.freeze()
     return q.eval()

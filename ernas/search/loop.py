@@ -225,7 +225,7 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
     ``arch.yaml``, plots, checkpoint and ``summary.json`` to ``out_dir`` and return the summary.
     ``stop_after=k`` returns after step k (without final outputs) to simulate an interruption;
     ``resume=True`` continues from ``checkpoint.pt``."""
-    from tqdm.auto import tqdm
+    from ernas.progress import progress as progress_bar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,8 +240,8 @@ def run_search(space: SearchSpace, expected_latency, train_batch: Batch, val_bat
         net, dev = run.net, run.device
         autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                                   enabled=cfg.amp and dev.type == "cuda")
-        bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress or not D.is_main(),
-                   desc="search")
+        bar = progress_bar(cfg.steps, "search", run.step, "step",
+                           enabled=progress and D.is_main())
         t0 = time.perf_counter()
         while run.step < cfg.steps:
             step = run.step
