@@ -192,7 +192,8 @@ def test_resume_refuses_a_changed_protocol(tiny_protocol, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["protocol_denoise_tiny", "protocol_denoise",
-                                  "protocol_denoise_full", "protocol_segment_tiny",
+                                  "protocol_denoise_full", "protocol_denoise_small",
+                                  "protocol_segment_tiny",
                                   "protocol_segment"])
 def test_shipped_protocols_compose_validate_and_build_their_networks(name):
     from omegaconf import OmegaConf
