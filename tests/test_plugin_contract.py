@@ -79,7 +79,7 @@ def inproc(plug, monkeypatch):
     family registry, the op builders and the imported plug-in modules are restored after."""
     import ernas
     import ernas.family
-    import ernas.latency.ops as ops
+    import ernas.keys as ops
 
     monkeypatch.setattr(ernas.family, "_REGISTRY", dict(ernas.family._REGISTRY))
     monkeypatch.setattr(ops, "_BUILDERS", dict(ops._BUILDERS))
