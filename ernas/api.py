@@ -79,7 +79,12 @@ def compose(command: str, overrides: Mapping | Sequence[str] | None = None):
 
     from ernas.paths import EXPERIMENTS
 
-    importlib.import_module(f"ernas.cli.{command}")  # registers its structured configs
+    from ernas.search.config import register_schema
+
+    importlib.import_module(f"ernas.cli.{command}")
+    # again on every call: launchers (joblib, ray) restore Hydra's ConfigStore from the parent
+    # process before each job, dropping what an earlier job's import registered
+    register_schema()
     ovs = as_overrides(overrides)
     try:
         if GlobalHydra.instance().is_initialized():  # inside a Hydra app using experiments/

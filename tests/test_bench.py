@@ -51,9 +51,15 @@ def tiny_protocol(tmp_path_factory, env):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = _digest(p.parent / n for p in searches for n in ("summary.json", "arch.yaml"))
-    r = subprocess.run([sys.executable, "-m", "ernas.cli.bench", f"resume={out}",
-                        "launcher=joblib", "+launcher_settings.n_jobs=2",
-                        f"hydra.run.dir={tmp / 'resume_log'}"], cwd=tmp, env=env,
+    resume = [sys.executable, "-m", "ernas.cli.bench", f"resume={out}", "launcher=joblib",
+              "+launcher_settings.n_jobs=2"]
+    r = subprocess.run([*resume, "until=train", f"hydra.run.dir={tmp / 'resume_log'}"], cwd=tmp,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # until=train: every training done, nothing measured or tested yet
+    assert (out / "selection.json").is_file() and not (out / "latency.json").exists()
+    assert not any(out.glob("jobs/test_*")) and not (out / "summary.json").exists()
+    r = subprocess.run([*resume, f"hydra.run.dir={tmp / 'resume_log2'}"], cwd=tmp, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, kept
@@ -70,6 +76,8 @@ def test_every_arm_is_reported_and_finished_jobs_are_kept(tiny_protocol):
     assert sorted(arms.loc[arms.arm == "random", "draw"]) == [0, 1]
     assert sorted(arms.loc[arms.arm == "scaled", "network"]) == ["scaled_batchnorm", "scaled_w4"]
     assert arms["measured_ms"].gt(0).all() and arms["test"].notna().all()
+    # every network's prediction from the protocol's table (searched: its search's), and its size
+    assert arms.loc[arms.arm != "scaled", "predicted_ms"].gt(0).all() and arms["macs"].gt(0).all()
     sel = json.loads((out / "selection.json").read_text())
     # the reference and the selected networks carry every training seed, the others one
     multi = {"reference", sel["searched"]["0"], sel["random"]["0"]}
@@ -154,19 +162,31 @@ def test_non_inferiority_uses_the_stated_bound(tmp_path):
     plan = {"targets": [], "networks": {}}
     sel = {"searched": {}, "random": {}, "headline": "h"}
     ref = {0: np.full(20, 30.0), 1: np.full(20, 30.02)}
-    boot = Bootstrap(samples=500, alpha=0.05, noninferiority=0.005, speedup=2.0)
+    boot = Bootstrap(samples=500, alpha=0.05, noninferiority=0.005, margin="relative",
+                     speedup=2.0)
     ok = analysis.comparisons(plan, sel, {"h": {0: np.full(20, 29.95)}, "reference": ref},
                               {}, [], boot)
     assert ok[0]["verdict"] == "non-inferior" and ok[0]["threshold"] == pytest.approx(-0.15005)
     bad = analysis.comparisons(plan, sel, {"h": {0: np.full(20, 29.5)}, "reference": ref},
                                {}, [], boot)
     assert bad[0]["verdict"] == "not shown"
+    # an absolute margin is in the metric's units (one mIoU point = 0.01), not scaled
+    boot.margin, boot.noninferiority = "absolute", 0.01
+    miou = {0: np.full(20, 0.66), 1: np.full(20, 0.66)}
+    rows = analysis.comparisons(plan, sel, {"h": {0: np.full(20, 0.655)}, "reference": miou},
+                                {}, [], boot)
+    assert rows[0]["threshold"] == pytest.approx(-0.01) and rows[0]["verdict"] == "non-inferior"
+    rows = analysis.comparisons(plan, sel, {"h": {0: np.full(20, 0.645)}, "reference": miou},
+                                {}, [], boot)
+    assert rows[0]["verdict"] == "not shown"
 
 
 @pytest.mark.parametrize("override, fragment", [
     ("targets=[1.5]", "targets=[1.5]"),
     ("train.others_seeds=[5]", "train.others_seeds"),
     ("launcher=threads", "launcher='threads'"),
+    ("until=report", "until='report'"),
+    ("bootstrap.margin=percent", "bootstrap.margin='percent'"),
     ("targets=[0.01]", "random.draws=2"),
 ])
 def test_a_bad_protocol_is_refused_before_anything_is_written(tmp_path, env, override,
@@ -217,3 +237,18 @@ def test_shipped_protocols_compose_validate_and_build_their_networks(name):
         assert arch.to_dict() != reference_arch(space).to_dict()
     if not name.endswith("tiny"):  # the issue's minimum sizes
         assert len(p.search.seeds) >= 3 and p.random.draws >= 5 and len(p.train.seeds) >= 3
+
+
+def test_a_second_search_job_in_one_launcher_worker_composes(tmp_path):
+    """The joblib launcher restores Hydra's singletons (the ConfigStore) from the parent before
+    every job, so a schema registered by the first job's imports is gone for the second."""
+    script = (
+        "from hydra.core.singleton import Singleton\n"
+        "state = Singleton.get_state()\n"
+        "from ernas.api import compose\n"
+        "compose('search', ['space=nafnet_tiny'])\n"
+        "Singleton.set_state(state)\n"
+        "print(compose('search', ['space=nafnet_tiny']).search.steps)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.strip().isdigit(), r.stderr[-2000:]

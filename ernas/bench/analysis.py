@@ -12,7 +12,8 @@ checkpoint ``best.pt``), over the seeds every network shares (``train.others_see
 Comparisons (``ernas.bench.stats``), at each target: selected searched − selected random,
 selected searched − random mean, selected searched − scaled front at its measured latency; and
 the headline network − reference, judged as non-inferior when the lower bound is at least
-``−bootstrap.noninferiority`` times the reference's test score.
+``−bootstrap.noninferiority`` times the reference's test score (``bootstrap.margin=relative``)
+or ``−bootstrap.noninferiority`` itself (``absolute``, e.g. 0.01 = one mIoU point).
 """
 from __future__ import annotations
 
@@ -77,8 +78,9 @@ def scaled_front(plan: dict, val: dict[str, float], measured: dict[str, float]
 
 
 def test_scores(plan: dict, network: str, set_name: str, metric: str) -> dict[int, np.ndarray]:
-    """``{training seed: per-image scores}`` from the network's test evaluations (tiles named
-    ``<image>@...`` are averaged per image; images in sorted order)."""
+    """``{training seed: per-unit scores}`` from the network's test evaluations, units in sorted
+    order: the ``unit`` column where the task writes one (the slab of brain slices), else the
+    image (tiles named ``<image>@...`` are averaged per image)."""
     out = {}
     for job_id, job in plan["jobs"].items():
         if job["command"] != "evaluate" or job["overrides"]["name"] != network:
@@ -89,8 +91,9 @@ def test_scores(plan: dict, network: str, set_name: str, metric: str) -> dict[in
         if rows.empty:
             raise ErnasError(f"{job['run_dir']}/per_image.csv has no rows of set {set_name!r}; "
                              f"set evaluate.set to one of the task's evaluation sets.")
-        rows = rows.assign(image=rows["name"].astype(str).str.split("@").str[0])
-        out[seed] = rows.groupby("image")[metric].mean().sort_index().to_numpy(np.float64)
+        unit = rows["unit"] if "unit" in rows else rows["name"].astype(str).str.split("@").str[0]
+        rows = rows.assign(unit=unit.astype(str))
+        out[seed] = rows.groupby("unit")[metric].mean().sort_index().to_numpy(np.float64)
     return out
 
 
@@ -122,8 +125,9 @@ def comparisons(plan: dict, sel: dict, scores: dict, measured: dict[str, float],
         add("searched - scaled front", i, s, how, scores[s], f_scores)
     h = sel["headline"]
     ref_mean = float(np.mean([v.mean() for v in scores["reference"].values()]))
+    scale = ref_mean if boot.margin == "relative" else 1.0
     add("headline - reference (non-inferiority)", None, h, "reference", scores[h],
-        scores["reference"], threshold=-boot.noninferiority * ref_mean)
+        scores["reference"], threshold=-boot.noninferiority * scale)
     return rows
 
 

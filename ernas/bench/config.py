@@ -11,6 +11,8 @@ from omegaconf import MISSING
 from ernas.config import check
 
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm", "ray")
+STAGES = ("search", "train", "latency")
+MARGINS = ("relative", "absolute")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Bootstrap:
     samples: int = MISSING
     alpha: float = MISSING
     noninferiority: float = MISSING
+    margin: str = MISSING
     speedup: float = MISSING
 
 
@@ -73,6 +76,7 @@ class Protocol:
     launcher_settings: Dict[str, Any] = field(default_factory=dict)
     threads: Optional[int] = MISSING
     resume: Optional[str] = MISSING
+    until: Optional[str] = MISSING
     progress: bool = MISSING
 
     def __post_init__(self):
@@ -106,6 +110,10 @@ class Protocol:
             bad.append(f"bootstrap={{samples: {b.samples}, alpha: {b.alpha}, noninferiority: "
                        f"{b.noninferiority}, speedup: {b.speedup}}} needs samples >= 100, alpha "
                        f"and noninferiority in (0, 1), speedup > 0")
+        if b.margin not in MARGINS:
+            bad.append(f"bootstrap.margin={b.margin!r} must be one of {', '.join(MARGINS)}")
+        if self.until is not None and self.until not in STAGES:
+            bad.append(f"until={self.until!r} must be null or one of {', '.join(STAGES)}")
         if self.measure_passes < 1:
             bad.append(f"measure_passes={self.measure_passes} must be >= 1")
         if self.launcher not in LAUNCHERS:

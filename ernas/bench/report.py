@@ -42,9 +42,17 @@ def _costs(plan: dict, name: str, rec: dict) -> dict:
             "search_seconds": None if search_s is None else round(search_s, 1)}
 
 
+def _predicted_ms(rec: dict) -> float | None:
+    """The planned prediction; for a searched network, its search's prediction of the derived
+    network (same table)."""
+    if rec.get("predicted_ms") is None and rec["arm"] == "searched":
+        return _summary(str(Path(rec["arch"]).parent)).get("predicted_latency_ms")
+    return rec.get("predicted_ms")
+
+
 def arms_table(plan: dict, sel: dict, scores: dict, measured: dict, passes: dict,
-               front_pts, boot) -> pd.DataFrame:
-    from ernas.complexity import count_params
+               front_pts, boot, input_shape) -> pd.DataFrame:
+    from ernas.complexity import count_macs, count_params
     from ernas.space import load_arch
     from ernas import build_model
 
@@ -67,12 +75,16 @@ def arms_table(plan: dict, sel: dict, scores: dict, measured: dict, passes: dict
             "test": iv.estimate, "test_ci_low": iv.low, "test_ci_high": iv.high,
             "test_seed_sd": float(np.std([v.mean() for v in s.values()])),
             **_test_columns(plan, name),
-            "params": count_params(build_model(load_arch(rec["arch"]))),
-            "predicted_ms": rec.get("predicted_ms"), "measured_ms": measured[name],
+            **_size(build_model(load_arch(rec["arch"])), input_shape, count_params, count_macs),
+            "predicted_ms": _predicted_ms(rec), "measured_ms": measured[name],
             "measured_ms_passes": " ".join(f"{v:.3f}" for v in passes[name]),
             "speedup_vs_reference": measured["reference"] / measured[name],
             **_costs(plan, name, rec)})
     return pd.DataFrame(rows)
+
+
+def _size(model, input_shape, count_params, count_macs) -> dict:
+    return {"params": count_params(model), "macs": count_macs(model, list(input_shape))}
 
 
 def plot(arms: pd.DataFrame, metric_label: str, path: Path) -> None:
@@ -121,7 +133,7 @@ def md_table(df: pd.DataFrame) -> str:
 def markdown(cfg_text: str, plan: dict, arms: pd.DataFrame, comps: pd.DataFrame,
              verdicts: list[str], meta: dict) -> str:
     cols = ["network", "arm", "target", "selected", "train_seeds", "val", "test", "test_ci_low",
-            "test_ci_high", "params", "predicted_ms", "measured_ms", "speedup_vs_reference",
+            "test_ci_high", "params", "macs", "predicted_ms", "measured_ms", "speedup_vs_reference",
             "search_seconds", "train_seconds"]
     lines = [f"# Protocol {plan['protocol']}", "",
              f"Set {meta['set']}, metric {meta['metric']}; {len(plan['networks'])} networks, "

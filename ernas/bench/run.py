@@ -10,6 +10,9 @@ Stages (each skipped when its output exists, so ``resume=<bench dir>`` continues
    all networks interleaved (run it on a quiet machine); the scaled front from validation;
 5. test evaluations (once per training), then ``arms.csv``, ``comparisons.csv``, ``pareto.png``,
    ``report.md`` and ``summary.json``.
+
+``until=search|train|latency`` stops after that stage (e.g. train on a busy or remote machine,
+then ``resume=<dir>`` on a quiet one, or on the target device, for the latency stage).
 """
 from __future__ import annotations
 
@@ -116,7 +119,8 @@ def finish(cfg, out: Path, sel: dict, lat: dict) -> dict:
     front_pts = [tuple(p) for p in _json(out / "front.json")]
     comps = analysis.comparisons(plan, sel, scores, measured, front_pts, cfg.bootstrap)
     verdicts = analysis.verdict_lines(comps, plan, sel, measured, cfg.bootstrap)
-    arms = report.arms_table(plan, sel, scores, measured, lat["passes"], front_pts, cfg.bootstrap)
+    arms = report.arms_table(plan, sel, scores, measured, lat["passes"], front_pts, cfg.bootstrap,
+                             cfg.input_shape)
     meta = {"set": set_name, "metric": metric, "passes": cfg.measure_passes,
             "alpha": cfg.bootstrap.alpha, "headline_rule": sel["headline_rule"]}
     report.write(out, (out / CONFIG).read_text(encoding="utf-8"), plan, arms, comps, verdicts,
@@ -132,18 +136,31 @@ def finish(cfg, out: Path, sel: dict, lat: dict) -> dict:
     return summary
 
 
+def _stopped(out: Path, stage: str) -> dict:
+    _say(f"stopped after stage {stage!r} (until={stage}); continue with: "
+         f"ernas-bench resume={out}")
+    return {"stopped_after": stage, "resume": str(out)}
+
+
 def run_protocol(cfg, out: Path) -> dict:
-    """Run (or continue) the protocol ``cfg`` in the claimed directory ``out``."""
+    """Run (or continue) the protocol ``cfg`` in the claimed directory ``out``, up to and
+    including the stage ``cfg.until`` (``null``: to the report)."""
     validated(cfg, Protocol, "bench config")
     if not (out / PLAN).is_file():
         prepare(cfg, out)
     go = dict(launcher=cfg.launcher,
               launcher_settings=OmegaConf.to_container(cfg.launcher_settings, resolve=True))
     launch(out, "search", stage_jobs(load_plan(out), "search"), **go)
+    if cfg.until == "search":
+        return _stopped(out, "search")
     launch(out, "train", stage_jobs(load_plan(out), "retrain"), **go)
     sel = selection(cfg, out)
     launch(out, "train_selected", stage_jobs(load_plan(out), "retrain"), **go)
+    if cfg.until == "train":
+        return _stopped(out, "train")
     lat = measure(cfg, out)
+    if cfg.until == "latency":
+        return _stopped(out, "latency")
     if not (out / "front.json").is_file():
         plan = load_plan(out)
         val = analysis.validation(plan, cfg.train.others_seeds)

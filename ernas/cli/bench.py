@@ -1,7 +1,7 @@
 """``ernas-bench``: a benchmark protocol (``experiment=protocol_denoise`` …), stated whole in
 one config, run as Hydra multirun jobs, selected on validation, scored once on test
 (``ernas.bench.run``). ``resume=<bench dir>`` continues a stopped protocol with its own
-config; only the launcher settings and ``progress`` may change."""
+config; only the launcher settings, ``until`` and ``progress`` may change."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ernas.cli.common import claim_run_dir, hydra_main, output_dir, user_errors
 from ernas.errors import ErnasError
 
-RESUME_FREE = ("resume", "launcher", "launcher_settings", "progress")
+RESUME_FREE = ("resume", "launcher", "launcher_settings", "progress", "until")
 
 
 def _resumed(cfg: DictConfig) -> DictConfig:

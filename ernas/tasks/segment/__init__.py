@@ -214,7 +214,16 @@ class SegmentTask(Task):
         return (log_t.exp() * (log_t - log_s)).sum(1).mean() * t * t
 
     def evaluator(self):
-        return SegmentEvaluator(self.classes, self.ignore_index, self._boundary_width())
+        return SegmentEvaluator(self.classes, self.ignore_index, self._boundary_width(),
+                                unit_of=self._unit_of())
+
+    def _unit_of(self):
+        """The bootstrap unit of a sample name: the slab for the synthetic brain data
+        (neighbouring slices are correlated), else the image."""
+        if self.data == "synthseg_brain":
+            from ernas.tasks.segment.synthbrain import slab_of
+            return slab_of
+        return None
 
     def batch_metric(self, pred, target):
         cm = ConfusionMatrix(len(self.classes), self.ignore_index)

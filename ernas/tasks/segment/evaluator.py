@@ -62,8 +62,10 @@ def boundary_counts(pred: np.ndarray, target: np.ndarray, num_classes: int, igno
 class SegmentEvaluator(Evaluator):
     """Streaming evaluator of the segment task (see the module docstring)."""
 
-    def __init__(self, classes, ignore_index: int, boundary_width: int | None = None):
+    def __init__(self, classes, ignore_index: int, boundary_width: int | None = None,
+                 unit_of=None):
         self.classes = tuple(classes)
+        self.unit_of = unit_of
         self.num_classes, self.ignore_index = len(self.classes), ignore_index
         self.boundary_width = boundary_width
         self.total = ConfusionMatrix(self.num_classes, ignore_index)
@@ -80,6 +82,8 @@ class SegmentEvaluator(Evaluator):
             r = one.compute()
             row = {"name": name if len(target) == 1 else f"{name}[{i}]",
                    "miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"]}
+            if self.unit_of is not None:
+                row["unit"] = self.unit_of(row["name"])
             if self.boundary_width:
                 counts = boundary_counts(pred[i].cpu().numpy(), target[i].cpu().numpy(),
                                          self.num_classes, self.ignore_index,
