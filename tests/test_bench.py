@@ -214,7 +214,7 @@ def test_resume_refuses_a_changed_protocol(tiny_protocol, tmp_path):
 @pytest.mark.parametrize("name", ["protocol_denoise_tiny", "protocol_denoise",
                                   "protocol_denoise_full", "protocol_denoise_small",
                                   "protocol_segment_tiny",
-                                  "protocol_segment"])
+                                  "protocol_segment", "protocol_segment_hrnet"])
 def test_shipped_protocols_compose_validate_and_build_their_networks(name):
     from omegaconf import OmegaConf
 
@@ -230,11 +230,12 @@ def test_shipped_protocols_compose_validate_and_build_their_networks(name):
     assert p.protocol == name and len(p.search.seeds) >= 2
     space = find_space(cfg.space)
     task = task_of(cfg)
-    task.check_arch(reference_arch(space))
+    change = OmegaConf.to_container(cfg.reference, resolve=True)
+    task.check_arch(reference_arch(space, change))
     for spec in OmegaConf.to_container(cfg.scaled, resolve=True):
-        arch = scaled_arch(space, spec)
+        arch = scaled_arch(space, spec, change)
         task.check_arch(arch)
-        assert arch.to_dict() != reference_arch(space).to_dict()
+        assert arch.to_dict() != reference_arch(space, change).to_dict()
     if not name.endswith("tiny"):  # the issue's minimum sizes
         assert len(p.search.seeds) >= 3 and p.random.draws >= 5 and len(p.train.seeds) >= 3
 
@@ -252,3 +253,26 @@ def test_a_second_search_job_in_one_launcher_worker_composes(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
                        text=True)
     assert r.returncode == 0 and r.stdout.strip().isdigit(), r.stderr[-2000:]
+
+
+def test_a_protocol_reference_can_be_a_smaller_network_of_the_space():
+    """The HRNet protocol's reference (the space's network without stage 4) is the shipped
+    Mini-HRNet-like network, and its scaled variants start from it."""
+    from omegaconf import OmegaConf
+
+    import ernas
+    from ernas.api import compose
+    from ernas.bench.plan import reference_arch, scaled_arch
+    from ernas.complexity import count_params
+    from ernas.space import find_space
+
+    cfg = compose("bench", ["experiment=protocol_segment_hrnet"])
+    space, change = find_space(cfg.space), OmegaConf.to_container(cfg.reference)
+    ref = ernas.build_model(reference_arch(space, change))
+    mini = ernas.build_model(ernas.load_arch("hrnet_mini_os2"))
+    assert count_params(ref) == count_params(mini)
+    assert count_params(ref) < count_params(ernas.build_model(reference_arch(space)))
+    full = scaled_arch(space, {"name": "full", "blocks": {k: {"keep": True} for k in
+                                                          ("stage4", "fourth_branch", "fuse4")}},
+                       change)
+    assert full.to_dict()["blocks"] == reference_arch(space).to_dict()["blocks"]

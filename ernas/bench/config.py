@@ -66,6 +66,7 @@ class Protocol:
     targets: List[float] = MISSING
     search: SearchArm = MISSING
     random: RandomArm = MISSING
+    reference: Dict[str, Any] = field(default_factory=dict)
     scaled: List[Any] = MISSING
     train: Train = MISSING
     select: Select = MISSING
@@ -121,6 +122,9 @@ class Protocol:
         if self.threads is not None and self.threads < 1:
             bad.append(f"threads={self.threads} must be >= 1 (or null)")
         bad += _scaled_problems(self.scaled)
+        if set(self.reference) - {"geometry", "blocks"}:
+            bad.append(f"reference={dict(self.reference)!r} may only change geometry and blocks "
+                       f"of the space's reference ({{}}: the space's reference itself)")
         return bad
 
 

@@ -2,12 +2,13 @@
 
 Networks (``plan["networks"]``, name -> record):
 
-- ``reference``: the reference network of the space's geometry;
+- ``reference``: the reference network of the space's geometry (or with ``reference``'s
+  ``{geometry, blocks}`` change, e.g. a smaller hand-made network of the same space);
 - ``searched_t<i>_s<k>``: the search at target i (fraction f_i of the reference's predicted
   latency L_ref, so T_i = f_i·L_ref) with search seed k; its arch is the search's ``arch.yaml``;
 - ``random_t<i>_d<j>``: uniform samples of the space accepted when |L̂(a)/T_i − 1| ≤ tolerance,
   drawn in order from one seeded generator per target;
-- ``scaled_<name>``: the reference with the stated geometry and block values changed.
+- ``scaled_<name>``: the protocol's reference with the stated geometry and block values changed.
 
 Jobs (``plan["jobs"]``, id -> record): searches, one training per network and seed (the reference
 with every ``train.seeds``, the others with ``train.others_seeds``), one test evaluation per
@@ -28,28 +29,38 @@ TABLE = "latency_table.csv"  # the protocol's table, copied into the bench direc
 CHECKPOINTS = {"search": "checkpoint.pt", "retrain": "last.pt", "evaluate": None}
 
 
-def reference_arch(space) -> Arch:
+def reference_arch(space, change: dict | None = None) -> Arch:
+    """The protocol's reference: the space's reference network, or with ``change``
+    (``{geometry, blocks}``, as a scaled variant states it) applied to it."""
+    if change and (change.get("geometry") or change.get("blocks")):
+        return _changed(space, [change], "reference")
     arch = space.reference()
     arch.name = "reference"
     return arch
 
 
-def scaled_arch(space, spec: dict) -> Arch:
-    """The reference block everywhere, on the space's geometry with ``spec['geometry']``
-    changed, and ``spec['blocks']`` (decision values, by ``all``/group/level/position) over it."""
-    ref = space.spec.reference
-    blocks = {"all": dict(ref)}
-    for where, values in (spec.get("blocks") or {}).items():
-        blocks[where] = {**blocks.get(where, {}), **dict(values)}
-    data = {"family": space.family, "name": f"scaled_{spec['name']}",
-            "geometry": {**space.geometry, **dict(spec.get("geometry") or {})}, "blocks": blocks}
-    made = space_from_dict(data, f"protocol scaled[{spec['name']}]")
+def scaled_arch(space, spec: dict, reference: dict | None = None) -> Arch:
+    """The protocol's reference (``reference``: its change of the space's reference) with
+    ``spec['geometry']`` changed and ``spec['blocks']`` (decision values, by
+    ``all``/group/level/position) over it."""
+    return _changed(space, [reference or {}, spec], f"scaled_{spec['name']}")
+
+
+def _changed(space, changes: list[dict], name: str) -> Arch:
+    """The space's reference block everywhere with ``changes`` applied in order."""
+    blocks, geometry = {"all": dict(space.spec.reference)}, dict(space.geometry)
+    for change in changes:
+        geometry.update(dict(change.get("geometry") or {}))
+        for where, values in (change.get("blocks") or {}).items():
+            blocks[where] = {**blocks.get(where, {}), **dict(values)}
+    data = {"family": space.family, "name": name, "geometry": geometry, "blocks": blocks}
+    made = space_from_dict(data, f"protocol {name}")
     if any(len(v) > 1 for c in made.choices.values() for v in c.values()):
-        raise ErnasError(f"bench config: scaled {spec['name']!r} lists several values for a "
-                         f"decision; give one value each.")
+        raise ErnasError(f"bench config: {name!r} lists several values for a decision; give "
+                         f"one value each.")
     return Arch(made.family, dict(made.geometry),
                 {p: {d: v[0] for d, v in c.items()} for p, c in made.choices.items()},
-                name=data["name"])
+                name=name)
 
 
 def random_archs(space, table, shape, target_ms: float, draws: int, tolerance: float,
@@ -83,7 +94,7 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
     write (``{path: Arch}``, under ``bench/archs/``); nothing is written here."""
     space = find_space(cfg.space)
     shape = [int(s) for s in cfg.input_shape]
-    ref = reference_arch(space)
+    ref = reference_arch(space, _node(cfg, "reference"))
     ref_ms = predict_ms(table, ref, shape)
     archs = bench / "archs"
     networks = {"reference": {"arm": "reference", "arch": str(archs / "reference.yaml"),
@@ -105,7 +116,7 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
             networks[name] = {"arm": "random", "target": i, "draw": j, "predicted_ms": ms,
                               "arch": str(archs / f"{name}.yaml")}
     for spec in _node(cfg, "scaled"):
-        a = scaled_arch(space, spec)
+        a = scaled_arch(space, spec, _node(cfg, "reference"))
         written[a.name] = a
         networks[a.name] = {"arm": "scaled", "arch": str(archs / f"{a.name}.yaml"),
                             "predicted_ms": _predicted_or_none(table, a, shape)}
