@@ -145,7 +145,7 @@ def test_demo_segment_prints_the_comparison(tmp_path):
 
 
 @pytest.mark.parametrize("experiment, space, shape, data", [
-    ("unet_seg", "unet_demo", [1, 1, 96, 80], "brain"),
+    ("unet_seg", "unet_demo", [1, 1, 96, 80], "synthseg_brain"),
     ("unet_voc", "unet_voc", [1, 3, 512, 512], "voc"),
     ("unet_cityscapes", "unet_cityscapes", [1, 3, 512, 1024], "cityscapes"),
     ("hrnet_seg_os2", "hrnet_demo_os2", [1, 1, 96, 80], "synthseg_brain"),
@@ -168,6 +168,7 @@ def test_demo_segment_preset_uses_the_unet_experiment():
         seg = compose("demo", overrides=["task=segment"])
         den = compose("demo")
     assert seg.experiment == "unet_seg" and seg.search_steps < den.search_steps == 600
+    assert seg.task.data == "synthseg_brain"  # a benchmark that can rank networks
     assert den.experiment is None and den.retrain_steps == 600
     st = stage_overrides(seg)
     assert "val_crop=null" in st["retrain"] and "qat.steps=100" in st["export"]

@@ -1,10 +1,11 @@
 """Task ``segment``: semantic segmentation, judged by mIoU over the whole evaluation set.
 
-Data (``data``): ``brain`` (embedded, real: grey/white-matter segmentation of MNI152 slices, 1
-channel, 3 classes; ``brain``; an intensity lookup solves it, so it cannot rank networks),
-``synthseg_brain`` (embedded, SynthSeg-style images generated from the same label maps with
-random per-class intensities, bias, noise, gamma and deformation; its test set is reported beside
-the real T1 slices of the test slabs, ``test_real_t1``; ``synthbrain``), ``digits`` (embedded:
+Data (``data``): ``synthseg_brain`` (the default; embedded, SynthSeg-style images generated
+from the MNI152 tissue label maps with random per-class intensities, bias, noise, gamma and
+deformation; its test set is reported beside the real T1 slices of the test slabs,
+``test_real_t1``; ``synthbrain``), ``brain`` (embedded,
+real: grey/white-matter segmentation of MNI152 slices, 1 channel, 3 classes; ``brain``; an
+intensity lookup solves it, so it cannot rank networks), ``digits`` (embedded:
 scikit-learn's handwritten digits on photos, 11 classes that only shape tells apart;
 ``digits``), ``shapes`` (embedded labelled synthetic RGB set, 5 classes; ``shapes``), ``voc``
 (Pascal VOC layout under ``root``, 21 classes), ``cityscapes`` (Cityscapes layout under
@@ -56,7 +57,7 @@ class SegmentTask(Task):
     metric = "miou"
     metric_label = "mIoU"
 
-    data: str = "brain"
+    data: str = "synthseg_brain"
     root: str | None = None          # voc / cityscapes / folder
     num_classes: int | None = None   # folder (others: fixed by the data)
     color: bool = True               # folder: RGB (true) or grey input
