@@ -13,6 +13,11 @@ same session options, all models interleaved in shuffled rounds
 The measured speed-up over the baseline is the paired ratio (``paired_ratio``: the median over
 rounds of the baseline's time over the model's in that round), which drift of the machine
 between rounds does not move (measured: it halves the run-to-run spread of speed-ups).
+
+Memory (``memory_runs`` > 0, with the measured latency): each model's peak inference memory on
+the latency backend's runtime and settings (``ernas.memory``: resident-set high-water mark above
+the empty-session baseline, median of ``memory_runs`` fresh processes; ``peak_mem_spread`` =
+max − min over them).
 """
 from __future__ import annotations
 
@@ -135,12 +140,13 @@ def _fmt(v, digits=2) -> str:
 
 
 def _report(rows: list[dict], columns: list[str], meta: dict) -> str:
-    head = ["model", "params", "GMACs", "predicted ms", "measured ms"] + columns
+    head = ["model", "params", "GMACs", "predicted ms", "measured ms", "peak MiB"] + columns
     lines = ["# Evaluation report", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"] + ("" if r["trained"] else " (untrained)"), f"{r['params']:,}",
-                 _fmt(r["macs"] / 1e9, 3), _fmt(r["predicted_ms"]), _fmt(r["measured_ms"])]
+                 _fmt(r["macs"] / 1e9, 3), _fmt(r["predicted_ms"]), _fmt(r["measured_ms"]),
+                 _fmt(r.get("peak_mem_mib"), 1)]
         cells += [_fmt(r.get(c), 4) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     b = meta.get("backend") or {}
@@ -156,15 +162,33 @@ def _report(rows: list[dict], columns: list[str], meta: dict) -> str:
         f"{b.get('backend', '–')}, provider {b.get('provider', '–')}, threads "
         f"{b.get('threads', '–')}, spinning {b.get('spinning', '–')}, dtype "
         f"{b.get('dtype', '–')}, device {b.get('device', '–')}.",
+        f"- **Peak memory** (MiB, {meta.get('memory') or 'not measured'}): resident-set "
+        f"high-water mark of a fresh process loading the model and running it, above the same "
+        f"process with the runtime and an empty session loaded; median over fresh processes.",
         "- *untrained*: no checkpoint given, so the weights are a seeded random initialisation "
         "(its quality numbers are not meaningful, its size and latency are).", ""]
     return "\n".join(lines)
 
 
+def _memories(entries, models, input_shape, latency_cfg, runs, rows) -> str | None:
+    """Peak memory of every model into ``rows`` (``peak_mem_mib``, ``peak_mem_spread``); returns
+    what was measured, or None where the backend's runtime has no memory runner."""
+    from ernas.latency.factory import make_backend
+    from ernas.memory import backend_runtime, network_memory
+
+    backend = make_backend(latency_cfg["backend"])
+    runtime, _ = backend_runtime(backend)
+    for e, r in zip(entries, rows):
+        m = network_memory(e.arch, models[e.name], backend, input_shape, runs)
+        r["peak_mem_mib"] = None if m is None else m.mib
+        r["peak_mem_spread"] = None if m is None else m.spread
+    return None if runtime is None else f"{runtime}, threads {backend.threads}, {runs} runs"
+
+
 def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
              latency_cfg: dict | None = None, input_shape=(1, 3, 256, 256),
              predict: bool = True, measure: bool = True, device: str = "cpu",
-             progress: bool = True) -> dict:
+             progress: bool = True, memory_runs: int = 0) -> dict:
     """Evaluate ``entries`` (the first is the model under test, the rest baselines) on ``task``
     and write ``per_image.csv``, ``results.csv``, ``report.md``, ``summary.json`` (and the
     first entry's ``arch.yaml``) into ``out_dir``. Returns the summary."""
@@ -189,7 +213,8 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
         row = {"name": e.name, "arch": e.arch.name, "arch_source": e.arch.source,
                "checkpoint": e.checkpoint or "", "trained": e.checkpoint is not None,
                "params": count_params(model), "macs": count_macs(model.cpu(), input_shape),
-               "predicted_ms": None, "measured_ms": None, "table": None, **q}
+               "predicted_ms": None, "measured_ms": None, "table": None,
+               "peak_mem_mib": None, "peak_mem_spread": None, **q}
         if latency_cfg and predict:
             row["predicted_ms"], row["table"], probes[e.name] = predicted_latency(
                 e.arch, input_shape, latency_cfg, progress, tables)
@@ -202,12 +227,14 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
         for r in rows:
             r["measured_ms"] = stats[r["name"]]["ms"]
             r["measured_spread"] = stats[r["name"]].get("spread")
+    memory = _memories(entries, models, input_shape, latency_cfg, memory_runs, rows) \
+        if latency_cfg and measure and memory_runs > 0 else None
     columns = [f"{m}_{label}" for label in sets for m in task.metrics if f"{m}_{label}" in rows[0]]
     atomic_write_text(out / "per_image.csv", pd.DataFrame(per_item).to_csv(index=False))
     atomic_write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
     meta = {"task": task.name, "task_description": task.describe(),
             "input_shape": list(input_shape), "backend": backend_meta,
-            "statistic": next(iter(stats.values()), {}).get("statistic")}
+            "statistic": next(iter(stats.values()), {}).get("statistic"), "memory": memory}
     atomic_write_text(out / "report.md", _report(rows, columns, meta))
     entries[0].arch.save(out / "arch.yaml")
     main, head = rows[0], f"{task.metric}_{task.headline_set}"
@@ -216,6 +243,7 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
         task.metric: main[head], "metric_set": task.headline_set,
         "measured_ms": main["measured_ms"], "predicted_ms": main["predicted_ms"],
         "params": main["params"], "macs": main["macs"], "models": rows,
+        "peak_mem_mib": main.get("peak_mem_mib"), "memory": memory,
         "columns": columns, "seed": seed, "input_shape": list(input_shape),
         "latency_backend": backend_meta, "latency_tables": {r["name"]: r["table"] for r in rows},
         "table_probes": probes,
@@ -223,7 +251,8 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
     }
     if len(rows) > 1:
         b = rows[1]
-        summary["baseline"] = {k: b[k] for k in ("name", "predicted_ms", "measured_ms", head)}
+        summary["baseline"] = {k: b[k] for k in ("name", "predicted_ms", "measured_ms",
+                                                 "peak_mem_mib", head)}
         if b["measured_ms"] and main["measured_ms"]:
             summary["measured_speedup"] = paired_ratio(stats[b["name"]], stats[main["name"]])
         if b["predicted_ms"] and main["predicted_ms"]:

@@ -76,6 +76,11 @@ def test_every_arm_is_reported_and_finished_jobs_are_kept(tiny_protocol):
     assert sorted(arms.loc[arms.arm == "random", "draw"]) == [0, 1]
     assert sorted(arms.loc[arms.arm == "scaled", "network"]) == ["scaled_batchnorm", "scaled_w4"]
     assert arms["measured_ms"].gt(0).all() and arms["test"].notna().all()
+    # every network's peak memory, measured in the latency stage
+    assert arms["peak_mem_mib"].gt(0).all()
+    assert "| peak_mem_mib |" in (out / "report.md").read_text()
+    lat = json.loads((out / "latency.json").read_text())
+    assert set(lat["peak_mem_mib"]) == set(plan["networks"])
     # every network's prediction from the protocol's table (searched: its search's), and its size
     assert arms.loc[arms.arm != "scaled", "predicted_ms"].gt(0).all() and arms["macs"].gt(0).all()
     sel = json.loads((out / "selection.json").read_text())

@@ -51,7 +51,9 @@ def _predicted_ms(rec: dict) -> float | None:
 
 
 def arms_table(plan: dict, sel: dict, scores: dict, measured: dict, passes: dict,
-               front_pts, boot, input_shape) -> pd.DataFrame:
+               front_pts, boot, input_shape, memory: dict | None = None) -> pd.DataFrame:
+    """One row per network; ``memory``: {network: peak MiB} of the latency stage (None: not
+    measured)."""
     from ernas.complexity import count_macs, count_params
     from ernas.space import load_arch
     from ernas import build_model
@@ -78,6 +80,7 @@ def arms_table(plan: dict, sel: dict, scores: dict, measured: dict, passes: dict
             **_size(build_model(load_arch(rec["arch"])), input_shape, count_params, count_macs),
             "predicted_ms": _predicted_ms(rec), "measured_ms": measured[name],
             "measured_ms_passes": " ".join(f"{v:.3f}" for v in passes[name]),
+            "peak_mem_mib": (memory or {}).get(name),
             "speedup_vs_reference": measured["reference"] / measured[name],
             **_costs(plan, name, rec)})
     return pd.DataFrame(rows)
@@ -133,12 +136,14 @@ def md_table(df: pd.DataFrame) -> str:
 def markdown(cfg_text: str, plan: dict, arms: pd.DataFrame, comps: pd.DataFrame,
              verdicts: list[str], meta: dict) -> str:
     cols = ["network", "arm", "target", "selected", "train_seeds", "val", "test", "test_ci_low",
-            "test_ci_high", "params", "macs", "predicted_ms", "measured_ms", "speedup_vs_reference",
-            "search_seconds", "train_seconds"]
+            "test_ci_high", "params", "macs", "predicted_ms", "measured_ms", "peak_mem_mib",
+            "speedup_vs_reference", "search_seconds", "train_seconds"]
     lines = [f"# Protocol {plan['protocol']}", "",
              f"Set {meta['set']}, metric {meta['metric']}; {len(plan['networks'])} networks, "
              f"{len(plan['jobs'])} jobs; reference predicted {plan['reference_ms']:.2f} ms; "
              f"latency {meta['passes']} passes with new sessions, all networks interleaved; "
+             f"peak_mem_mib: resident-set high-water mark above the runtime's empty session, "
+             f"median of fresh processes (`ernas.memory`); "
              f"intervals: bootstrap over test images and training seeds, family-wise "
              f"alpha {meta['alpha']} split over {len(comps)} comparisons (Bonferroni).", "",
              "## Verdicts", "", *[f"- {v}" for v in verdicts], "",

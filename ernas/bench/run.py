@@ -7,7 +7,8 @@ Stages (each skipped when its output exists, so ``resume=<bench dir>`` continues
 2. searches, then trainings (Hydra multiruns through the protocol's launcher);
 3. ``selection.json`` from validation only, then the selected networks' extra training seeds;
 4. ``latency.json``: every network measured in ``measure_passes`` passes, each with new sessions,
-   all networks interleaved (run it on a quiet machine); the scaled front from validation;
+   all networks interleaved (run it on a quiet machine), and its peak memory on the backend's
+   runtime (``peak_mem_mib``, ``ernas.memory``); the scaled front from validation;
 5. test evaluations (once per training), then ``arms.csv``, ``comparisons.csv``, ``pareto.png``,
    ``report.md`` and ``summary.json``.
 
@@ -101,9 +102,22 @@ def measure(cfg, out: Path) -> dict:
         for n in models:
             passes[n].append(float(stats[n]["ms"]))
     rec = {"passes": passes, "measured_ms": {n: float(np.median(v)) for n, v in passes.items()},
-           "backend": meta}
+           "backend": meta, **_memory(plan, models, lat, cfg.input_shape)}
     atomic_write_json(path, rec)
     return rec
+
+
+def _memory(plan: dict, models: dict, lat: dict, input_shape) -> dict:
+    """``peak_mem_mib`` and ``peak_mem_spread`` ({network: MiB}, None where the backend's
+    runtime has no memory runner) of every network (``ernas.memory.network_memory``)."""
+    from ernas.latency.factory import make_backend
+    from ernas.memory import network_memories
+
+    _say(f"peak memory of {len(models)} networks (fresh processes)")
+    mem = network_memories({n: (load_arch(plan["networks"][n]["arch"]), m)
+                            for n, m in models.items()}, make_backend(lat["backend"]), input_shape)
+    return {"peak_mem_mib": {n: None if m is None else m.mib for n, m in mem.items()},
+            "peak_mem_spread": {n: None if m is None else m.spread for n, m in mem.items()}}
 
 
 def finish(cfg, out: Path, sel: dict, lat: dict) -> dict:
@@ -120,7 +134,7 @@ def finish(cfg, out: Path, sel: dict, lat: dict) -> dict:
     comps = analysis.comparisons(plan, sel, scores, measured, front_pts, cfg.bootstrap)
     verdicts = analysis.verdict_lines(comps, plan, sel, measured, cfg.bootstrap)
     arms = report.arms_table(plan, sel, scores, measured, lat["passes"], front_pts, cfg.bootstrap,
-                             cfg.input_shape)
+                             cfg.input_shape, lat.get("peak_mem_mib"))
     meta = {"set": set_name, "metric": metric, "passes": cfg.measure_passes,
             "alpha": cfg.bootstrap.alpha, "headline_rule": sel["headline_rule"]}
     report.write(out, (out / CONFIG).read_text(encoding="utf-8"), plan, arms, comps, verdicts,

@@ -54,7 +54,8 @@ def run(cfg: DictConfig, out=None) -> dict:
         latency = search_table(latency, cfg.checkpoint)
     out = claim_run_dir(out) if out else output_dir()
     summary = evaluate(entries, out, task_of(cfg), cfg.seed, latency, tuple(cfg.input_shape),
-                       cfg.predict_latency, cfg.measure_latency, cfg.device, cfg.progress)
+                       cfg.predict_latency, cfg.measure_latency, cfg.device, cfg.progress,
+                       params.memory_runs)
     print(_line(summary) + f"; wrote {out}/report.md, results.csv")
     return summary
 
@@ -106,6 +107,10 @@ def _line(s: dict) -> str:
         r = r or b[f"{kind}_ms"] / lat  # measured: paired per round (ernas.evaluate)
         line += (f"; {max(r, 1 / r):.2f}x {'faster' if r >= 1 else 'slower'} than "
                  f"{b['name']} ({kind})")
+    if s.get("peak_mem_mib") is not None:
+        line += f"; peak memory {s['peak_mem_mib']:.1f} MiB"
+        if b and b.get("peak_mem_mib"):
+            line += f" ({b['name']}: {b['peak_mem_mib']:.1f} MiB)"
     main = next((r for r in s.get("models", []) if r["name"] == s["name"]), {})
     bad = {k.removeprefix("nonfinite_"): v for k, v in main.items()
            if k.startswith("nonfinite_") and v}

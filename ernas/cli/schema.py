@@ -132,6 +132,7 @@ class Evaluate:
     input_shape: List[int] = MISSING
     predict_latency: bool = MISSING
     measure_latency: bool = MISSING
+    memory_runs: int = MISSING
     device: str = MISSING
     threads: Optional[int] = MISSING
     runs: Any = MISSING                 # a list of run dirs, or one glob pattern
@@ -144,6 +145,9 @@ class Evaluate:
             bad.append(f"threads={self.threads} must be >= 1 (or null)")
         if not isinstance(self.runs, (list, str)):
             bad.append(f"runs={self.runs!r} must be a list of run directories or a glob pattern")
+        if self.memory_runs < 0:
+            bad.append(f"memory_runs={self.memory_runs} must be >= 0 (fresh processes measuring "
+                       f"each model's peak memory; 0: not measured)")
         check("evaluate config", bad)
 
 

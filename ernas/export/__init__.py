@@ -18,6 +18,7 @@ from ernas.export.ptq import quantize_int8
 from ernas.export.qat import qat_finetune
 from ernas.latency.measure import paired_ratio
 from ernas.latency.onnx_export import export_onnx
+from ernas.memory import file_memories
 
 __all__ = ["export_all", "export_model", "onnx_quality", "qat_finetune", "quantize_int8"]
 
@@ -34,9 +35,11 @@ def file_latencies(paths: dict[str, str], input_shape, backend, measure_cfg: dic
 def export_all(arch, model, task, out_dir, backend, measure_cfg: dict | None = None,
                opset: int = 17, dynamic_hw: bool = False, input_shape=(1, 3, 256, 256),
                int8: bool = True, calibration: dict | None = None, qat: dict | None = None,
-               seed: int = 0, progress: bool = False) -> dict:
+               seed: int = 0, progress: bool = False, memory_runs: int = 3) -> dict:
     """Export, quantise and judge (see the module docstring) with the session options and the
-    interleaved measurement protocol of the latency ``backend``; returns the summary."""
+    interleaved measurement protocol of the latency ``backend``; returns the summary. Each
+    file's peak memory (``peak_mem_mib_<kind>``, ``ernas.memory.file_memories``): median of
+    ``memory_runs`` fresh processes (0: not measured)."""
     out = Path(out_dir)
     summary = {"arch": arch.name, "task": task.name, "metric": task.metric,
                **export_model(arch, model, task, out, opset, dynamic_hw, input_shape, backend)}
@@ -69,6 +72,7 @@ def export_all(arch, model, task, out_dir, backend, measure_cfg: dict | None = N
     for kind in files:
         if kind != "fp32":
             summary[f"{kind}_speedup"] = paired_ratio(lat["fp32"], lat[kind])
+    summary.update(file_memories(files, backend, [1, *input_shape[1:]], memory_runs))
     summary.update(eval_set=task.headline_set, eval_tile=list(hw),
                    latency_backend=backend.metadata(), measure=measure_cfg)
     return summary
