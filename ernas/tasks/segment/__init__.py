@@ -14,7 +14,10 @@ matched by file name, ``num_classes`` given, mask encoding declared with ``mask_
 ``binary``: ``masks``). VOC and Cityscapes have no public test labels: their official ``val``
 split is the test set only, and the validation split (model selection) is ``val_fraction`` of
 the official ``train`` split drawn with ``split_seed`` (``official``); the lists are written
-into the run directory (``splits.json``). Test items are never used for search or retraining.
+into the run directory (``splits.json``). With ``sbd_root`` (VOC only) the training split adds
+the SBD images that are in neither VOC val nor the carved validation (an image also in VOC train
+is taken once, with VOC's mask); the counts go into ``splits.json`` (``sbd``). Test items are
+never used for search or retraining.
 
 Loss: ``ce_weight``·cross-entropy + ``dice_weight``·soft Dice (``metrics.segmentation_loss``),
 pixels of ``ignore_index`` (255) skipped. Metrics (``evaluator.SegmentEvaluator``): one
@@ -27,6 +30,7 @@ KL(softmax(t/T) ‖ softmax(s/T))·T² with ``distill_temperature`` T.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +45,10 @@ from ernas.tasks.segment.data import (IGNORE_INDEX, PairFiles, SegmentationDatas
 from ernas.tasks.segment.evaluator import SegmentEvaluator, metric_names
 from ernas.tasks.segment.masks import declared_values, decode_folder_mask
 from ernas.tasks.segment.metrics import ConfusionMatrix, segmentation_loss
-from ernas.tasks.segment.official import (CITYSCAPES_CLASSES, VOC_CLASSES, cityscapes_files,
-                                          official_split, voc_files)
+from ernas.tasks.segment.official import (CITYSCAPES_CLASSES, VOC_CLASSES, add_extra_training,
+                                          cityscapes_files, official_split, sbd_files, voc_files)
+
+log = logging.getLogger(__name__)
 
 DATA = ("brain", "synthseg_brain", "digits", "shapes", "voc", "cityscapes", "folder")
 SPLITS = ("train", "val", "test")
@@ -68,6 +74,7 @@ class SegmentTask(Task):
     binary: bool = False             # folder: 0/255 masks (mask_values [0, 255], 2 classes)
     val_fraction: float = 0.1        # voc / cityscapes: share of official train held out as val
     split_seed: int = 0              # voc / cityscapes: which images are held out
+    sbd_root: str | None = None      # voc: SBD folder, extra training images
     ignore_index: int = IGNORE_INDEX
     ce_weight: float = 1.0
     dice_weight: float = 1.0
@@ -91,12 +98,21 @@ class SegmentTask(Task):
         if self.ce_weight < 0 or self.dice_weight < 0 or self.ce_weight + self.dice_weight == 0:
             raise ErnasError(f"task.ce_weight={self.ce_weight} and task.dice_weight="
                              f"{self.dice_weight} must be >= 0 and not both 0.")
+        if self.sbd_root is not None and (not isinstance(self.sbd_root, str)
+                                          or not self.sbd_root.strip()):
+            raise ErnasError(f"task.sbd_root={self.sbd_root!r} is not a folder path: give the SBD "
+                             f"folder (the one holding dataset/img, dataset/cls) or null.")
+        if self.sbd_root is not None and self.data != "voc":
+            raise ErnasError(f"task.sbd_root={self.sbd_root!r} adds SBD training images to Pascal "
+                             f"VOC (task.data=voc); with task.data={self.data} it has no use. Set "
+                             f"task.sbd_root=null, or task.data=voc with task.root=<VOC folder>.")
         if self.data in ("voc", "cityscapes") and not 0 < self.val_fraction < 1:
             raise ErnasError(f"task.val_fraction={self.val_fraction!r} must be in (0, 1): the "
                              f"share of the official train split held out for validation.")
         if not self.distill_temperature > 0:
             raise ErnasError(f"task.distill_temperature={self.distill_temperature} must be > 0.")
         self._samples: dict[str, list] = {}
+        self._sbd_counts: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ data
     @property
@@ -154,8 +170,10 @@ class SegmentTask(Task):
             return shape_samples(split, self.data_seed)
         if self.data in ("voc", "cityscapes"):
             files_of = voc_files if self.data == "voc" else cityscapes_files
-            return official_split(files_of, self.root, split, self.max_side, self.val_fraction,
-                                  self.split_seed)
+            pairs = official_split(files_of, self.root, split, self.max_side, self.val_fraction,
+                                   self.split_seed)
+            sbd = split == "train" and self.sbd_root is not None
+            return self._with_sbd(pairs) if sbd else pairs
         base = Path(self.root) / split
         decode = functools.partial(decode_folder_mask, values=self._values,
                                    num_classes=self.num_classes, ignore_index=self.ignore_index)
@@ -164,15 +182,33 @@ class SegmentTask(Task):
         scan_masks(pairs)
         return pairs
 
+    def _with_sbd(self, train: list) -> list:
+        """VOC train plus the SBD images outside VOC val (test) and the carved validation."""
+        excluded = {p.name for split in ("val", "test") for p in self.samples(split)}
+        pairs, counts = add_extra_training(train, sbd_files(self.sbd_root, self.max_side),
+                                           excluded)
+        self._sbd_counts = {"voc_train": counts["official_train"],
+                            "sbd_listed": counts["extra_listed"],
+                            "sbd_added": counts["extra_added"],
+                            "sbd_excluded_val_or_test": counts["extra_in_val_or_test"],
+                            "sbd_already_in_voc_train": counts["extra_in_train"]}
+        log.info("segment: training on %d VOC train images plus %d SBD images (%d SBD images "
+                 "left out: in VOC val, the test set, or in the held-out validation; %d already "
+                 "in VOC train, VOC's mask kept)", counts["official_train"],
+                 counts["extra_added"], counts["extra_in_val_or_test"], counts["extra_in_train"])
+        return pairs
+
     def record_splits(self, out_dir) -> None:
         """Write ``splits.json`` (the sample names of every split) into a run directory, for
         data read from user folders (VOC, Cityscapes, folder)."""
         if self.data in ("voc", "cityscapes", "folder"):
             names = {split: [s.name if isinstance(s, PairFiles) else s[0]
                              for s in self.samples(split)] for split in SPLITS}
+            sbd = {"sbd": {"root": str(self.sbd_root), **self._sbd_counts}} \
+                if self.sbd_root is not None else {}
             atomic_write_json(Path(out_dir) / "splits.json", {
                 "data": self.data, "root": str(self.root), "val_fraction": self.val_fraction,
-                "split_seed": self.split_seed, **names})
+                "split_seed": self.split_seed, **sbd, **names})
 
     def dataset(self, split, crop=None, seed=0, random=False):
         return SegmentationDataset(self.samples(split), len(self.classes), crop, train=random,
@@ -195,7 +231,9 @@ class SegmentTask(Task):
                  "synthseg_brain": "SynthSeg-style images generated from MNI152 tissue labels "
                                    "(test; test_real_t1: the real T1 slices of the test slabs)",
                  "digits": "handwritten digits (scikit-learn) on photo crops",
-                 "shapes": "the embedded synthetic shapes set", "voc": f"Pascal VOC at {self.root}",
+                 "shapes": "the embedded synthetic shapes set", "voc": f"Pascal VOC at {self.root}"
+                 + (f" (training adds SBD at {self.sbd_root}, less VOC val and the validation)"
+                    if self.sbd_root is not None else ""),
                  "cityscapes": f"Cityscapes at {self.root}",
                  "folder": f"images/masks folders under {self.root}"}[self.data]
         return (f"{where}, test split, whole images; mIoU, pixel accuracy and mean Dice from one "

@@ -7,23 +7,34 @@
   with ``ROOT/gtFine/<split>/<city>/<id>_gtFine_labelIds.png``; label ids become the 19 standard
   train ids (:data:`CITYSCAPES_TRAIN_IDS`), every other id becomes 255.
 
-Both return :class:`~ernas.tasks.segment.data.PairFiles` after checking that every listed file
+* :func:`sbd_files` -- the Semantic Boundaries Dataset (SBD, Hariharan et al. 2011), extra
+  training data for VOC: ``SBD_ROOT/dataset/img/<id>.jpg``, ``SBD_ROOT/dataset/cls/<id>.mat`` (a
+  MATLAB struct ``GTcls`` whose ``Segmentation`` field is the H x W map of the 21 VOC class ids)
+  and ``SBD_ROOT/dataset/{train,val}.txt``; its ids are VOC image ids.
+
+All return :class:`~ernas.tasks.segment.data.PairFiles` after checking that every listed file
 exists; pixels are decoded only when a dataset item is read (``*_samples`` read them all now).
 
 Neither set has public test labels, so the task uses the official ``val`` split as its test set
 only, and carves its validation set (model selection, α steps) from the official ``train`` split
 with :func:`carve_validation`: a fixed fraction drawn by a seeded permutation of the sorted
-names, so no file is in two splits.
+names, so no file is in two splits. SBD images join the training split only
+(:func:`add_extra_training`): those in VOC's official val (the test set) or in the carved
+validation are left out (SBD's own train/val lists ignore VOC's split), and those already in VOC
+train are taken once, with VOC's mask.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ernas.data.images import read_image
 from ernas.errors import ErnasError
-from ernas.tasks.segment.data import (IGNORE_INDEX, PairFiles, Sample, _check_max_side,
-                                      _check_split, _existing_dir, _show)
+from ernas.tasks.segment.data import (IGNORE_INDEX, PairFiles, Sample, _check_mask_size,
+                                      _check_mask_values, _check_max_side, _check_split,
+                                      _downscale_pair, _existing_dir, _show)
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
@@ -75,6 +86,86 @@ def voc_files(root, split: str = "train", max_side: int | None = None) -> list[P
 def voc_samples(root, split: str = "train", max_side: int | None = None) -> list[Sample]:
     """Pascal VOC samples of ``split``, every file read and checked now."""
     return [pair.load() for pair in voc_files(root, split, max_side)]
+
+
+# --------------------------------------------------------------------------- SBD
+
+SBD_SPLIT_LISTS = ("train", "val")
+_SBD_LAYOUT = ("The SBD layout (the benchmark_RELEASE folder of the Semantic Boundaries Dataset) "
+               "is SBD_ROOT/dataset/img/<id>.jpg, SBD_ROOT/dataset/cls/<id>.mat (MATLAB struct "
+               "GTcls with field Segmentation) and SBD_ROOT/dataset/train.txt and val.txt; set "
+               "task.sbd_root to the folder that holds dataset/ (or to dataset/ itself), or to "
+               "null to train on VOC alone.")
+
+
+def read_sbd_mask(path) -> np.ndarray:
+    """The class map of an SBD ``cls/<id>.mat`` file, ``GTcls.Segmentation``, as int64 H x W."""
+    from scipy.io import loadmat
+
+    try:
+        mask = np.asarray(loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"]
+                          .Segmentation)
+    except Exception as exc:  # any decoder failure or missing field is a bad file for the user
+        raise ErnasError(f"Could not read the SBD class map of {path} ({type(exc).__name__}: "
+                         f"{exc}): an SBD cls/<id>.mat file holds a MATLAB struct GTcls whose "
+                         f"Segmentation field is the H x W class-id map. Restore the file from "
+                         f"the SBD release, or remove its id from train.txt/val.txt.") from None
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise ErnasError(f"GTcls.Segmentation in {path} is a {mask.dtype} array of shape "
+                         f"{mask.shape}, not an H x W map of integer class ids. Restore the file "
+                         f"from the SBD release.")
+    return mask.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SbdPairFiles(PairFiles):
+    """An SBD image and its ``.mat`` class map, read and checked by :meth:`load`."""
+
+    def load(self) -> Sample:
+        image, mask = read_image(self.image, self.color), read_sbd_mask(self.mask)
+        _check_mask_size(image.shape, mask.shape, str(self.image), f"{self.mask} ")
+        _check_mask_values(mask, self.num_classes, str(self.mask))
+        return (self.name, *_downscale_pair(image, mask, self.max_side))
+
+
+def _sbd_dataset_dir(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise ErnasError(f"task.sbd_root={str(root)!r} is not an existing folder (relative paths "
+                         f"are resolved from {Path.cwd()}). {_SBD_LAYOUT}")
+    for folder in (root / "dataset", root):
+        if (folder / "img").is_dir() and (folder / "cls").is_dir():
+            return folder
+    raise ErnasError(f"task.sbd_root={str(root)!r} holds neither dataset/img and dataset/cls nor "
+                     f"img and cls. {_SBD_LAYOUT}")
+
+
+def sbd_files(root, max_side: int | None = None) -> list[SbdPairFiles]:
+    """Every SBD image listed in ``train.txt`` then ``val.txt`` (each id once), files checked to
+    exist, not read."""
+    _check_max_side(max_side)
+    folder = _sbd_dataset_dir(root)
+    ids: dict[str, None] = {}
+    for split in SBD_SPLIT_LISTS:
+        listing = folder / f"{split}.txt"
+        if not listing.is_file():
+            raise ErnasError(f"task.sbd_root: the SBD split list {listing} does not exist. "
+                             f"{_SBD_LAYOUT}")
+        ids.update(dict.fromkeys(line.strip() for line in listing.read_text().splitlines()
+                                 if line.strip()))
+    if not ids:
+        raise ErnasError(f"task.sbd_root: the SBD split lists in {folder} name no image. "
+                         f"{_SBD_LAYOUT}")
+    pairs = [SbdPairFiles(i, folder / "img" / f"{i}.jpg", folder / "cls" / f"{i}.mat",
+                          len(VOC_CLASSES), True, max_side) for i in ids]
+    for role in ("image", "mask"):
+        missing = [getattr(p, role) for p in pairs if not getattr(p, role).is_file()]
+        if missing:
+            raise ErnasError(f"task.sbd_root: {len(missing)} {role} files of ids listed in "
+                             f"{folder}/train.txt or val.txt are missing: {_show(missing)}. "
+                             f"Restore them from the SBD release or remove their ids from the "
+                             f"lists. {_SBD_LAYOUT}")
+    return pairs
 
 
 # --------------------------------------------------------------------------- Cityscapes
@@ -164,3 +255,18 @@ def official_split(files_of, root, split: str, max_side, fraction: float, seed: 
     train = files_of(root, "train", max_side)
     held = carve_validation([p.name for p in train], fraction, seed)
     return [p for p in train if (p.name in held) == (split == "val")]
+
+
+def add_extra_training(train: list[PairFiles], extra: list[PairFiles], excluded: set[str]
+                       ) -> tuple[list[PairFiles], dict[str, int]]:
+    """``train`` followed by the ``extra`` pairs whose name is neither in ``excluded`` (the
+    validation and test names) nor in ``train`` (taken once: the official pair wins), and the
+    counts: ``official_train``, ``extra_listed``, ``extra_added``, ``extra_in_val_or_test``,
+    ``extra_in_train``."""
+    have = {p.name for p in train}
+    held_out = [p for p in extra if p.name in excluded]
+    twice = [p for p in extra if p.name not in excluded and p.name in have]
+    added = [p for p in extra if p.name not in excluded and p.name not in have]
+    return train + added, {"official_train": len(train), "extra_listed": len(extra),
+                           "extra_added": len(added), "extra_in_val_or_test": len(held_out),
+                           "extra_in_train": len(twice)}
