@@ -18,10 +18,16 @@ Memory (``memory_runs`` > 0, with the measured latency): each model's peak infer
 the latency backend's runtime and settings (``ernas.memory``: resident-set high-water mark above
 the empty-session baseline, median of ``memory_runs`` fresh processes; ``peak_mem_spread`` =
 max − min over them).
+
+Output stride (``output_stride``): the input size over the size of the map the network predicts
+on before upsampling (HRNet-lite: ``geometry.output_stride``; U-Net and NAFNet: 1; other
+families: unknown). Networks at different strides differ in resolution as well as capacity, and
+the report and the log say so.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +44,10 @@ from ernas.io import atomic_write_json, atomic_write_text
 from ernas.latency.measure import paired_ratio
 from ernas.space import Arch, SearchSpace
 
-__all__ = ["ModelEntry", "evaluate", "measure_latencies", "quality"]
+__all__ = ["ModelEntry", "evaluate", "measure_latencies", "output_stride", "quality"]
+
+log = logging.getLogger(__name__)
+_FULL_RESOLUTION = ("unet", "nafnet")  # families whose last layer runs at the input resolution
 
 
 @dataclass
@@ -133,6 +142,24 @@ def predicted_latency(arch: Arch, input_shape, latency_cfg: dict, progress: bool
     return predict_ms(table, arch, shape, gran), str(path), table.probe
 
 
+def output_stride(arch: Arch) -> int | None:
+    """Input size over the resolution of the network's prediction before upsampling: HRNet-lite's
+    ``geometry.output_stride`` (4 when unset), 1 for U-Net and NAFNet, None when unknown."""
+    if arch.family == "hrnet_lite":
+        return int(arch.geometry.get("output_stride", 4))
+    return 1 if arch.family in _FULL_RESOLUTION else None
+
+
+def stride_note(rows: list[dict]) -> str | None:
+    """One sentence when the rows' known output strides differ, else None."""
+    strides = sorted({r["output_stride"] for r in rows if r.get("output_stride") is not None})
+    if len(strides) < 2:
+        return None
+    listed = ", ".join(map(str, strides[:-1])) + f" and {strides[-1]}"
+    return (f"This evaluation compares networks at output strides {listed}: accuracy differences "
+            f"include resolution.")
+
+
 def _fmt(v, digits=2) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
@@ -140,16 +167,20 @@ def _fmt(v, digits=2) -> str:
 
 
 def _report(rows: list[dict], columns: list[str], meta: dict) -> str:
-    head = ["model", "params", "GMACs", "predicted ms", "measured ms", "peak MiB"] + columns
+    head = ["model", "params", "GMACs", "output stride", "predicted ms", "measured ms",
+            "peak MiB"] + columns
     lines = ["# Evaluation report", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"] + ("" if r["trained"] else " (untrained)"), f"{r['params']:,}",
-                 _fmt(r["macs"] / 1e9, 3), _fmt(r["predicted_ms"]), _fmt(r["measured_ms"]),
+                 _fmt(r["macs"] / 1e9, 3), _fmt(r.get("output_stride")), _fmt(r["predicted_ms"]),
+                 _fmt(r["measured_ms"]),
                  _fmt(r.get("peak_mem_mib"), 1)]
         cells += [_fmt(r.get(c), 4) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     b = meta.get("backend") or {}
+    note = stride_note(rows)
+    lines += ["", note] if note else []
     lines += [
         "", "## Definitions", "",
         f"- **Task** {meta['task']}: {meta['task_description']}.",
@@ -165,6 +196,8 @@ def _report(rows: list[dict], columns: list[str], meta: dict) -> str:
         f"- **Peak memory** (MiB, {meta.get('memory') or 'not measured'}): resident-set "
         f"high-water mark of a fresh process loading the model and running it, above the same "
         f"process with the runtime and an empty session loaded; median over fresh processes.",
+        "- **Output stride**: input size over the resolution the network predicts at before "
+        "upsampling (HRNet-lite: its geometry's output_stride; U-Net, NAFNet: 1; –: unknown).",
         "- *untrained*: no checkpoint given, so the weights are a seeded random initialisation "
         "(its quality numbers are not meaningful, its size and latency are).", ""]
     return "\n".join(lines)
@@ -213,6 +246,7 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
         row = {"name": e.name, "arch": e.arch.name, "arch_source": e.arch.source,
                "checkpoint": e.checkpoint or "", "trained": e.checkpoint is not None,
                "params": count_params(model), "macs": count_macs(model.cpu(), input_shape),
+               "output_stride": output_stride(e.arch),
                "predicted_ms": None, "measured_ms": None, "table": None,
                "peak_mem_mib": None, "peak_mem_spread": None, **q}
         if latency_cfg and predict:
@@ -229,6 +263,8 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
             r["measured_spread"] = stats[r["name"]].get("spread")
     memory = _memories(entries, models, input_shape, latency_cfg, memory_runs, rows) \
         if latency_cfg and measure and memory_runs > 0 else None
+    if stride_note(rows):
+        log.warning(stride_note(rows))
     columns = [f"{m}_{label}" for label in sets for m in task.metrics if f"{m}_{label}" in rows[0]]
     atomic_write_text(out / "per_image.csv", pd.DataFrame(per_item).to_csv(index=False))
     atomic_write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))

@@ -115,6 +115,36 @@ def test_output_stride_sets_the_head_resolution(output_stride):
     assert tuple(seen[0]) == (48 // output_stride, 40 // output_stride)
 
 
+def test_evaluate_reports_output_strides_and_says_when_they_differ(tmp_path, caplog):
+    """Fails if results.csv or the report lacks the output stride of each network, or if a
+    comparison across strides 2 and 4 is not flagged in the report and the log."""
+    import logging
+
+    import pandas as pd
+
+    from ernas.evaluate import ModelEntry, evaluate, output_stride, stride_note
+    from ernas.task import make_task
+
+    g = {**GEOMETRY, "in_channels": 3, "num_classes": 5, "num_modules": [1, 1],
+         "num_blocks": [1, 1]}
+    entries = [ModelEntry(f"os{s}", tiny_space({**g, "output_stride": s}, name=f"os{s}")
+                          .reference()) for s in (2, 4)]
+    task = make_task({"name": "segment", "data": "shapes"})
+    with caplog.at_level(logging.WARNING, logger="ernas.evaluate"):
+        evaluate(entries, tmp_path, task, latency_cfg=None, input_shape=(1, 3, 32, 32),
+                 progress=False)
+    sentence = ("This evaluation compares networks at output strides 2 and 4: accuracy "
+                "differences include resolution.")
+    res = pd.read_csv(tmp_path / "results.csv")
+    assert list(res["output_stride"]) == [2, 4]
+    report = (tmp_path / "report.md").read_text()
+    assert "| output stride |" in report and "| os2 |" in report.replace(" (untrained)", "")
+    assert sentence in report and sentence in caplog.text
+    assert output_stride(ernas.load_arch(SEARCH_SPACES / "archs" / "unet_demo_classic.yaml")) == 1
+    assert stride_note([{"output_stride": 4}, {"output_stride": 4}, {"output_stride": None}]) \
+        is None
+
+
 def test_extracted_network_equals_onehot_supernet():
     space = tiny_space()
     torch.manual_seed(0)
