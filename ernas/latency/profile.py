@@ -81,6 +81,97 @@ def _load_sidecar(path: Path, want: dict) -> dict[str, list[list[float]]]:
     return {k: [list(map(float, r)) for r in v] for k, v in samples.items()}
 
 
+def _open_table(path: Path | None, meta: dict) -> LatencyTable:
+    """The table at ``path`` to continue (it must agree with ``meta`` on ``COMPAT_FIELDS``, the
+    statistic and the fingerprint), or a new one."""
+    if path is None or not path.exists():
+        return LatencyTable(metadata=meta, path=path)
+    fix = (f"this file was profiled with different settings, so it cannot be resumed; pick "
+           f"another output path, or delete {path} to start over")
+    table = LatencyTable.load(path)
+    required = {f: meta[f] for f in COMPAT_FIELDS + ("statistic",) if f in meta}
+    table.check_compatible(required, path, fix=fix)
+    check_fingerprint(table.metadata, meta["fingerprint"], str(path), fix=fix)
+    table.metadata["date_updated"] = meta["date"]
+    return table
+
+
+class _Progress:
+    """The table being filled, the samples of its unfinished keys and their sidecar file."""
+
+    def __init__(self, table: LatencyTable, path: Path | None, settings: dict,
+                 save_every_s: float):
+        self.table, self.path, self.settings = table, path, settings
+        self.side = sidecar_path(path) if path is not None else None
+        self.samples = _load_sidecar(self.side, settings) if self.side is not None else {}
+        self.dirty = path is not None and not path.exists()
+        self.save_every_s, self.last_save = save_every_s, time.monotonic()
+
+    def todo(self, keys: list[str]) -> list[str]:
+        """The keys without a row, those with stored samples first."""
+        todo = [k for k in dict.fromkeys(keys) if k not in self.table]
+        return [k for k in todo if k in self.samples] + [k for k in todo if k not in self.samples]
+
+    def save(self) -> None:
+        """Write the table (a new file only once it holds a row: a failing backend leaves no
+        empty table behind) and the open samples to the sidecar (deleted when none is open)."""
+        if self.path is not None:
+            self._write()
+        self.last_save = time.monotonic()
+
+    def _write(self) -> None:
+        if self.dirty and len(self.table):
+            self.table.save(self.path)
+            self.dirty = False
+        open_samples = {k: v for k, v in self.samples.items() if v and k not in self.table}
+        if open_samples:
+            atomic_write_json(self.side, {"settings": self.settings, "samples": open_samples},
+                              indent=None)
+        else:
+            self.side.unlink(missing_ok=True)
+
+    def save_if_due(self) -> None:
+        if time.monotonic() - self.last_save >= self.save_every_s:
+            self.save()
+
+
+def _prepare(keys_now: list[str], build, backend: Backend, state: _Progress,
+             protocol: MeasureProtocol, bar) -> dict:
+    """A warmed-up runner per key; the bar counts 1/2 key per preparation plus the rounds a
+    key already has."""
+    step = 0.5 / protocol.rounds
+    runners = {}
+    for key in keys_now:
+        bar.set_postfix_str(f"preparing {key}", refresh=False)
+        module, example_input = build(key)
+        runners[key] = backend.runner(module, example_input)
+        bar.update(0.5 + step * min(len(state.samples.get(key, [])), protocol.rounds))
+    bar.set_postfix_str("measuring", refresh=True)
+    warm_up(runners, protocol.warmup)
+    return runners
+
+
+def _measure_group(runners: dict, state: _Progress, protocol: MeasureProtocol, bar) -> None:
+    """Interleaved shuffled rounds over the group's keys until ``rounds_left`` says done (a
+    resume's laggards catch up first); then a row per key with the protocol's statistic."""
+    keys_now, samples = list(runners), state.samples
+    step = 0.5 / protocol.rounds
+    started = time.perf_counter()
+    while True:
+        r = min(len(samples.setdefault(k, [])) for k in keys_now)
+        if not rounds_left(r, protocol.rounds, started, protocol.min_seconds):
+            break
+        pending = [k for k in keys_now if len(samples[k]) == r]
+        for key in round_order(pending, protocol.seed, r):
+            run = runners[key]
+            samples[key].append([float(run()) for _ in range(protocol.per_round)])
+            bar.update(step if len(samples[key]) <= protocol.rounds else 0)
+        state.save_if_due()
+    for key in keys_now:
+        state.table.add(key, [v for r in samples[key] for v in r], protocol.statistic)
+    state.dirty = True
+
+
 def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor]],
                  backend: Backend, out_path: str | os.PathLike | None, metadata: dict | None = None,
                  protocol: MeasureProtocol | dict | None = None, save_every_s: float = 10.0,
@@ -98,77 +189,22 @@ def profile_keys(keys: list[str], build: Callable[[str], tuple[nn.Module, Tensor
     meta = {"date": _now(), **backend.metadata(), **(metadata or {}),
             "statistic": protocol.statistic, "measure": protocol.to_dict()}
     path = Path(out_path) if out_path is not None else None
-    fix = (f"this file was profiled with different settings, so it cannot be resumed; pick "
-           f"another output path, or delete {path} to start over")
-    if path is not None and path.exists():
-        table = LatencyTable.load(path)
-        required = {f: meta[f] for f in COMPAT_FIELDS + ("statistic",) if f in meta}
-        table.check_compatible(required, path, fix=fix)
-        check_fingerprint(table.metadata, meta["fingerprint"], str(path), fix=fix)
-        table.metadata["date_updated"] = meta["date"]
-    else:
-        table = LatencyTable(metadata=meta, path=path)
-
-    side = sidecar_path(path) if path is not None else None
-    settings = _resume_key(meta, protocol)
-    samples = _load_sidecar(side, settings) if side is not None else {}
-    todo = [k for k in dict.fromkeys(keys) if k not in table]
-    todo = [k for k in todo if k in samples] + [k for k in todo if k not in samples]
+    state = _Progress(_open_table(path, meta), path, _resume_key(meta, protocol), save_every_s)
+    todo = state.todo(keys)
     if group < 1:
         raise ErnasError(f"profile group={group} must be >= 1 (keys measured together).")
-    groups = [todo[i:i + group] for i in range(0, len(todo), group)]
-    last_save = time.monotonic()
-    dirty = path is not None and not path.exists()
-
-    def save():
-        nonlocal dirty
-        if path is None:
-            return
-        if dirty and len(table):  # a new file only once it holds a row: a failing backend
-            table.save(path)       # leaves no empty table behind
-            dirty = False
-        open_samples = {k: v for k, v in samples.items() if v and k not in table}
-        if open_samples:
-            atomic_write_json(side, {"settings": settings, "samples": open_samples}, indent=None)
-        else:
-            side.unlink(missing_ok=True)
-
     # progress in keys: preparing a key counts 1/2, each of its rounds 1/(2·rounds)
     bar = progress_bar(len(todo), f"profiling ({backend.name})", unit="key", enabled=progress)
-    step = 0.5 / protocol.rounds
     try:
-        for keys_now in groups:
-            runners = {}
-            for key in keys_now:
-                bar.set_postfix_str(f"preparing {key}", refresh=False)
-                module, example_input = build(key)
-                runners[key] = backend.runner(module, example_input)
-                bar.update(0.5 + step * min(len(samples.get(key, [])), protocol.rounds))
-            bar.set_postfix_str("measuring", refresh=True)
-            warm_up(runners, protocol.warmup)
-            started = time.perf_counter()
-            while True:
-                r = min(len(samples.setdefault(k, [])) for k in keys_now)
-                if not rounds_left(r, protocol.rounds, started, protocol.min_seconds):
-                    break
-                pending = [k for k in keys_now if len(samples[k]) == r]  # a resume's laggards first
-                for key in round_order(pending, protocol.seed, r):
-                    run = runners[key]
-                    samples[key].append([float(run()) for _ in range(protocol.per_round)])
-                    bar.update(step if len(samples[key]) <= protocol.rounds else 0)
-                if time.monotonic() - last_save >= save_every_s:
-                    save()
-                    last_save = time.monotonic()
-            for key in keys_now:
-                table.add(key, [v for r in samples[key] for v in r], protocol.statistic)
-            dirty = True
+        for i in range(0, len(todo), group):
+            runners = _prepare(todo[i:i + group], build, backend, state, protocol, bar)
+            _measure_group(runners, state, protocol, bar)
             del runners
-            save()
-            last_save = time.monotonic()
+            state.save()
     except BaseException:  # KeyboardInterrupt included: keep what is done, then re-raise
-        save()
+        state.save()
         raise
     finally:
         bar.close()
-    save()
-    return table
+    state.save()
+    return state.table

@@ -134,6 +134,97 @@ def _protected(path: Path) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
+def _measure(space, backend: Backend, protocol: MeasureProtocol, shape: tuple, gran: str,
+             n: int, seed: int, anchor_samples: int, progress: bool) -> tuple[list, dict]:
+    """The validation networks plus the anchor samples (``anchor_<i>``) as (name, arch) pairs,
+    and their end-to-end measurements, all interleaved in one pass."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    archs = validation_archs(space, n, seed)
+    drawn = anchor_archs(space, anchor_samples, shape, gran)
+    named = archs + [(k.replace("sample_", "anchor_"), a) for k, a in drawn.items()
+                     if k.startswith("sample_")]
+    runners = {name: backend.runner(inference_model(build_model(arch)), x)
+               for name, arch in named}
+    measured = protocol.measure(runners, progress=progress, desc="validating")
+    del runners
+    return named, measured
+
+
+def _frame(table: LatencyTable, named: list, measured: dict, shape: tuple,
+           gran: str) -> pd.DataFrame:
+    """One row per network: table sum, prediction, measurement with its spread, and speed-ups
+    over the reference (predicted ratio and measured paired ratio)."""
+    rows = []
+    for name, arch in named:
+        m = measured[name]
+        rows.append({"arch": name, "anchor_sample": name.startswith("anchor_"),
+                     "sum_ms": float(table.lookup(arch.op_keys(shape, gran)).sum()),
+                     "predicted_ms": predict_ms(table, arch, shape, gran),
+                     "measured_ms": m["ms"], "median_ms": m["median"], "p10_ms": m["p10"],
+                     "p90_ms": m["p90"], "pass_spread": m["spread"], "half_gap": m["half_gap"],
+                     "samples": m["n"]})
+    df = pd.DataFrame(rows)
+    ref = df.index[df["arch"] == "reference"][0]
+    ref_m = measured["reference"]
+    df["predicted_speedup"] = df.loc[ref, "predicted_ms"] / df["predicted_ms"]
+    df["measured_speedup"] = [paired_ratio(ref_m, measured[a]) for a in df["arch"]]
+    df["speedup_spread"] = [paired_spread(ref_m, measured[a]) for a in df["arch"]]
+    df["speedup_half_gap"] = [paired_half_gap(ref_m, measured[a]) for a in df["arch"]]
+    return df
+
+
+def _add_fits(df: pd.DataFrame, keys: list) -> tuple[dict | None, str | None]:
+    """Add the leave-one-out corrected and the anchored predictions to ``df`` (``keys``: each
+    row's op keys, to find the anchors' twins); return ``_anchored``'s answer."""
+    main = df[~df["anchor_sample"]]
+    raw, meas = main["sum_ms"].to_numpy(), main["measured_ms"].to_numpy()
+    df.loc[main.index, "loo_corrected_ms"] = (loo_predictions(raw, meas) if len(main) >= 3
+                                              else raw.copy())
+    anchors = [df.index[df["arch"] == "reference"][0], df.index[df["arch"] == "smallest"][0],
+               *df.index[df["anchor_sample"]]]
+    twins = [i for i, k in enumerate(keys) if i not in anchors and k in [keys[j] for j in anchors]]
+    anchored, unanchored = _anchored(df, anchors, twins)
+    df["anchored_ms"] = (anchored["scale"] * df["sum_ms"] + anchored["offset_ms"]
+                         if anchored else np.nan)
+    df["anchored_scored"] = bool(anchored) & ~df.index.isin([*anchors, *twins])
+    df["rel_error"] = (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
+    return anchored, unanchored
+
+
+def _accuracies(df: pd.DataFrame, anchored: dict | None, unanchored: str | None) -> dict:
+    """The figures of the module docstring over the validation networks (anchor samples apart):
+    as predicted, plain sum, leave-one-out corrected, anchored (or why not), noise, speed-ups
+    and the fitted line."""
+    main = df[~df["anchor_sample"]]
+    others = main[main["arch"] != "reference"]
+    raw, pred, meas, loo = (main[c].to_numpy() for c in ("sum_ms", "predicted_ms",
+                                                         "measured_ms", "loo_corrected_ms"))
+    a, b = fit_correction(raw, meas)
+    as_pred = accuracy(pred, meas)
+    return {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
+            "corrected_loo": accuracy(loo, meas), "anchored": anchored,
+            "anchored_skipped": unanchored, "noise_floor": float(main["pass_spread"].median()),
+            "measurement_noise": float(main["half_gap"].median()),
+            "speedup": {**accuracy(others["predicted_speedup"].to_numpy(),
+                                   others["measured_speedup"].to_numpy()),
+                        "noise_floor": float(others["speedup_spread"].median()),
+                        "measurement_noise": float(others["speedup_half_gap"].median())},
+            "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(main)}}
+
+
+def _write_corrected(table: LatencyTable, table_path: Path | None, out: Path, space,
+                     summary: dict) -> str:
+    """The table with the fitted correction in its metadata, as ``<stem>_corrected.csv``."""
+    stem = table_path.stem if table_path else f"{space.name}_table"
+    dest = out / f"{stem}_corrected.csv"
+    meta = {**copy.deepcopy(table.metadata), "correction": {
+        **summary["fitted_correction"], "validated_on": summary["fitted_correction"]["fitted_on"],
+        "source_table": str(table_path) if table_path else None}}
+    LatencyTable(table.to_frame(), meta).save(dest)
+    return str(dest)
+
+
 def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | Path,
                    n: int = 30, seed: int = 0, protocol: MeasureProtocol | None = None,
                    table_path: str | Path | None = None, write_corrected: bool = False,
@@ -153,58 +244,11 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
     if n < 0 or anchor_samples < 0:
         raise ErnasError(f"validate.n={n} and latency.anchor_samples={anchor_samples} must be "
                          f">= 0.")
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    archs = validation_archs(space, n, seed)
-    drawn = anchor_archs(space, anchor_samples, shape, gran)
-    extra = [(k.replace("sample_", "anchor_"), a) for k, a in drawn.items()
-             if k.startswith("sample_")]
-    runners = {name: backend.runner(inference_model(build_model(arch)), x)
-               for name, arch in archs + extra}
-    measured = protocol.measure(runners, progress=progress, desc="validating")
-    del runners
-    rows = []
-    for name, arch in archs + extra:
-        m = measured[name]
-        rows.append({"arch": name, "anchor_sample": name.startswith("anchor_"),
-                     "sum_ms": float(table.lookup(arch.op_keys(shape, gran)).sum()),
-                     "predicted_ms": predict_ms(table, arch, shape, gran),
-                     "measured_ms": m["ms"], "median_ms": m["median"], "p10_ms": m["p10"],
-                     "p90_ms": m["p90"], "pass_spread": m["spread"], "half_gap": m["half_gap"],
-                     "samples": m["n"]})
-    df = pd.DataFrame(rows)
-    ref = df.index[df["arch"] == "reference"][0]
-    df["predicted_speedup"] = df.loc[ref, "predicted_ms"] / df["predicted_ms"]
-    df["measured_speedup"] = [paired_ratio(measured["reference"], measured[a]) for a in df["arch"]]
-    df["speedup_spread"] = [paired_spread(measured["reference"], measured[a]) for a in df["arch"]]
-    df["speedup_half_gap"] = [paired_half_gap(measured["reference"], measured[a])
-                              for a in df["arch"]]
-    main = df[~df["anchor_sample"]]  # the headline figures: the validation networks alone
-    others = main.drop(index=ref)
-    raw, pred, meas = (main[c].to_numpy() for c in ("sum_ms", "predicted_ms", "measured_ms"))
-    loo = loo_predictions(raw, meas) if len(main) >= 3 else raw.copy()
-    a, b = fit_correction(raw, meas)
-    df.loc[main.index, "loo_corrected_ms"] = loo
-    keys = [arch.op_keys(shape, gran) for _, arch in archs + extra]
-    anchors = [ref, df.index[df["arch"] == "smallest"][0],
-               *df.index[df["anchor_sample"]]]
-    twins = [i for i, k in enumerate(keys) if i not in anchors and k in [keys[j] for j in anchors]]
-    anchored, unanchored = _anchored(df, anchors, twins)
-    df["anchored_ms"] = (anchored["scale"] * df["sum_ms"] + anchored["offset_ms"]
-                         if anchored else np.nan)
-    df["anchored_scored"] = bool(anchored) & ~df.index.isin([*anchors, *twins])
-    df["rel_error"] = (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
-    as_pred = accuracy(pred, meas)
-    summary = {**as_pred, "as_predicted": as_pred, "plain_sum": accuracy(raw, meas),
-               "corrected_loo": accuracy(loo, meas), "anchored": anchored,
-               "anchored_skipped": unanchored,
-               "noise_floor": float(main["pass_spread"].median()),
-               "measurement_noise": float(main["half_gap"].median()),
-               "speedup": {**accuracy(others["predicted_speedup"].to_numpy(),
-                                      others["measured_speedup"].to_numpy()),
-                           "noise_floor": float(others["speedup_spread"].median()),
-                           "measurement_noise": float(others["speedup_half_gap"].median())},
-               "fitted_correction": {"scale": a, "offset_ms": b, "fitted_on": len(main)},
+    named, measured = _measure(space, backend, protocol, shape, gran, n, seed, anchor_samples,
+                               progress)
+    df = _frame(table, named, measured, shape, gran)
+    anchored, unanchored = _add_fits(df, [arch.op_keys(shape, gran) for _, arch in named])
+    summary = {**_accuracies(df, anchored, unanchored),
                "table_correction": copy.deepcopy(table.metadata.get("correction")),
                "space": space.name, "granularity": gran, "input_shape": list(shape),
                "table": str(table_path) if table_path else None,
@@ -214,13 +258,7 @@ def validate_table(space, table: LatencyTable, backend: Backend, out_dir: str | 
                "session_options": backend.session_options(), "protocol": protocol.to_dict(),
                "corrected_table": None}
     if write_corrected:
-        stem = table_path.stem if table_path else f"{space.name}_table"
-        dest = out / f"{stem}_corrected.csv"
-        meta = {**copy.deepcopy(table.metadata), "correction": {
-            **summary["fitted_correction"], "validated_on": len(main),
-            "source_table": str(table_path) if table_path else None}}
-        LatencyTable(table.to_frame(), meta).save(dest)
-        summary["corrected_table"] = str(dest)
+        summary["corrected_table"] = _write_corrected(table, table_path, out, space, summary)
     df.to_csv(out / "validation.csv", index=False)
     _plot(df, out / "validation.png", summary)
     atomic_write_json(out / "summary.json", summary)

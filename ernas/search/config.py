@@ -49,6 +49,7 @@ class SearchConfig:
     seed: int = 0
     device: str = "auto"             # cpu | cuda | auto
     amp: bool = False                # bfloat16 autocast, CUDA only
+    logger: str = "csv"              # csv | tensorboard (CSV plus TensorBoard scalars)
 
     def __post_init__(self):
         ints = ("steps", "batch_size", "crop", "alpha_every", "checkpoint_every", "log_every",
@@ -73,7 +74,8 @@ class SearchConfig:
             bad.append(f"search.target_ms={self.target_ms} must be > 0 (or null: the baseline)")
         choices = {"mode": ("shared", "darts"),
                    "latency_form": ("additive", "multiplicative", "hinge", "band"),
-                   "entropy_shape": ("linear", "cosine"), "derive": ("argmax", "budget")}
+                   "entropy_shape": ("linear", "cosine"), "derive": ("argmax", "budget"),
+                   "logger": ("csv", "tensorboard")}
         bad += [f"search.{f}={getattr(self, f)!r} must be one of {', '.join(c)}"
                 for f, c in choices.items() if getattr(self, f) not in c]
         if self.derive == "budget" and self.weight_keep_rate not in (None, 1, 1.0):
@@ -113,4 +115,4 @@ register_schema()
 # fields that may change between a run and its resumption (they do not change what is
 # computed: eval_batches and bn_calibration_batches do, through derive=budget and the
 # recalibrated weights); the one list, which ernas-search prefixes with `search.`
-RESUME_FREE = {"checkpoint_every", "log_every", "device"}
+RESUME_FREE = {"checkpoint_every", "log_every", "device", "logger"}
