@@ -1,6 +1,8 @@
 """``ernas-export``: ONNX export (BatchNorm folded, parity against PyTorch on a real input),
 int8 static quantisation (``int8=true``) and QAT (``qat.steps > 0``), each file judged on the
-task's test images and timed, all in one ``summary.json``."""
+task's test images and timed, all in one ``summary.json``. ``format=executorch``: fp32 and int8
+(PT2E, XNNPACK quantizer) ``.pte`` files instead (``ernas.export.executorch``), timed with the
+ExecuTorch backend."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
@@ -8,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from ernas.cli.common import arch_for, claim_run_dir, hydra_main, output_dir, task_of, user_errors
 from ernas.cli.schema import LatencyGroup
 from ernas.config import validated
+
+FORMATS = ("onnx", "executorch")
 
 
 @user_errors
@@ -20,6 +24,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     from ernas.latency.factory import make_backend
 
     validated({"latency": cfg.latency}, LatencyGroup, "export config")
+    _check_format(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     arch = arch_for(cfg.arch, cfg.checkpoint)
@@ -28,10 +33,14 @@ def run(cfg: DictConfig, out=None) -> dict:
     model = load_model(arch, resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None)
     out = claim_run_dir(out) if out else output_dir()
     plain = OmegaConf.to_container(cfg, resolve=True)
-    summary = export_all(arch, model, task, out, make_backend(plain["latency"]["backend"]),
-                         plain["latency"]["measure"], cfg.opset, cfg.dynamic_hw,
-                         [int(s) for s in cfg.input_shape], bool(cfg.int8),
-                         plain["calibration"], plain["qat"], int(cfg.seed), bool(cfg.progress))
+    if cfg.get("format", "onnx") == "executorch":
+        summary = _export_executorch(cfg, plain, arch, model, task, out)
+    else:
+        summary = export_all(arch, model, task, out, make_backend(plain["latency"]["backend"]),
+                             plain["latency"]["measure"], cfg.opset, cfg.dynamic_hw,
+                             [int(s) for s in cfg.input_shape], bool(cfg.int8),
+                             plain["calibration"], plain["qat"], int(cfg.seed),
+                             bool(cfg.progress))
     summary["checkpoint"] = str(cfg.checkpoint) if cfg.checkpoint else None
     arch.save(out / "arch.yaml")
     atomic_write_json(out / "summary.json", summary)
@@ -39,8 +48,51 @@ def run(cfg: DictConfig, out=None) -> dict:
     return summary
 
 
+def _check_format(cfg: DictConfig) -> None:
+    """Refuse, before anything is written, a format this install or config cannot serve."""
+    from ernas.errors import ErnasError
+    from ernas.latency.executorch import require_executorch
+
+    fmt, backend = cfg.get("format", "onnx"), cfg.latency.backend.get("name")
+    if fmt not in FORMATS:
+        raise ErnasError(f"format={fmt!r} is not an export format; use one of "
+                         f"{', '.join(FORMATS)}.")
+    if fmt == "executorch":
+        require_executorch("format=executorch")
+        if cfg.qat.steps > 0:
+            raise ErnasError("qat.steps > 0 is not available with format=executorch (the QAT "
+                             "model's fake quantisers export as ONNX QDQ only); set qat.steps=0 "
+                             "(the int8 .pte is PT2E post-training quantisation) or use "
+                             "format=onnx.")
+        if cfg.dynamic_hw:
+            raise ErnasError("dynamic_hw=true is not available with format=executorch (the .pte "
+                             "is lowered at input_shape); set dynamic_hw=false and input_shape "
+                             "to the deployed size, or use format=onnx.")
+    elif backend == "executorch_xnnpack":
+        raise ErnasError("format=onnx times ONNX files, which latency=executorch_xnnpack cannot "
+                         "run; use format=executorch to export and time .pte files, or a latency "
+                         "backend that runs ONNX (latency=onnxruntime_cpu).")
+
+
+def _export_executorch(cfg, plain: dict, arch, model, task, out) -> dict:
+    """format=executorch: timed on the ExecuTorch backend, the latency group's when it is
+    executorch_xnnpack, else one with the latency group's thread count."""
+    from ernas.export.executorch import export_executorch_all
+    from ernas.latency.executorch import ExecutorchBackend
+    from ernas.latency.factory import make_backend
+
+    b = plain["latency"]["backend"]
+    backend = make_backend(b) if b["name"] == "executorch_xnnpack" else \
+        ExecutorchBackend(threads=b.get("threads") or 2)
+    return export_executorch_all(arch, model, task, out, backend, plain["latency"]["measure"],
+                                 [int(s) for s in cfg.input_shape], bool(cfg.int8),
+                                 plain["calibration"], int(cfg.seed))
+
+
 def _line(s: dict) -> str:
     m = s["metric"]
+    if s.get("format") == "executorch":
+        return _pte_line(s)
     line = (f"exported {s['arch']} to {s['onnx']}: max |onnxruntime - torch| = "
             f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
     for kind in ("int8", "qat"):
@@ -50,6 +102,23 @@ def _line(s: dict) -> str:
                     f"median of per-round ratios")
             line += (f"; {kind} {m} {s[f'{m}_{kind}']:.3f} ({s[f'{m}_delta_{kind}']:+.3f}), "
                      f"{s[f'{kind}_ms']:.2f} ms ({pace})")
+    return line
+
+
+def _pte_line(s: dict) -> str:
+    m = s["metric"]
+    line = (f"exported {s['arch']} to {s['pte']}: max |executorch - torch| = "
+            f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
+    if "int8_ms" in s:
+        r = s["int8_speedup"]
+        line += (f"; int8 {m} {s[f'{m}_int8']:.3f} ({s[f'{m}_delta_int8']:+.3f}), "
+                 f"{s['int8_ms']:.2f} ms ({max(r, 1 / r):.2f}x "
+                 f"{'faster' if r >= 1 else 'slower'} than fp32, median of per-round ratios)")
+    for kind in ("fp32", "int8"):
+        d = s.get(f"delegation_{kind}")
+        if d:
+            portable = ", ".join(f"{k} x{v}" for k, v in d["portable"].items()) or "none"
+            line += f"\n  {kind}: {d['delegated']} nodes delegated to XNNPACK; portable: {portable}"
     return line
 
 

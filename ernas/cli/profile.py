@@ -20,6 +20,7 @@ from ernas.config import validated
 from ernas.io import atomic_write_json
 from ernas.latency.anchor import anchors_phrase
 from ernas.latency.consistency import inconsistency
+from ernas.latency.executorch import delegation_summary
 from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import profile_path, profile_table, resolve_from_config
@@ -61,6 +62,16 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
     return s
 
 
+def _delegation_line(d: dict) -> str:
+    """What ran outside the accelerated delegate (ExecuTorch's portable kernels), per op type."""
+    ops = ", ".join(f"{op} ({s['nodes']} nodes in {s['keys']} keys)"
+                    for op, s in sorted(d["portable_ops"].items(),
+                                        key=lambda kv: -kv[1]["nodes"]))
+    return (f"delegation: {d['fully_delegated']} of {d['keys']} keys fully delegated to XNNPACK"
+            + (f"; on portable kernels: {ops}" if ops else "")
+            + " (per key: the table's `delegation` column)")
+
+
 @user_errors
 def run(cfg: DictConfig, out=None) -> dict:
     validated(cfg, Profile, "profile config")
@@ -68,10 +79,10 @@ def run(cfg: DictConfig, out=None) -> dict:
     lat = cfg.latency
     protocol = MeasureProtocol.from_mapping(lat.measure)
     shape = [int(s) for s in cfg.input_shape]
+    backend = make_backend(lat.backend)  # a missing runtime is refused before anything is written
     out = claim_run_dir(out) if out else output_dir()
     if cfg.mode == "validate":
         return _validate(cfg, space, shape, protocol, out)
-    backend = make_backend(lat.backend)
     arch_keys = list(dict.fromkeys(load_arch(cfg.arch).op_keys(shape, lat.granularity))) \
         if cfg.arch else None
     path = Path(cfg.output) if cfg.output else profile_path(
@@ -89,10 +100,13 @@ def run(cfg: DictConfig, out=None) -> dict:
                "device": table.metadata.get("device"), "backend": backend.name,
                "fingerprint": backend.fingerprint(), "session_options": backend.session_options(),
                "protocol": protocol.to_dict(), "consistency": consistency,
-               "probe_baseline": table.metadata.get("probe_baseline")}
+               "probe_baseline": table.metadata.get("probe_baseline"),
+               "delegation": delegation_summary(table)}
     atomic_write_json(out / "summary.json", summary)
     print(f"latency table with {len(table)} keys for {space.name} at {shape} on {backend.name} "
           f"({table.metadata.get('device')}, {backend.session_options()}): {path}")
+    if summary["delegation"]:
+        print(_delegation_line(summary["delegation"]))
     if consistency:
         print(f"single-decision pairs: {consistency['pairs']}, cheaper choice >"
               f"{100 * consistency['tolerance']:.0f}% slower: {consistency['before']} before the "

@@ -6,6 +6,10 @@ quantisation-aware fine-tuning exported as QDQ ONNX (``qat``), judged side by si
 reports for each file the task's metrics on whole test images (``onnx.onnx_quality``) and its
 latency, all files timed interleaved in shuffled rounds on the onnxruntime backend; a speed-up
 over fp32 is the paired ratio of the rounds (``ernas.latency.measure.paired_ratio``).
+
+:func:`export_executorch_all` (``ernas.export.executorch``, ``format=executorch``) does the same
+for ExecuTorch ``.pte`` files (fp32, and int8 through PT2E with the XNNPACK quantizer), timed on
+the ExecuTorch backend; it needs the optional extra ``pip install "ernas[executorch]"``.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ernas.export.executorch import export_executorch_all
 from ernas.export.onnx import export_model, onnx_quality, static_hw
 from ernas.export.ptq import quantize_int8
 from ernas.export.qat import qat_finetune
@@ -20,7 +25,8 @@ from ernas.latency.measure import paired_ratio
 from ernas.latency.onnx_export import export_onnx
 from ernas.memory import file_memories
 
-__all__ = ["export_all", "export_model", "onnx_quality", "qat_finetune", "quantize_int8"]
+__all__ = ["export_all", "export_executorch_all", "export_model", "onnx_quality", "qat_finetune",
+           "quantize_int8"]
 
 
 def file_latencies(paths: dict[str, str], input_shape, backend, measure_cfg: dict | None

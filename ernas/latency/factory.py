@@ -8,10 +8,12 @@ from typing import Any
 from ernas.errors import ErnasError
 from ernas.latency.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from ernas.latency.command import COMMAND_PRESETS, CommandBackend
+from ernas.latency.executorch import ExecutorchBackend
 from ernas.latency.measure import plain_mapping
 
 BACKENDS: dict[str, type[Backend]] = {
-    "onnxruntime": OnnxRuntimeBackend, "torch": TorchBackend, "command": CommandBackend}
+    "onnxruntime": OnnxRuntimeBackend, "torch": TorchBackend, "command": CommandBackend,
+    "executorch_xnnpack": ExecutorchBackend}
 
 
 def make_backend(cfg: Mapping[str, Any]) -> Backend:

@@ -168,7 +168,8 @@ def _measure_group(runners: dict, state: _Progress, protocol: MeasureProtocol, b
             bar.update(step if len(samples[key]) <= protocol.rounds else 0)
         state.save_if_due()
     for key in keys_now:
-        state.table.add(key, [v for r in samples[key] for v in r], protocol.statistic)
+        state.table.add(key, [v for r in samples[key] for v in r], protocol.statistic,
+                        getattr(runners[key], "notes", None))
     state.dirty = True
 
 

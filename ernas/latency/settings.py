@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ernas.errors import ErnasError
+from ernas.latency.executorch import executorch_available, missing_phrase
 from ernas.latency.measure import MeasureProtocol, plain_mapping
 
 __all__ = ["GRANULARITIES", "LatencySettings", "ON_MISMATCH"]
@@ -117,6 +118,9 @@ def _problems(s: LatencySettings) -> list[str]:
     if not (isinstance(s.backend, Mapping) or hasattr(s.backend, "runner")):
         bad.append(f"latency.backend={s.backend!r} must be a mapping such as {{name: "
                    f"onnxruntime, threads: 2}}")
+    elif isinstance(s.backend, Mapping) and s.backend.get("name") == "executorch_xnnpack" \
+            and not executorch_available():
+        bad.append(missing_phrase("latency.backend.name=executorch_xnnpack"))
     if s.granularity not in GRANULARITIES:
         bad.append(f"latency.granularity={s.granularity!r} must be one of "
                    f"{', '.join(GRANULARITIES)}")

@@ -9,8 +9,10 @@ On disk, one CSV file whose first line carries the metadata as one-line JSON::
 Never pickled. Columns: ``ms`` is the value predictions use — the statistic named by the
 metadata's ``statistic`` (the 20th percentile of interleaved samples by default, see
 ``ernas.latency.measure``); ``median_ms``, ``p10_ms``, ``p90_ms``, ``mean_ms`` and ``count``
-describe the samples. ``lookup`` returns ``ms`` and falls back to ``median_ms`` for rows without
-it (tables written before ``ms`` existed), so old tables read and predict as before.
+describe the samples; text columns a backend adds per key (``delegation``: which ops the
+ExecuTorch backend delegated, ``ernas.latency.executorch``) follow them and are ignored by
+readers that do not know them. ``lookup`` returns ``ms`` and falls back to ``median_ms`` for
+rows without it (tables written before ``ms`` existed), so old tables read and predict as before.
 
 ``metadata`` is free-form JSON: device, backend, provider, threads, dtype, input_shape [N,C,H,W],
 versions, date, space, granularity, ``fingerprint`` (``ernas.latency.fingerprint``),
@@ -129,9 +131,11 @@ class LatencyTable:
         return frame
 
     # ------------------------------------------------------------------ edit
-    def add(self, key: str, samples_ms: Iterable[float], stat: str = DEFAULT_STATISTIC) -> None:
+    def add(self, key: str, samples_ms: Iterable[float], stat: str = DEFAULT_STATISTIC,
+            notes: dict[str, str] | None = None) -> None:
         """Add (or replace) the row of ``key`` from raw per-run latencies in ms; ``ms`` is the
-        statistic ``stat`` of them (``ernas.latency.measure.statistic``)."""
+        statistic ``stat`` of them (``ernas.latency.measure.statistic``); ``notes``: text
+        columns of the row (e.g. ``{"delegation": ...}``)."""
         s = np.asarray(samples_ms, dtype=np.float64).ravel()
         if s.size == 0 or not np.all(np.isfinite(s)):
             raise ErnasError(f"Latency samples for op key {key!r} are empty or not finite "
@@ -139,19 +143,26 @@ class LatencyTable:
                              f"Check the backend's output for this op.")
         p10, med, p90 = np.percentile(s, [10, 50, 90])
         self.add_summary(key, {"ms": statistic(s, stat), "median": float(med), "p10": float(p10),
-                               "p90": float(p90), "mean": float(s.mean()), "n": int(s.size)})
+                               "p90": float(p90), "mean": float(s.mean()), "n": int(s.size)},
+                         notes)
 
-    def add_summary(self, key: str, summary: dict) -> None:
+    def add_summary(self, key: str, summary: dict, notes: dict[str, str] | None = None) -> None:
         """Add (or replace) the row of ``key`` from ``ernas.latency.measure.summarize`` output
-        (``ms``, ``median``, ``p10``, ``p90``, ``mean``, ``n``)."""
+        (``ms``, ``median``, ``p10``, ``p90``, ``mean``, ``n``); ``notes`` as in ``add``."""
         row = pd.DataFrame({"ms": [float(summary["ms"])], "median_ms": [float(summary["median"])],
                             "p10_ms": [float(summary["p10"])], "p90_ms": [float(summary["p90"])],
                             "mean_ms": [float(summary["mean"])],
-                            "count": np.array([summary["n"]], dtype=np.int64)},
+                            "count": np.array([summary["n"]], dtype=np.int64),
+                            **{str(k): [str(v)] for k, v in (notes or {}).items()}},
                            index=pd.Index([str(key)], dtype=str, name="key"))
         self._set_rows(row)
 
     def _set_rows(self, rows: pd.DataFrame) -> None:
+        """Put ``rows`` in; a replaced row keeps its text columns that ``rows`` lacks."""
+        kept = [c for c in self._frame.columns if c not in rows.columns
+                and c not in STAT_COLUMNS + OPTIONAL_COLUMNS]
+        if kept:
+            rows = rows.join(self._frame[kept], how="left")
         base = self._frame.drop(index=[k for k in rows.index if k in self._frame.index])
         frame = rows if len(base) == 0 else pd.concat([base, rows])
         frame.index.name = "key"

@@ -1,0 +1,145 @@
+"""ExecuTorch export (``ernas-export format=executorch``): fp32 and int8 ``.pte`` files for the
+XNNPACK delegate, judged and timed like the ONNX files.
+
+- fp32 ``model.pte``: BatchNorm folded (``model.fuse()``), ``torch.export`` at the input shape,
+  lowered with the XnnpackPartitioner (``ernas.latency.executorch.lower``); parity
+  ``max_abs_diff = max |y_executorch − y_torch|`` on a real test input (``parity_ok``: ≤ 1e-4,
+  the ONNX path's bound).
+- int8 ``model_int8.pte``: PT2E static quantisation, ``prepare_pt2e`` of
+  ``torch.export.export(model).module()`` with the ``XNNPACKQuantizer`` (symmetric int8 weights
+  per output channel, asymmetric int8 activations per tensor,
+  ``get_symmetric_quantization_config(is_per_channel=True)``), calibrated on the task's
+  calibration inputs (random crops of its training split, as the ONNX int8 path), then
+  ``convert_pt2e``, exported again and lowered; XNNPACK runs the quantised ops.
+
+Each file is scored with the task's metrics on whole test images through input-size tiles
+(``ernas.export.onnx.run_tiled``) and timed interleaved with the ExecuTorch backend; the int8
+speed-up is the paired per-round ratio (``ernas.latency.measure.paired_ratio``). Delegation (what
+XNNPACK took and what fell back to portable kernels) is reported per file.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from ernas.errors import ErnasError
+from ernas.export.onnx import real_input, run_tiled
+from ernas.io import atomic_write_bytes
+from ernas.latency.executorch import ExecutorchBackend, PteMethod, delegation, lower
+from ernas.latency.measure import measure_interleaved, paired_ratio
+
+__all__ = ["export_executorch_all", "pte_quality", "quantize_pt2e"]
+
+log = logging.getLogger(__name__)
+PARITY_TOL = 1e-4
+
+
+def _write_pte(edge, path: Path) -> dict:
+    info = delegation(edge)  # before to_executorch, whose memory planning adds alloc nodes
+    buf = edge.to_executorch().buffer
+    atomic_write_bytes(path, buf)
+    return {"bytes": len(buf), "delegation": info}
+
+
+def quantize_pt2e(model: torch.nn.Module, x: torch.Tensor, calibration: list) -> torch.nn.Module:
+    """The PT2E int8 model of ``model`` (module docstring) at ``x``'s shape, calibrated on
+    ``calibration`` (1 x C x h x w float32 arrays of that shape)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if not calibration:
+        raise ErnasError("calibration.inputs must be >= 1 for the int8 .pte (format=executorch).")
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+        is_per_channel=True))
+    graph = torch.export.export(model, (x,)).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for c in calibration:
+            prepared(torch.from_numpy(c))
+    return convert_pt2e(prepared)
+
+
+def pte_quality(path, task, hw, seed: int = 0) -> dict[str, float]:
+    """The task's metrics of a ``.pte`` on its headline evaluation set, whole images through
+    ``hw`` tiles (as ``ernas.export.onnx.onnx_quality``)."""
+    method = PteMethod(path)
+    ds = task.eval_sets(seed)[task.headline_set]
+    ev = task.evaluator()
+    for i in range(len(ds)):
+        item = ds[i]
+        ev.update(run_tiled(method, item["input"][None].float(), hw), item["target"][None],
+                  item["name"])
+    return {k: v for k, v in ev.compute().items() if not isinstance(v, (list, tuple))}
+
+
+def _export_fp32(arch, model, task, out: Path, shape) -> tuple[dict, torch.Tensor]:
+    n, c, h, w = shape
+    cin = arch.spec.io_channels(arch.geometry)[0]
+    if c != cin:
+        raise ErnasError(f"input_shape {list(shape)} has {c} channels but architecture "
+                         f"{arch.name!r} takes {cin}; set input_shape=[1,{cin},{h},{w}].")
+    x = real_input(task, (h, w))
+    with torch.no_grad():
+        edge = lower(torch.export.export(model, (x,)))
+        ref = model(x)
+    path = out / "model.pte"
+    info = _write_pte(edge, path)
+    diff = float((PteMethod(path)(x) - ref).abs().max())
+    inactive = [p for p, v in arch.values.items() if arch.spec.inactive(v)]
+    return {"pte": str(path), "format": "executorch", "input_shape": [1, c, h, w],
+            "max_abs_diff": diff, "parity_ok": diff <= PARITY_TOL, "pte_bytes": info["bytes"],
+            "delegation_fp32": info["delegation"], "skipped_blocks": inactive}, x
+
+
+def _export_int8(model, task, out: Path, x, n_calibration: int, seed: int) -> dict:
+    hw = tuple(x.shape[-2:])
+    qmodel = quantize_pt2e(model, x, task.calibration_inputs(hw, n_calibration, seed))
+    with torch.no_grad():
+        edge = lower(torch.export.export(qmodel, (x,)))
+    path = out / "model_int8.pte"
+    info = _write_pte(edge, path)
+    return {"int8_pte": str(path), "int8_pte_bytes": info["bytes"],
+            "delegation_int8": info["delegation"], "calibration_inputs": n_calibration,
+            "quantizer": "XNNPACKQuantizer symmetric, per-channel weights (PT2E)"}
+
+
+def export_executorch_all(arch, model, task, out_dir, backend: ExecutorchBackend,
+                          measure_cfg: dict | None = None, input_shape=(1, 3, 256, 256),
+                          int8: bool = True, calibration: dict | None = None,
+                          seed: int = 0) -> dict:
+    """Export fp32 (and int8) ``.pte`` files of ``model`` into ``out_dir``, score them on the
+    task's test images and time them interleaved on ``backend``; returns the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().eval().float()
+    if hasattr(model, "fuse"):
+        model.fuse()
+    shape = [int(s) for s in input_shape]
+    summary = {"arch": arch.name, "task": task.name, "metric": task.metric}
+    fp32, x = _export_fp32(arch, model, task, out, shape)
+    summary.update(fp32)
+    files = {"fp32": summary["pte"]}
+    if int8:
+        summary.update(_export_int8(model, task, out, x, int((calibration or {}).get(
+            "inputs", 16)), seed))
+        files["int8"] = summary["int8_pte"]
+    hw = tuple(shape[2:])
+    for kind, path in files.items():
+        for k, v in pte_quality(path, task, hw, seed).items():
+            summary[f"{k}_{kind}"] = v
+    m = task.metric
+    if int8:
+        summary[f"{m}_delta_int8"] = summary[f"{m}_int8"] - summary[f"{m}_fp32"]
+    runners = {k: backend.pte_runner(p, x) for k, p in files.items()}
+    lat = measure_interleaved(runners, **(measure_cfg or {}))
+    for kind, st in lat.items():
+        summary[f"{kind}_ms"] = st["ms"]
+    if int8:
+        summary["int8_speedup"] = paired_ratio(lat["fp32"], lat["int8"])
+    summary.update(eval_set=task.headline_set, eval_tile=list(hw),
+                   latency_backend=backend.metadata(), measure=measure_cfg)
+    return summary
