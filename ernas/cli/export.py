@@ -58,7 +58,7 @@ def _check_format(cfg: DictConfig) -> None:
         raise ErnasError(f"format={fmt!r} is not an export format; use one of "
                          f"{', '.join(FORMATS)}.")
     if fmt == "executorch":
-        require_executorch("format=executorch")
+        require_executorch("format=executorch", "use format=onnx")
         if cfg.qat.steps > 0:
             raise ErnasError("qat.steps > 0 is not available with format=executorch (the QAT "
                              "model's fake quantisers export as ONNX QDQ only); set qat.steps=0 "

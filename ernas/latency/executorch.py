@@ -57,13 +57,13 @@ def missing_phrase(what: str) -> str:
             f"install the extra with `{EXTRA}` (executorch==1.5.1)")
 
 
-def require_executorch(what: str) -> None:
-    """ErnasError naming the extra unless ``executorch`` imports."""
+def require_executorch(what: str, instead: str = "choose another latency backend "
+                       "(latency=onnxruntime_cpu)") -> None:
+    """ErnasError naming the extra (or ``instead``) unless ``executorch`` imports."""
     try:
         import executorch  # noqa: F401
     except ImportError:
-        raise ErnasError(missing_phrase(what) + ", or choose another latency backend "
-                         "(latency=onnxruntime_cpu) / export format (format=onnx).") from None
+        raise ErnasError(f"{missing_phrase(what)}, or {instead}.") from None
 
 
 def executorch_version() -> str:
