@@ -44,3 +44,11 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
     sp = s["measured_speedup"]
     word = "lower" if sp >= 1 else "higher"
     assert "| derived |" in r.stdout and f"{max(sp, 1 / sp):.2f}x {word} measured latency" in r.stdout
+    # demo.log tells the story (it used to stay empty): the demo's start line, each stage's with
+    # its own folder, and the latency table each stage chose, with why
+    log = (out / "demo.log").read_text()
+    assert f"ernas-demo: run folder {out};" in log
+    for stage in ("search", "retrain_derived", "retrain_baseline", "evaluate", "export"):
+        assert f"run folder {out / stage};" in log, stage
+    assert f"latency table {out / 'search' / 'latency_table.csv'}: given table used as it is" \
+        in log

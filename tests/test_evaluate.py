@@ -76,7 +76,7 @@ def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
     # the smallest network of {tiny_bn, reference} is tiny_bn itself: anchoring on it would
     # make its prediction its own measurement, so latency.anchor=true draws no line
     assert "being evaluated" in s["table_probes"]["tiny_bn"]["anchor"]["skipped"]
-    assert "latency.anchor: not anchored" in r.stderr
+    assert "latency.anchor: not anchored" in r.stdout
     # both models measured in the same interleaved rounds, with the configured session options
     assert s["latency_backend"]["threads"] == 1 and s["latency_backend"]["spinning"] is False
     # the speed-up is paired: the median over rounds of baseline / model in that round

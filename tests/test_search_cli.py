@@ -56,7 +56,7 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
     assert s["latency_active_fraction"] == 0.0
     assert "hinge target 1000000.00 ms never bound" in r.stdout and "λ=0" in r.stdout
     anchor = s["table_probe"]["anchor"]
-    assert anchor["networks"]["smallest"] and "latency.anchor:" in r.stderr
+    assert anchor["networks"]["smallest"] and "latency.anchor:" in r.stdout
     copy = LatencyTable.load(out / "latency_table.csv")
     assert copy.metadata["correction"]["anchored"]["measured_ms"] == anchor["measured_ms"]
     keys = arch.op_keys((1, 3, 32, 32), "block")
@@ -72,7 +72,7 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
     e = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert e["latency_tables"][e["name"]] == str(out / "latency_table.csv")
     assert e["predicted_ms"] == pytest.approx(s["predicted_latency_ms"])
-    assert "search's own table" in ev.stderr and "kept the anchoring" in ev.stderr
+    assert "search's own table" in ev.stdout and "kept the anchoring" in ev.stdout
 
 
 def test_killed_search_resumes_to_the_same_arch(tmp_path, cache):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ernas.cli.common import claim_run_dir, hydra_main, output_dir, user_errors
+from ernas.cli.common import claim_run_dir, hydra_main, log_start, output_dir, user_errors
 from ernas.errors import ErnasError
 
 RESUME_FREE = ("resume", "launcher", "launcher_settings", "progress", "until")
@@ -64,7 +64,8 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
         out = claim_run_dir(cfg.resume, resume=True)
     else:
         out = claim_run_dir(out) if out else output_dir()
-    print(f"ernas-bench: protocol {cfg.protocol} in {out} (launcher {cfg.launcher})", flush=True)
+    log_start("bench", out, protocol=cfg.protocol, launcher=cfg.launcher,
+              threads_per_job=cfg.threads, resuming=cfg.resume or None, until=cfg.until)
     return run_protocol(cfg, Path(out))
 
 

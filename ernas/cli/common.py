@@ -1,7 +1,9 @@
-"""Shared CLI plumbing: user errors as one paragraph with exit status 2, repository paths."""
+"""Shared CLI plumbing: user errors as one paragraph with exit status 2, the start line every
+command logs, run directories, repository paths."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import textwrap
@@ -9,6 +11,8 @@ import warnings
 from pathlib import Path
 
 from ernas.errors import ErnasError
+
+log = logging.getLogger(__name__)
 
 
 def _print_error(text: str) -> None:
@@ -49,13 +53,72 @@ def hydra_main(config_name: str, run, objective=None):
     return main
 
 
+class ConsoleFormatter(logging.Formatter):
+    """The console side of the job log (``experiments/hydra/job_logging/ernas.yaml``): a record
+    as its bare message; a warning or error as ``ernas: warning: <message>``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"ernas: {record.levelname.lower()}: {text}"
+        return text
+
+
+class BelowWarning(logging.Filter):
+    """Records below WARNING (the job log's stdout handler; warnings go to stderr)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None,
                   _default=warnings.showwarning):
-    """ernas's own warnings as ``ernas: warning: <message>`` (no source line); others as usual."""
-    if f"{os.sep}ernas{os.sep}" in str(filename):
-        print(f"ernas: warning: {message}", file=file or sys.stderr, flush=True)
-    else:
+    """ernas's own warnings into the job log when one is configured (console and
+    ``<command>.log``), else as ``ernas: warning: <message>`` on stderr (no source line); other
+    warnings as usual."""
+    if f"{os.sep}ernas{os.sep}" not in str(filename):
         _default(message, category, filename, lineno, file, line)
+    elif file is None and log.hasHandlers():
+        logging.getLogger("ernas.warnings").warning("%s", message)
+    else:
+        print(f"ernas: warning: {message}", file=file or sys.stderr, flush=True)
+
+
+def _backend_words(backend) -> str:
+    """``onnxruntime 1.32.0 (CPUExecutionProvider, 2 threads)``: a latency backend in words."""
+    o = backend.session_options()
+    threads = o.get("threads")
+    parts = [o.get("provider"), f"{threads} thread{'s' * (threads != 1)}" if threads else None,
+             f"command `{o['command']}`" if o.get("command") else None]
+    inner = ", ".join(p for p in parts if p)
+    return " ".join(str(p) for p in (backend.name, o.get("version")) if p) + \
+        (f" ({inner})" if inner else "")
+
+
+def device_name(device) -> str:
+    """``auto`` as the device it means here (CUDA when available, else the CPU)."""
+    if str(device) != "auto":
+        return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def log_start(command: str, out, device=None, backend=None, **facts) -> None:
+    """The line every command logs once its run folder is claimed: ``ernas-<command>: run
+    folder <out>; device <d>; torch threads <n>; latency backend <b>; <fact> <value>; ...``.
+    Torch's threads are named with a ``device`` (a command that computes here); ``backend`` is
+    a latency ``Backend`` (named with its runtime, provider and threads); ``facts`` whose value
+    is None are left out. The chosen latency table and why is logged where it is resolved
+    (``ernas.latency.resolve``)."""
+    import torch
+
+    items = {"run folder": out, "device": device,
+             "torch threads": torch.get_num_threads() if device is not None else None,
+             "latency backend": _backend_words(backend) if backend is not None else None,
+             **{k.replace("_", " "): v for k, v in facts.items()}}
+    log.info("ernas-%s: %s", command,
+             "; ".join(f"{k} {v}" for k, v in items.items() if v is not None))
 
 
 def user_errors(fn):
@@ -149,8 +212,8 @@ def resumed_config(cfg, command: str, free: tuple[str, ...], every: str,
                 OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
         added = new_fields(run_cfg, cfg)
     if added:
-        print(f"ernas: resume={d}: settings added to ernas since this run take their current "
-              f"values: {', '.join(added)}.", file=sys.stderr, flush=True)
+        log.warning("resume=%s: settings added to ernas since this run take their current "
+                    "values: %s.", d, ", ".join(added))
     return run_cfg
 
 

@@ -15,7 +15,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ernas.cli import evaluate, export, retrain, search
-from ernas.cli.common import hydra_main, output_dir, user_errors
+from ernas.cli.common import hydra_main, log_start, output_dir, user_errors
 from ernas.cli.schema import Demo
 from ernas.config import validated
 from ernas.io import atomic_write_json, atomic_write_text
@@ -75,6 +75,10 @@ def stage_overrides(cfg: DictConfig) -> dict[str, list]:
 def run(cfg: DictConfig) -> dict:
     validated(cfg, Demo, "demo config")
     out = output_dir()
+    log_start("demo", out, task=cfg.task.name, experiment=cfg.experiment,
+              stages="search, retrain (derived and baseline), evaluate, export, each in its "
+                     "own folder with its own start line",
+              search_steps=cfg.search_steps, retrain_steps=cfg.retrain_steps)
     st, task = stage_overrides(cfg), cfg.task
     experiment = [f"experiment={cfg.experiment}"] if cfg.experiment else []
     s_cfg = _stage("search", [*experiment, f"search.steps={cfg.search_steps}", f"seed={cfg.seed}",

@@ -3,15 +3,18 @@
 latency–quality Pareto plot of several runs (``pareto.png``, ``pareto.csv``)."""
 from __future__ import annotations
 
-import sys
+import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from ernas.cli.common import arch_for, claim_run_dir, hydra_main, output_dir, resolve_arch, task_of, user_errors
+from ernas.cli.common import (arch_for, claim_run_dir, device_name, hydra_main, log_start,
+                              output_dir, resolve_arch, task_of, user_errors)
 from ernas.cli.schema import Evaluate
 from ernas.config import validated
 from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 
 @user_errors
@@ -26,6 +29,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     if params.runs:
         dirs = run_dirs(params.runs)
         out = claim_run_dir(out) if out else output_dir()
+        log_start("evaluate", out, runs=len(dirs), pareto_table=cfg.pareto_table)
         df = pareto(dirs, out / "pareto.png", cfg.pareto_table)
         summary = {"runs": df.to_dict(orient="records"),
                    "front": list(dict.fromkeys(df.loc[df["on_front"], "name"])),
@@ -53,11 +57,24 @@ def run(cfg: DictConfig, out=None) -> dict:
     if latency and not cfg.arch:
         latency = search_table(latency, cfg.checkpoint)
     out = claim_run_dir(out) if out else output_dir()
+    _log_start(cfg, out, latency, entries)
     summary = evaluate(entries, out, task_of(cfg), cfg.seed, latency, tuple(cfg.input_shape),
                        cfg.predict_latency, cfg.measure_latency, cfg.device, cfg.progress,
                        params.memory_runs)
     print(_line(summary) + f"; wrote {out}/report.md, results.csv")
     return summary
+
+
+def _log_start(cfg: DictConfig, out, latency: dict | None, entries: list) -> None:
+    """The start line: run folder, device, the latency backend when latency is predicted or
+    measured, the models compared."""
+    from ernas.latency.factory import make_backend
+
+    timed = latency and (cfg.predict_latency or cfg.measure_latency)
+    log_start("evaluate", out, device_name(cfg.device),
+              make_backend(latency["backend"]) if timed else None,
+              models=", ".join(e.name for e in entries), task=cfg.task.name,
+              input_shape=list(cfg.input_shape))
 
 
 def search_table(latency: dict, checkpoint) -> dict:
@@ -73,8 +90,8 @@ def search_table(latency: dict, checkpoint) -> dict:
     copy = (c if c.is_dir() else c.parent) / RUN_TABLE
     if not copy.is_file():
         return latency
-    print(f"ernas: predicting from the search's own table {copy} (the table and line it "
-          f"optimised); give latency.table=<table> to predict from another.", file=sys.stderr)
+    log.info("predicting from the search's own table %s (the table and line it optimised); "
+             "give latency.table=<table> to predict from another.", copy)
     return {**latency, "table": str(copy), "trust_table": True}
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ernas.cli.common import arch_for, claim_run_dir, hydra_main, output_dir, task_of, user_errors
+from ernas.cli.common import (arch_for, claim_run_dir, hydra_main, log_start, output_dir,
+                              task_of, user_errors)
 from ernas.cli.schema import LatencyGroup
 from ernas.config import validated
 
@@ -32,6 +33,10 @@ def run(cfg: DictConfig, out=None) -> dict:
     task.check_arch(arch)
     model = load_model(arch, resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else None)
     out = claim_run_dir(out) if out else output_dir()
+    b = cfg.latency.backend
+    log_start("export", out, "cpu", arch=arch.name, format=cfg.get("format", "onnx"),
+              timed_on=f"{b.name}" + (f" ({b.threads} threads)" if b.get("threads") else ""),
+              int8=bool(cfg.int8), qat_steps=cfg.qat.steps or None)
     plain = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("format", "onnx") == "executorch":
         summary = _export_executorch(cfg, plain, arch, model, task, out)

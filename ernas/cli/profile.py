@@ -9,12 +9,13 @@ writes a corrected copy into the run directory.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ernas.cli.common import claim_run_dir, hydra_main, output_dir, user_errors
+from ernas.cli.common import claim_run_dir, hydra_main, log_start, output_dir, user_errors
 from ernas.cli.schema import Profile
 from ernas.config import validated
 from ernas.io import atomic_write_json
@@ -25,6 +26,8 @@ from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import profile_path, profile_table, resolve_from_config
 from ernas.space import find_space, load_arch
+
+log = logging.getLogger(__name__)
 
 
 def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
@@ -81,6 +84,8 @@ def run(cfg: DictConfig, out=None) -> dict:
     shape = [int(s) for s in cfg.input_shape]
     backend = make_backend(lat.backend)  # a missing runtime is refused before anything is written
     out = claim_run_dir(out) if out else output_dir()
+    log_start("profile", out, backend=backend, mode=cfg.mode,
+              space=space.name, input_shape=shape, output=cfg.output)
     if cfg.mode == "validate":
         return _validate(cfg, space, shape, protocol, out)
     arch_keys = list(dict.fromkeys(load_arch(cfg.arch).op_keys(shape, lat.granularity))) \
@@ -117,9 +122,9 @@ def run(cfg: DictConfig, out=None) -> dict:
                   f"{q['choice']}")
         why = inconsistency(table, space, shape, lat.granularity, lat.max_inconsistency)
         if why:
-            print(f"warning: this table {why}; latency.table=auto will not use it. Profile "
-                  f"again while nothing else runs, into a new file (another output=, or "
-                  f"none: the cache).")
+            log.warning(f"this table {why}; latency.table=auto will not use it. Profile "
+                        f"again while nothing else runs, into a new file (another output=, or "
+                        f"none: the cache).")
     return summary
 
 

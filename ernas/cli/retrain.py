@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ernas import distributed as D
-from ernas.cli.common import (claim_run_dir, given_keys, hydra_main, resolve_arch,
+from ernas.cli.common import (claim_run_dir, given_keys, hydra_main, log_start, resolve_arch,
                               resumed_config, task_of, user_errors)
 from ernas.cli.schema import Retrain
 from ernas.config import validated
@@ -65,6 +65,10 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict | None:
         data = training_data(task, tcfg, info.rank)  # a data error refuses before the claim
         if info.rank == 0:
             out = claim_run_dir(out or _hydra_dir())
+            log_start("retrain", out, info.device, arch=arch.name, task=task.name,
+                      init=cfg.init, steps=tcfg.steps,
+                      ranks=info.world_size if info.enabled else None,
+                      teacher=distill.arch.name if distill else None)
         out = Path(D.broadcast_object(str(out) if out else None))
         summary = retrain(arch, out, task, tcfg, cfg.init, cfg.source, distill, cfg.progress,
                           cfg.stop_at, cfg.space, data)
@@ -89,6 +93,8 @@ def _resume(cfg: DictConfig, out, info) -> dict | None:
         claim_run_dir(cfg.resume, resume=True)
         if out.resolve() != Path(cfg.resume).resolve():
             claim_run_dir(out)
+        log_start("retrain", out, info.device, resuming=cfg.resume,
+                  ranks=info.world_size if info.enabled else None)
     out = Path(D.broadcast_object(str(out) if out else None))
     given = given_keys()
     summary = resume(cfg.resume, cfg.progress, cfg.stop_at,

@@ -1,20 +1,21 @@
 """``ernas-search``: hardware-aware differentiable search on a space, with a latency table."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from ernas import distributed as D
 from ernas.batches import step_batches
-from ernas.cli.common import (claim_run_dir, hydra_main, output_dir, record_run_config,
-                              resumed_config, task_of, user_errors)
+from ernas.cli.common import (claim_run_dir, hydra_main, log_start, output_dir,
+                              record_run_config, resumed_config, task_of, user_errors)
 from ernas.cli.schema import Search
 from ernas.config import validated
 from ernas.errors import ErnasError
 from ernas.latency.factory import make_backend
 from ernas.latency.predict import ExpectedLatency
-from ernas.latency.resolve import profile_command, resolve_from_config
+from ernas.latency.resolve import profile_command, resolve_from_config, table_choice
 from ernas.latency.table import LatencyTable
 from ernas.search import SearchConfig, run_search
 from ernas.search.config import RESUME_FREE as SEARCH_RESUME_FREE
@@ -30,6 +31,7 @@ RESUME_FREE = ("threads", "latency.cache_dir", "latency.probe_cache_s",
 # the table a run started with, copied into its directory: a resumed run continues with it, so a
 # probe that fails on a busy machine (and re-profiles) cannot change the objective mid-run
 RUN_TABLE = "latency_table.csv"
+log = logging.getLogger(__name__)
 
 
 @user_errors
@@ -70,10 +72,13 @@ def keep_run_table(table: LatencyTable, source: Path, run_dir: Path) -> None:
     copy.save(Path(run_dir) / RUN_TABLE)
 
 
-def prepare(cfg: DictConfig, rank: int = 0) -> dict:
+def prepare(cfg: DictConfig, rank: int = 0, out: Path | None = None, device: str | None = None
+            ) -> dict:
     """Everything ``run_search`` needs from a search config: the space, the task, the latency
     table and its differentiable expectation, the search config, and per-step batch functions
-    (keyed by seed and rank). A resumed run uses the table copied into its directory."""
+    (keyed by seed and rank). A resumed run uses the table copied into its directory. With
+    ``out`` (the run folder), rank 0 logs the start line once the inputs are checked, before the
+    table is resolved (which may profile for minutes)."""
     space = find_space(cfg.space)
     task = task_of(cfg)
     task.check_arch(space.reference())
@@ -88,14 +93,19 @@ def prepare(cfg: DictConfig, rank: int = 0) -> dict:
     lat = cfg.latency
     shape = [int(s) for s in cfg.input_shape]
     backend = make_backend(lat.backend)
+    if out is not None and D.is_main():
+        log_start("search", out, device, backend, space=space.name, input_shape=shape,
+                  steps=scfg.steps, resuming=cfg.resume or None,
+                  ranks=D.world_size() if D.is_dist() else None)
     # rank 0 alone resolves (a probe, perhaps a profile) and the others receive its table, so
     # every rank optimises one objective and no two processes profile one cache file at once
     resolved = None
     if D.is_main():
         kept = run_table(Path(cfg.resume)) if cfg.resume else None
         if kept:
-            print(f"resuming with the latency table the run started with ({RUN_TABLE}, resolved "
-                  f"from {kept[1]})", flush=True)
+            log.info("resuming with the latency table the run started with (%s, resolved from "
+                     "%s)", RUN_TABLE, kept[1])
+            log.info("latency table %s: %s", kept[1], table_choice(*kept))
         resolved = kept or resolve_from_config(space, shape, lat, cfg.progress)
         resolved = (resolved[0].to_frame(), resolved[0].metadata, resolved[0].probe,
                     str(resolved[1]))
@@ -119,7 +129,7 @@ def _run(cfg: DictConfig, info, out: Path | None) -> dict:
     else:
         out = claim_run_dir(out, main=main, record=False) if out else \
             output_dir(main=main, record=False)
-    p = prepare(cfg, info.rank)
+    p = prepare(cfg, info.rank, out, info.device)
     space, shape, table, scfg = p["space"], p["shape"], p["table"], p["scfg"]
     if main and not cfg.resume:
         record_run_config(out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -26,15 +26,11 @@ from ernas.latency.measure import MeasureProtocol
 from ernas.latency.settings import LatencySettings
 from ernas.latency.table import LatencyTable
 
-__all__ = ["PROBE_TOLERANCE", "cached_probe", "note", "probe_arch", "probe_table", "probe_text",
+__all__ = ["PROBE_TOLERANCE", "cached_probe", "probe_arch", "probe_table", "probe_text",
            "record_baseline"]
 
 PROBE_TOLERANCE = LatencySettings.__dataclass_fields__["probe_tolerance"].default
-
-
-def note(msg: str) -> None:
-    """A status line on stderr (``ernas: ...``)."""
-    print(f"ernas: {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def probe_arch(space, table: LatencyTable, input_shape, granularity: str):
@@ -86,11 +82,11 @@ def record_baseline(table: LatencyTable, space, backend: Backend,
                                                      "ratio", "spread", "statistic")},
                               "network": arch.to_dict()}
     if abs(rec["ratio"] - 1) > PROBE_TOLERANCE:
-        note(f"on this machine the sum of the table's keys predicts {rec['arch']} at "
-              f"{rec['predicted_ms']:.3g} ms, measured {rec['measured_ms']:.3g} ms (ratio "
-              f"{rec['ratio']:.2f}): at this input size the keys are not additive (per-call "
-              f"overhead, fusion across blocks); absolute predictions will be off, rankings may "
-              f"hold. Check with ernas-profile mode=validate.")
+        log.info("on this machine the sum of the table's keys predicts %s at %.3g ms, measured "
+                 "%.3g ms (ratio %.2f): at this input size the keys are not additive (per-call "
+                 "overhead, fusion across blocks); absolute predictions will be off, rankings "
+                 "may hold. Check with ernas-profile mode=validate.", rec["arch"],
+                 rec["predicted_ms"], rec["measured_ms"], rec["ratio"])
     return rec
 
 

@@ -28,10 +28,12 @@ The returned table carries ``table.probe`` (``arch``, ``predicted_ms``, ``measur
 ``ratio``, ``expected_ratio``, ``relative``, ``spread``, ``tolerance``, ``accepted``,
 ``cached``, ``action`` in used | rescaled | trusted | profiled, and ``refused``: why other
 candidates were not used) and ``table.source``; neither is written to the file. Every setting
-comes from one ``LatencySettings`` (``ernas.latency.settings``).
+comes from one ``LatencySettings`` (``ernas.latency.settings``). ``resolve_from_config`` logs
+the table it chose and why (``table_choice``), the candidates it refused, and any profiling.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,8 +48,7 @@ from ernas.latency.factory import make_backend
 from ernas.latency.fingerprint import check_fingerprint, fingerprint_differences
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.ops import build_op
-from ernas.latency.probe import (cached_probe, note, probe_arch, probe_table, probe_text,
-                                 record_baseline)
+from ernas.latency.probe import cached_probe, probe_arch, probe_table, probe_text, record_baseline
 from ernas.latency.profile import as_protocol, profile_keys
 from ernas.latency.settings import ON_MISMATCH, LatencySettings
 from ernas.latency.table import COMPAT_FIELDS, LatencyTable
@@ -55,7 +56,9 @@ from ernas.paths import CACHE, LATENCY_TABLES
 
 __all__ = ["ON_MISMATCH", "default_table_path", "probe_arch", "probe_table", "profile_command",
            "profile_path", "profile_table", "record_baseline", "required_metadata",
-           "resolve_from_config", "resolve_table"]
+           "resolve_from_config", "resolve_table", "table_choice"]
+
+log = logging.getLogger(__name__)
 
 
 def required_metadata(backend: Backend, input_shape, granularity: str) -> dict:
@@ -231,14 +234,15 @@ def profile_path(space, backend: Backend, input_shape, granularity: str,
                           required_metadata(backend, shape, granularity),
                           finished_too=keys is not None)
     if path != base:
-        note(f"profiling into {path} beside {base} (a cache table is never replaced).")
+        log.info(f"profiling into {path} beside {base} (a cache table is never replaced).")
     return path
 
 
 def _profile_new(req: _Request, refused: list[dict], progress: bool):
     """Profile a table for this machine into a new (or unfinished) cache file."""
     path = profile_path(req.space, req.backend, req.shape, req.gran, req.cache)
-    note(f"profiling a latency table for {req.space.name} at {req.shape} on this machine: {path}")
+    log.info(f"profiling a latency table for {req.space.name} at {req.shape} on this machine: "
+             f"{path}")
     s = req.s
     t = profile_table(req.space, req.shape, req.backend, req.gran, path, req.protocol,
                       s.consistency_tolerance, progress, group=s.profile_group,
@@ -265,7 +269,7 @@ def resolve_table(space, input_shape, settings: LatencySettings | Mapping, progr
     if t is not None:
         return t, path
     for r in refused:
-        note(f"latency table {r['table']} not used: {r['reason']}.")
+        log.info(f"latency table {r['table']} not used: {r['reason']}.")
     if req.s.on_mismatch == "rescale" and probed:
         out, path = req.rescaled(*probed[0])
         out.probe["refused"] = refused
@@ -282,11 +286,11 @@ def _note_anchor(rec: dict) -> None:
     if "skipped" in rec:
         line = (f": predictions are {rec['scale']:.3f}·sum {rec['offset_ms']:+.3g} ms"
                 if "scale" in rec else "")
-        note(f"latency.anchor: {rec['skipped']}{line}.")
+        log.info(f"latency.anchor: {rec['skipped']}{line}.")
         return
     m = rec["measured_ms"]
     drawn = [v for k, v in m.items() if k.startswith("sample_")]
-    note(f"latency.anchor: timed {anchors_phrase(len(drawn), rec['samples_requested'])}"
+    log.info(f"latency.anchor: timed {anchors_phrase(len(drawn), rec['samples_requested'])}"
          f" now: {rec['networks']['reference']} {m['reference']:.3g} ms, "
          f"{rec['networks']['smallest']} {m['smallest']:.3g} ms"
          + (f", sampled {min(drawn):.3g}-{max(drawn):.3g} ms" if drawn else "")
@@ -312,4 +316,45 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
                            probe_arch(space, t, shape, s.granularity), scored, s.anchor_samples)
         t.probe = {**(t.probe or {}), "anchor": rec}
         _note_anchor(rec)
+    log.info("latency table %s: %s", path,
+             table_choice(t, path, given=s.table not in (None, "auto")))
     return t, path
+
+
+def table_choice(table: LatencyTable, path: str | Path, given: bool = False) -> str:
+    """Why ``table`` (resolved from ``path``; ``given``: named by ``latency.table``, not found
+    by ``auto``) is the one used, in words, from its probe record (``table.probe``): its kind
+    (shipped, cached, given), the action (used after the probe agreed, profiled here now,
+    trusted, rescaled, a resumed run's copy), the other candidates refused and the day's
+    anchoring."""
+    rec = table.probe or {}
+    action = rec.get("action")
+    kind = "given table" if given else "shipped table" if Path(path).resolve().is_relative_to(
+        LATENCY_TABLES.resolve()) else "cached table"
+    if action == "used" and "ratio" in rec:
+        why = (f"{kind}, its fingerprint matches this machine and the probe agreed ({rec['arch']}"
+               f" measured/predicted {rec['ratio']:.2f}, {rec['relative']:.2f}x the expected "
+               f"ratio, tolerance ±{100 * rec['tolerance']:.0f}%"
+               f"{', probe result cached' if rec.get('cached') else ''})")
+    elif action == "profiled":
+        why = "profiled on this machine now (no shipped or cached table held here)"
+    elif action == "trusted":
+        why = f"{kind} used as it is, not probed (latency.trust_table=true)"
+    elif action == "rescaled":
+        why = (f"{kind} with every row scaled by {rec['relative']:.3f} after the probe "
+               f"disagreed (latency.on_mismatch=rescale)")
+    elif action == "resumed":
+        why = f"the copy this run started with ({rec.get('copy')}), as it was resolved then"
+    else:
+        why = kind
+    refused = rec.get("refused") or []
+    if refused and action != "resumed":
+        why += f"; {len(refused)} other candidate(s) refused"
+    anchor = rec.get("anchor") or {}
+    if "scale" in anchor:
+        kept = "skipped" in anchor or action == "resumed"
+        when = "kept from the run's copy" if kept else "timed now"
+        why += f"; anchored ({when}): ms = {anchor['scale']:.3f}·sum {anchor['offset_ms']:+.3g}"
+    elif "skipped" in anchor:
+        why += f"; {anchor['skipped']}"
+    return why
