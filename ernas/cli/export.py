@@ -77,6 +77,9 @@ def _check_format(cfg: DictConfig) -> None:
         raise ErnasError("format=onnx times ONNX files, which latency=executorch_xnnpack cannot "
                          "run; use format=executorch to export and time .pte files, or a latency "
                          "backend that runs ONNX (latency=onnxruntime_cpu).")
+    elif backend == "litert":
+        raise ErnasError("format=onnx times ONNX files, which latency=litert cannot run; use a "
+                         "latency backend that runs ONNX (latency=onnxruntime_cpu).")
 
 
 def _export_executorch(cfg, plain: dict, arch, model, task, out) -> dict:

@@ -9,11 +9,12 @@ from ernas.errors import ErnasError
 from ernas.latency.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from ernas.latency.command import COMMAND_PRESETS, CommandBackend
 from ernas.latency.executorch import ExecutorchBackend
+from ernas.latency.litert import LitertBackend
 from ernas.latency.measure import plain_mapping
 
 BACKENDS: dict[str, type[Backend]] = {
     "onnxruntime": OnnxRuntimeBackend, "torch": TorchBackend, "command": CommandBackend,
-    "executorch_xnnpack": ExecutorchBackend}
+    "executorch_xnnpack": ExecutorchBackend, "litert": LitertBackend}
 
 
 def make_backend(cfg: Mapping[str, Any]) -> Backend:

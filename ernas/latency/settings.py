@@ -17,6 +17,8 @@ from typing import Any
 
 from ernas.errors import ErnasError
 from ernas.latency.executorch import executorch_available, missing_phrase
+from ernas.latency.litert import litert_available
+from ernas.latency.litert import missing_phrase as litert_missing
 from ernas.latency.measure import MeasureProtocol, plain_mapping
 
 __all__ = ["GRANULARITIES", "LatencySettings", "ON_MISMATCH"]
@@ -121,6 +123,9 @@ def _problems(s: LatencySettings) -> list[str]:
     elif isinstance(s.backend, Mapping) and s.backend.get("name") == "executorch_xnnpack" \
             and not executorch_available():
         bad.append(missing_phrase("latency.backend.name=executorch_xnnpack"))
+    elif isinstance(s.backend, Mapping) and s.backend.get("name") == "litert" \
+            and not litert_available():
+        bad.append(litert_missing("latency.backend.name=litert"))
     if s.granularity not in GRANULARITIES:
         bad.append(f"latency.granularity={s.granularity!r} must be one of "
                    f"{', '.join(GRANULARITIES)}")

@@ -1,0 +1,142 @@
+"""LiteRT + XNNPACK: the latency backend (timing, the .tflite computes the module, threads and
+the fingerprint), a real profile through ernas-profile, and the refusal when the optional extra
+is not installed."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ernas
+from ernas.errors import ErnasError
+from ernas.latency.litert import litert_available
+from ernas.latency.table import LatencyTable
+from ernas.paths import SEARCH_SPACES
+
+needs_litert = pytest.mark.skipif(not litert_available(),
+                                  reason='optional extra: pip install "ernas[litert]"')
+FAST = ["latency.measure.rounds=2", "latency.measure.per_round=2",
+        "latency.measure.min_seconds=0", "latency.backend.threads=1", "progress=false"]
+# a meta-path finder that makes the LiteRT packages absent (not installed), then the CLI
+BLOCK = ("import sys, runpy\n"
+         "class NoLitert:\n"
+         "    def find_spec(self, name, path=None, target=None):\n"
+         "        if name.split('.')[0] in ('litert_torch', 'ai_edge_litert'):\n"
+         "            raise ImportError('No module named ' + repr(name))\n"
+         "sys.meta_path.insert(0, NoLitert())\n"
+         "sys.argv = sys.argv[1:]\n"
+         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def _outputs(folder: Path) -> list[str]:
+    """What a run wrote into ``folder`` besides Hydra's (empty) job log and dot files."""
+    return sorted(p.name for p in folder.glob("*") if p.suffix != ".log"
+                  and not p.name.startswith(".")) if folder.exists() else []
+
+
+def _cli(module, *args, cwd, block=False):
+    head = [sys.executable, "-c", BLOCK, module] if block else [sys.executable, "-m", module]
+    return subprocess.run([*head, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {"ai-edge-litert": version("ai-edge-litert"), "litert-torch": version("litert-torch")}
+
+
+@needs_litert
+def test_backend_timing_parity_threads():
+    from ernas.latency.factory import make_backend
+    from ernas.latency.litert import LitertBackend, TfliteModel
+
+    b = make_backend({"name": "litert", "threads": 1})
+    v = _versions()
+    assert isinstance(b, LitertBackend)
+    assert b.fingerprint()["runtime"] == {
+        "runtime": "ai-edge-litert", "version": v["ai-edge-litert"], "converter": "litert-torch",
+        "converter_version": v["litert-torch"], "provider": "xnnpack", "threads": 1}
+    two = make_backend({"name": "litert", "threads": 2})
+    assert two.fingerprint()["digest"] != b.fingerprint()["digest"]
+    assert b.metadata()["versions"]["ai-edge-litert"] == v["ai-edge-litert"]
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(8, 8, 3, padding=1), torch.randn(1, 8, 16, 16)
+    run = b.runner(conv, x)
+    ms = [run() for _ in range(3)]
+    assert all(np.isfinite(ms)) and min(ms) > 0
+    assert run.model.channels_last  # NHWC at the model's boundary, as inside a network
+    with torch.no_grad():
+        want = conv(x)
+    assert float((run.model(x) - want).abs().max()) < 1e-4
+    tflite, channels_last = b.to_tflite(conv, x)
+    assert tflite[4:8] == b"TFL3"  # the flatbuffer's file identifier
+    two_threads = TfliteModel(tflite, 2, channels_last)  # same file, another thread count
+    assert float((two_threads(x) - want).abs().max()) < 1e-4
+    for bad in ({"threads": 0}, {"threads": True}, {"dtype": "float16"}):
+        with pytest.raises(ErnasError, match=next(iter(bad))):
+            make_backend({"name": "litert", **bad})
+
+
+@needs_litert
+def test_nafblock_parity():
+    """A whole NAF block (LayerNorm, SimpleGate, channel attention) converts and computes the
+    PyTorch block."""
+    from ernas.latency.factory import make_backend
+    from ernas.latency.ops import build_op
+
+    arch = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest()
+    key = next(k for k in arch.op_keys((1, 3, 16, 16), "block") if k.startswith("nafblock"))
+    module, x = build_op(key)
+    module.eval()
+    run = make_backend({"name": "litert", "threads": 1}).runner(module, x)
+    with torch.no_grad():
+        assert float((run.model(x) - module(x)).abs().max()) < 1e-4
+    assert np.isfinite(run()) and run() > 0
+
+
+@needs_litert
+def test_profile_cli_on_litert(tmp_path):
+    """The tiny space's smallest network, profiled per block on LiteRT by ernas-profile."""
+    arch = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest()
+    arch.save(tmp_path / "small.yaml")
+    out = tmp_path / "lite.csv"
+    r = _cli("ernas.cli.profile", "latency=litert", f"arch={tmp_path}/small.yaml",
+             "input_shape=[1,3,16,16]", f"output={out}", *FAST, f"hydra.run.dir={tmp_path}/p",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = LatencyTable.load(out)
+    keys = set(arch.op_keys((1, 3, 16, 16), "block"))
+    frame = table.to_frame()
+    assert set(table.keys()) == keys and np.isfinite(frame["ms"]).all() and (frame["ms"] > 0).all()
+    meta, v = table.metadata, _versions()
+    assert meta["backend"] == "litert" and meta["threads"] == 1
+    assert meta["fingerprint"]["runtime"] == {
+        "runtime": "ai-edge-litert", "version": v["ai-edge-litert"], "converter": "litert-torch",
+        "converter_version": v["litert-torch"], "provider": "xnnpack", "threads": 1}
+    assert "[START]" not in r.stdout  # the converter's progress tree is silenced
+
+
+@pytest.mark.parametrize("module,args", [
+    ("ernas.cli.profile", ["latency=litert", "input_shape=[1,3,16,16]"]),
+    ("ernas.cli.search", ["latency=litert"]),
+])
+def test_missing_extra_is_refused(tmp_path, module, args):
+    """Without the packages (blocked from import): one error paragraph naming the extra, exit 2,
+    no run directory."""
+    r = _cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, block=True)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip()
+    assert err.startswith("error:") and "Traceback" not in err and "\n\n" not in err
+    assert 'pip install "ernas[litert]"' in err and "latency.backend.name=litert" in err
+    assert _outputs(tmp_path / "run") == [] and _outputs(tmp_path) in ([], ["run"])
+
+
+@needs_litert
+def test_export_onnx_refuses_litert_timing(tmp_path):
+    """format=onnx times ONNX files: latency=litert is refused before anything is written."""
+    r = _cli("ernas.cli.export", "latency=litert", f"hydra.run.dir={tmp_path / 'o'}",
+             cwd=tmp_path)
+    assert r.returncode == 2 and "latency=litert cannot run" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and _outputs(tmp_path / "o") == []
