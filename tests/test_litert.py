@@ -1,6 +1,7 @@
 """LiteRT + XNNPACK: the latency backend (timing, the .tflite computes the module, threads and
-the fingerprint), a real profile through ernas-profile, and the refusal when the optional extra
-is not installed."""
+the fingerprint), a real profile through ernas-profile, ``ernas-export format=tflite`` (fp32
+parity, scored and timed) and the refusals, the missing optional extra among them."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,9 +119,39 @@ def test_profile_cli_on_litert(tmp_path):
     assert "[START]" not in r.stdout  # the converter's progress tree is silenced
 
 
+@needs_litert
+def test_export_tflite_fp32_parity(tmp_path):
+    """The tiny space's smallest network to model.tflite: parity, scored, timed."""
+    ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest().save(tmp_path / "a.yaml")
+    r = _cli("ernas.cli.export", "format=tflite", "int8=false", f"arch={tmp_path / 'a.yaml'}",
+             f"hydra.run.dir={tmp_path / 'ex'}", "input_shape=[1,3,32,32]", "threads=1",
+             "task.eval_sigmas=[25]", "task.max_side=64", *FAST, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "ex" / "summary.json").read_text())
+    assert s["format"] == "tflite" and s["parity_ok"] and s["max_abs_diff"] <= 1e-4
+    assert s["channels_last_io"] and s["fp32_ms"] > 0 and np.isfinite(s[f"{s['metric']}_fp32"])
+    assert s["latency_backend"]["backend"] == "litert"
+    data = (tmp_path / "ex" / "model.tflite").read_bytes()
+    assert data[4:8] == b"TFL3" and len(data) == s["tflite_bytes"]
+    assert (tmp_path / "ex" / "arch.yaml").is_file() and not list((tmp_path / "ex").glob("*.onnx"))
+    assert "max |litert - torch|" in r.stdout
+
+
+@needs_litert
+def test_export_tflite_refusals(tmp_path):
+    for args, fields in ((["format=tflite"], ["int8=true"]),
+                         (["format=tflite", "int8=false", "dynamic_hw=true", "qat.steps=2"],
+                          ["dynamic_hw=true", "qat.steps"])):
+        r = _cli("ernas.cli.export", *args, f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert all(f in r.stderr for f in fields) and "format=tflite" in r.stderr
+    assert _outputs(tmp_path / "q") == []
+
+
 @pytest.mark.parametrize("module,args", [
     ("ernas.cli.profile", ["latency=litert", "input_shape=[1,3,16,16]"]),
     ("ernas.cli.search", ["latency=litert"]),
+    ("ernas.cli.export", ["format=tflite", "int8=false"]),
 ])
 def test_missing_extra_is_refused(tmp_path, module, args):
     """Without the packages (blocked from import): one error paragraph naming the extra, exit 2,
@@ -129,7 +160,8 @@ def test_missing_extra_is_refused(tmp_path, module, args):
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr.strip()
     assert err.startswith("error:") and "Traceback" not in err and "\n\n" not in err
-    assert 'pip install "ernas[litert]"' in err and "latency.backend.name=litert" in err
+    assert 'pip install "ernas[litert]"' in err
+    assert ("format=tflite" if "export" in module else "latency.backend.name=litert") in err
     assert _outputs(tmp_path / "run") == [] and _outputs(tmp_path) in ([], ["run"])
 
 
@@ -139,4 +171,5 @@ def test_export_onnx_refuses_litert_timing(tmp_path):
     r = _cli("ernas.cli.export", "latency=litert", f"hydra.run.dir={tmp_path / 'o'}",
              cwd=tmp_path)
     assert r.returncode == 2 and "latency=litert cannot run" in r.stderr, r.stderr[-3000:]
+    assert "format=tflite" in r.stderr
     assert "Traceback" not in r.stderr and _outputs(tmp_path / "o") == []

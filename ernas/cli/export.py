@@ -2,7 +2,8 @@
 int8 static quantisation (``int8=true``) and QAT (``qat.steps > 0``), each file judged on the
 task's test images and timed, all in one ``summary.json``. ``format=executorch``: fp32 and int8
 (PT2E, XNNPACK quantizer) ``.pte`` files instead (``ernas.export.executorch``), timed with the
-ExecuTorch backend."""
+ExecuTorch backend. ``format=tflite``: an fp32 ``.tflite`` for LiteRT (``ernas.export.tflite``),
+timed with the LiteRT backend."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,7 +13,7 @@ from ernas.cli.common import (arch_for, claim_run_dir, hydra_main, log_start, ou
 from ernas.cli.schema import LatencyGroup
 from ernas.config import validated
 
-FORMATS = ("onnx", "executorch")
+FORMATS = ("onnx", "executorch", "tflite")
 
 
 @user_errors
@@ -40,6 +41,8 @@ def run(cfg: DictConfig, out=None) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("format", "onnx") == "executorch":
         summary = _export_executorch(cfg, plain, arch, model, task, out)
+    elif cfg.get("format", "onnx") == "tflite":
+        summary = _export_tflite(cfg, plain, arch, model, task, out)
     else:
         summary = export_all(arch, model, task, out, make_backend(plain["latency"]["backend"]),
                              plain["latency"]["measure"], cfg.opset, cfg.dynamic_hw,
@@ -57,6 +60,7 @@ def _check_format(cfg: DictConfig) -> None:
     """Refuse, before anything is written, a format this install or config cannot serve."""
     from ernas.errors import ErnasError
     from ernas.latency.executorch import require_executorch
+    from ernas.latency.litert import require_litert
 
     fmt, backend = cfg.get("format", "onnx"), cfg.latency.backend.get("name")
     if fmt not in FORMATS:
@@ -73,13 +77,22 @@ def _check_format(cfg: DictConfig) -> None:
             raise ErnasError("dynamic_hw=true is not available with format=executorch (the .pte "
                              "is lowered at input_shape); set dynamic_hw=false and input_shape "
                              "to the deployed size, or use format=onnx.")
+    elif fmt == "tflite":
+        require_litert("format=tflite", "use format=onnx")
+        given = [f for f, on in (("int8=true", cfg.int8), ("qat.steps > 0", cfg.qat.steps > 0),
+                                 ("dynamic_hw=true", cfg.dynamic_hw)) if on]
+        if given:
+            raise ErnasError(f"{', '.join(given)}: not available with format=tflite, which writes "
+                             f"one fp32 .tflite at input_shape; set int8=false (and qat.steps=0, "
+                             f"dynamic_hw=false), or use format=onnx.")
     elif backend == "executorch_xnnpack":
         raise ErnasError("format=onnx times ONNX files, which latency=executorch_xnnpack cannot "
                          "run; use format=executorch to export and time .pte files, or a latency "
                          "backend that runs ONNX (latency=onnxruntime_cpu).")
     elif backend == "litert":
-        raise ErnasError("format=onnx times ONNX files, which latency=litert cannot run; use a "
-                         "latency backend that runs ONNX (latency=onnxruntime_cpu).")
+        raise ErnasError("format=onnx times ONNX files, which latency=litert cannot run; use "
+                         "format=tflite to export and time a .tflite file, or a latency backend "
+                         "that runs ONNX (latency=onnxruntime_cpu).")
 
 
 def _export_executorch(cfg, plain: dict, arch, model, task, out) -> dict:
@@ -97,10 +110,27 @@ def _export_executorch(cfg, plain: dict, arch, model, task, out) -> dict:
                                  plain["calibration"], int(cfg.seed))
 
 
+def _export_tflite(cfg, plain: dict, arch, model, task, out) -> dict:
+    """format=tflite: timed on the LiteRT backend, the latency group's when it is litert, else
+    one with the latency group's thread count."""
+    from ernas.export.tflite import export_tflite_all
+    from ernas.latency.factory import make_backend
+    from ernas.latency.litert import LitertBackend
+
+    b = plain["latency"]["backend"]
+    backend = make_backend(b) if b["name"] == "litert" else \
+        LitertBackend(threads=int(b.get("threads") or 2))
+    return export_tflite_all(arch, model, task, out, backend, plain["latency"]["measure"],
+                             [int(s) for s in cfg.input_shape], int(cfg.seed))
+
+
 def _line(s: dict) -> str:
     m = s["metric"]
     if s.get("format") == "executorch":
         return _pte_line(s)
+    if s.get("format") == "tflite":
+        return (f"exported {s['arch']} to {s['tflite']}: max |litert - torch| = "
+                f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
     line = (f"exported {s['arch']} to {s['onnx']}: max |onnxruntime - torch| = "
             f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
     for kind in ("int8", "qat"):
