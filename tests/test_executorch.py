@@ -2,9 +2,6 @@
 key, threads), the table's text column, ``ernas-export format=executorch`` (fp32 parity, PT2E
 int8 scored and timed) and the refusal when the optional extra is not installed."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,35 +9,16 @@ import torch
 
 import ernas
 from ernas.errors import ErnasError
-from ernas.latency.executorch import (delegation_summary, delegation_text, executorch_available,
-                                      parse_delegation)
+from ernas.extras import EXECUTORCH
+from ernas.latency.executorch import delegation_summary, delegation_text, parse_delegation
 from ernas.latency.table import LatencyTable
 from ernas.paths import SEARCH_SPACES
+from optional_extras import cli, outputs
 
-needs_executorch = pytest.mark.skipif(not executorch_available(),
+needs_executorch = pytest.mark.skipif(not EXECUTORCH.available(),
                                       reason='optional extra: pip install "ernas[executorch]"')
 FAST = ["latency.measure.rounds=2", "latency.measure.per_round=2",
         "latency.measure.min_seconds=0", "latency.backend.threads=1", "progress=false"]
-# a meta-path finder that makes `executorch` absent (the package not installed), then the CLI
-BLOCK = ("import sys, runpy\n"
-         "class NoExecutorch:\n"
-         "    def find_spec(self, name, path=None, target=None):\n"
-         "        if name == 'executorch' or name.startswith('executorch.'):\n"
-         "            raise ImportError('No module named ' + repr(name))\n"
-         "sys.meta_path.insert(0, NoExecutorch())\n"
-         "sys.argv = sys.argv[1:]\n"
-         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
-
-
-def _outputs(folder: Path) -> list[str]:
-    """What a run wrote into ``folder`` besides Hydra's (empty) job log and dot files."""
-    return sorted(p.name for p in folder.glob("*") if p.suffix != ".log"
-                  and not p.name.startswith(".")) if folder.exists() else []
-
-
-def _cli(module, *args, cwd, block=False):
-    head = [sys.executable, "-c", BLOCK, module] if block else [sys.executable, "-m", module]
-    return subprocess.run([*head, *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_delegation_column_round_trip(tmp_path):
@@ -98,7 +76,7 @@ def test_profile_cli_on_executorch(tmp_path):
     arch.values["encoders.1.0"].update(keep=True, norm="batchnorm")
     arch.save(tmp_path / "small.yaml")
     out = tmp_path / "et.csv"
-    r = _cli("ernas.cli.profile", "latency=executorch_xnnpack", f"arch={tmp_path}/small.yaml",
+    r = cli("ernas.cli.profile", "latency=executorch_xnnpack", f"arch={tmp_path}/small.yaml",
              "input_shape=[1,3,16,16]", f"output={out}", *FAST, f"hydra.run.dir={tmp_path}/p",
              cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -130,7 +108,7 @@ def test_profile_cli_on_executorch(tmp_path):
 def test_export_executorch_fp32_parity_and_int8(tmp_path):
     """The tiny space's smallest network (one NAF block kept: lowering is the slow part)."""
     ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest().save(tmp_path / "a.yaml")
-    r = _cli("ernas.cli.export", "format=executorch", f"arch={tmp_path / 'a.yaml'}",
+    r = cli("ernas.cli.export", "format=executorch", f"arch={tmp_path / 'a.yaml'}",
              f"hydra.run.dir={tmp_path / 'ex'}",
              "input_shape=[1,3,32,32]", "threads=1", "calibration.inputs=2",
              "task.eval_sigmas=[25]", "task.max_side=64", *FAST, cwd=tmp_path)
@@ -155,16 +133,16 @@ def test_export_executorch_fp32_parity_and_int8(tmp_path):
 
 @needs_executorch
 def test_export_refusals_with_executorch_installed(tmp_path):
-    r = _cli("ernas.cli.export", "format=executorch", "qat.steps=2",
+    r = cli("ernas.cli.export", "format=executorch", "qat.steps=2",
              f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
     assert r.returncode == 2 and "qat.steps" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("ernas.cli.export", "format=executorch", "dynamic_hw=true",
+    r = cli("ernas.cli.export", "format=executorch", "dynamic_hw=true",
              f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
     assert r.returncode == 2 and "dynamic_hw" in r.stderr
-    r = _cli("ernas.cli.export", "latency=executorch_xnnpack", f"hydra.run.dir={tmp_path / 'o'}",
+    r = cli("ernas.cli.export", "latency=executorch_xnnpack", f"hydra.run.dir={tmp_path / 'o'}",
              cwd=tmp_path)
     assert r.returncode == 2 and "format=executorch" in r.stderr
-    assert _outputs(tmp_path / "q") == [] and _outputs(tmp_path / "o") == []
+    assert outputs(tmp_path / "q") == [] and outputs(tmp_path / "o") == []
 
 
 @pytest.mark.parametrize("module,args", [
@@ -175,9 +153,9 @@ def test_export_refusals_with_executorch_installed(tmp_path):
 def test_missing_extra_is_refused(tmp_path, module, args):
     """Without the package (blocked from import): one error paragraph naming the extra, exit 2,
     no run directory."""
-    r = _cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, block=True)
+    r = cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, without=EXECUTORCH)
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr.strip()
     assert err.startswith("error:") and "Traceback" not in err and "\n\n" not in err
     assert 'pip install "ernas[executorch]"' in err
-    assert _outputs(tmp_path / "run") == [] and _outputs(tmp_path) in ([], ["run"])
+    assert outputs(tmp_path / "run") == [] and outputs(tmp_path) in ([], ["run"])

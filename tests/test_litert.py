@@ -2,9 +2,6 @@
 the fingerprint), a real profile through ernas-profile, ``ernas-export format=tflite`` (fp32
 parity, scored and timed) and the refusals, the missing optional extra among them."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,34 +9,15 @@ import torch
 
 import ernas
 from ernas.errors import ErnasError
-from ernas.latency.litert import litert_available
+from ernas.extras import LITERT
 from ernas.latency.table import LatencyTable
 from ernas.paths import SEARCH_SPACES
+from optional_extras import cli, outputs
 
-needs_litert = pytest.mark.skipif(not litert_available(),
+needs_litert = pytest.mark.skipif(not LITERT.available(),
                                   reason='optional extra: pip install "ernas[litert]"')
 FAST = ["latency.measure.rounds=2", "latency.measure.per_round=2",
         "latency.measure.min_seconds=0", "latency.backend.threads=1", "progress=false"]
-# a meta-path finder that makes the LiteRT packages absent (not installed), then the CLI
-BLOCK = ("import sys, runpy\n"
-         "class NoLitert:\n"
-         "    def find_spec(self, name, path=None, target=None):\n"
-         "        if name.split('.')[0] in ('litert_torch', 'ai_edge_litert'):\n"
-         "            raise ImportError('No module named ' + repr(name))\n"
-         "sys.meta_path.insert(0, NoLitert())\n"
-         "sys.argv = sys.argv[1:]\n"
-         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
-
-
-def _outputs(folder: Path) -> list[str]:
-    """What a run wrote into ``folder`` besides Hydra's (empty) job log and dot files."""
-    return sorted(p.name for p in folder.glob("*") if p.suffix != ".log"
-                  and not p.name.startswith(".")) if folder.exists() else []
-
-
-def _cli(module, *args, cwd, block=False):
-    head = [sys.executable, "-c", BLOCK, module] if block else [sys.executable, "-m", module]
-    return subprocess.run([*head, *args], capture_output=True, text=True, cwd=cwd)
 
 
 def _versions() -> dict:
@@ -103,7 +81,7 @@ def test_profile_cli_on_litert(tmp_path):
     arch = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest()
     arch.save(tmp_path / "small.yaml")
     out = tmp_path / "lite.csv"
-    r = _cli("ernas.cli.profile", "latency=litert", f"arch={tmp_path}/small.yaml",
+    r = cli("ernas.cli.profile", "latency=litert", f"arch={tmp_path}/small.yaml",
              "input_shape=[1,3,16,16]", f"output={out}", *FAST, f"hydra.run.dir={tmp_path}/p",
              cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -123,7 +101,7 @@ def test_profile_cli_on_litert(tmp_path):
 def test_export_tflite_fp32_parity(tmp_path):
     """The tiny space's smallest network to model.tflite: parity, scored, timed."""
     ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest().save(tmp_path / "a.yaml")
-    r = _cli("ernas.cli.export", "format=tflite", "int8=false", f"arch={tmp_path / 'a.yaml'}",
+    r = cli("ernas.cli.export", "format=tflite", "int8=false", f"arch={tmp_path / 'a.yaml'}",
              f"hydra.run.dir={tmp_path / 'ex'}", "input_shape=[1,3,32,32]", "threads=1",
              "task.eval_sigmas=[25]", "task.max_side=64", *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -142,10 +120,10 @@ def test_export_tflite_refusals(tmp_path):
     for args, fields in ((["format=tflite"], ["int8=true"]),
                          (["format=tflite", "int8=false", "dynamic_hw=true", "qat.steps=2"],
                           ["dynamic_hw=true", "qat.steps"])):
-        r = _cli("ernas.cli.export", *args, f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
+        r = cli("ernas.cli.export", *args, f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert all(f in r.stderr for f in fields) and "format=tflite" in r.stderr
-    assert _outputs(tmp_path / "q") == []
+    assert outputs(tmp_path / "q") == []
 
 
 @pytest.mark.parametrize("module,args", [
@@ -156,20 +134,20 @@ def test_export_tflite_refusals(tmp_path):
 def test_missing_extra_is_refused(tmp_path, module, args):
     """Without the packages (blocked from import): one error paragraph naming the extra, exit 2,
     no run directory."""
-    r = _cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, block=True)
+    r = cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, without=LITERT)
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr.strip()
     assert err.startswith("error:") and "Traceback" not in err and "\n\n" not in err
     assert 'pip install "ernas[litert]"' in err
     assert ("format=tflite" if "export" in module else "latency.backend.name=litert") in err
-    assert _outputs(tmp_path / "run") == [] and _outputs(tmp_path) in ([], ["run"])
+    assert outputs(tmp_path / "run") == [] and outputs(tmp_path) in ([], ["run"])
 
 
 @needs_litert
 def test_export_onnx_refuses_litert_timing(tmp_path):
     """format=onnx times ONNX files: latency=litert is refused before anything is written."""
-    r = _cli("ernas.cli.export", "latency=litert", f"hydra.run.dir={tmp_path / 'o'}",
+    r = cli("ernas.cli.export", "latency=litert", f"hydra.run.dir={tmp_path / 'o'}",
              cwd=tmp_path)
     assert r.returncode == 2 and "latency=litert cannot run" in r.stderr, r.stderr[-3000:]
     assert "format=tflite" in r.stderr
-    assert "Traceback" not in r.stderr and _outputs(tmp_path / "o") == []
+    assert "Traceback" not in r.stderr and outputs(tmp_path / "o") == []

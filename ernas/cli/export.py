@@ -59,15 +59,14 @@ def run(cfg: DictConfig, out=None) -> dict:
 def _check_format(cfg: DictConfig) -> None:
     """Refuse, before anything is written, a format this install or config cannot serve."""
     from ernas.errors import ErnasError
-    from ernas.latency.executorch import require_executorch
-    from ernas.latency.litert import require_litert
+    from ernas.extras import EXECUTORCH, LITERT
 
     fmt, backend = cfg.get("format", "onnx"), cfg.latency.backend.get("name")
     if fmt not in FORMATS:
         raise ErnasError(f"format={fmt!r} is not an export format; use one of "
                          f"{', '.join(FORMATS)}.")
     if fmt == "executorch":
-        require_executorch("format=executorch", "use format=onnx")
+        EXECUTORCH.require("format=executorch", "use format=onnx")
         if cfg.qat.steps > 0:
             raise ErnasError("qat.steps > 0 is not available with format=executorch (the QAT "
                              "model's fake quantisers export as ONNX QDQ only); set qat.steps=0 "
@@ -78,7 +77,7 @@ def _check_format(cfg: DictConfig) -> None:
                              "is lowered at input_shape); set dynamic_hw=false and input_shape "
                              "to the deployed size, or use format=onnx.")
     elif fmt == "tflite":
-        require_litert("format=tflite", "use format=onnx")
+        LITERT.require("format=tflite", "use format=onnx")
         given = [f for f, on in (("int8=true", cfg.int8), ("qat.steps > 0", cfg.qat.steps > 0),
                                  ("dynamic_hw=true", cfg.dynamic_hw)) if on]
         if given:

@@ -22,7 +22,6 @@ only inside functions, so the rest of ernas runs without it.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 import warnings
@@ -32,38 +31,15 @@ import torch
 from torch import nn
 
 from ernas.errors import ErnasError
+from ernas.extras import EXECUTORCH
 from ernas.latency.backends import Backend
 from ernas.latency.fingerprint import fingerprint, host_hardware
 from ernas.latency.measure import Runner
 
-__all__ = ["ExecutorchBackend", "delegation", "delegation_summary", "delegation_text",
-           "executorch_available", "lower", "require_executorch"]
+__all__ = ["ExecutorchBackend", "delegation", "delegation_summary", "delegation_text", "lower"]
 
 log = logging.getLogger(__name__)
-EXTRA = 'pip install "ernas[executorch]"'
 NOT_OPS = ("getitem", "Total")
-
-
-def executorch_available() -> bool:
-    """Whether the ``executorch`` package can be found (without importing it)."""
-    try:
-        return importlib.util.find_spec("executorch") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def missing_phrase(what: str) -> str:
-    return (f"{what} needs the optional ExecuTorch runtime, which is not installed here; "
-            f"install the extra with `{EXTRA}` (executorch==1.5.1)")
-
-
-def require_executorch(what: str, instead: str = "choose another latency backend "
-                       "(latency=onnxruntime_cpu)") -> None:
-    """ErnasError naming the extra (or ``instead``) unless ``executorch`` imports."""
-    try:
-        import executorch  # noqa: F401
-    except ImportError:
-        raise ErnasError(f"{missing_phrase(what)}, or {instead}.") from None
 
 
 def executorch_version() -> str:
@@ -171,7 +147,7 @@ class ExecutorchBackend(Backend):
     name = "executorch_xnnpack"
 
     def __init__(self, threads: int = 2, dtype: str = "float32"):
-        require_executorch("latency backend executorch_xnnpack")
+        EXECUTORCH.require("latency backend executorch_xnnpack")
         if isinstance(threads, bool) or int(threads) < 1:
             raise ErnasError(f"executorch_xnnpack backend threads={threads} must be >= 1.")
         if dtype != "float32":

@@ -20,7 +20,6 @@ functions, so the rest of ernas runs without it.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 import warnings
@@ -31,38 +30,12 @@ import torch
 from torch import nn
 
 from ernas.errors import ErnasError
+from ernas.extras import LITERT
 from ernas.latency.backends import Backend
 from ernas.latency.fingerprint import fingerprint, host_hardware
 from ernas.latency.measure import Runner
 
-__all__ = ["LitertBackend", "TfliteModel", "litert_available", "require_litert", "to_tflite"]
-
-EXTRA = 'pip install "ernas[litert]"'
-PACKAGES = ("litert_torch", "ai_edge_litert")
-PINS = "litert-torch==0.10.0, ai-edge-litert==2.3.0"
-
-
-def litert_available() -> bool:
-    """Whether ``litert_torch`` and ``ai_edge_litert`` can be found (without importing them)."""
-    try:
-        return all(importlib.util.find_spec(p) is not None for p in PACKAGES)
-    except (ImportError, ValueError):
-        return False
-
-
-def missing_phrase(what: str) -> str:
-    return (f"{what} needs the optional LiteRT converter and runtime, which are not installed "
-            f"here; install the extra with `{EXTRA}` ({PINS})")
-
-
-def require_litert(what: str, instead: str = "choose another latency backend "
-                   "(latency=onnxruntime_cpu)") -> None:
-    """ErnasError naming the extra (or ``instead``) unless both packages import."""
-    try:
-        import ai_edge_litert.interpreter  # noqa: F401
-        import litert_torch  # noqa: F401
-    except ImportError:
-        raise ErnasError(f"{missing_phrase(what)}, or {instead}.") from None
+__all__ = ["LitertBackend", "TfliteModel", "to_tflite"]
 
 
 def litert_versions() -> dict[str, str]:
@@ -139,7 +112,7 @@ class LitertBackend(Backend):
     name = "litert"
 
     def __init__(self, threads: int = 2, dtype: str = "float32"):
-        require_litert("latency backend litert")
+        LITERT.require("latency backend litert")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ErnasError(f"litert backend threads={threads!r} must be an integer >= 1.")
         if dtype != "float32":

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ernas.errors import ErnasError
-from ernas.latency.executorch import executorch_available, missing_phrase
-from ernas.latency.litert import litert_available
-from ernas.latency.litert import missing_phrase as litert_missing
+from ernas.extras import EXECUTORCH, LITERT
 from ernas.latency.measure import MeasureProtocol, plain_mapping
+
+BACKEND_EXTRAS = {"executorch_xnnpack": EXECUTORCH, "litert": LITERT}  # backend -> its extra
 
 __all__ = ["GRANULARITIES", "LatencySettings", "ON_MISMATCH"]
 
@@ -120,12 +120,10 @@ def _problems(s: LatencySettings) -> list[str]:
     if not (isinstance(s.backend, Mapping) or hasattr(s.backend, "runner")):
         bad.append(f"latency.backend={s.backend!r} must be a mapping such as {{name: "
                    f"onnxruntime, threads: 2}}")
-    elif isinstance(s.backend, Mapping) and s.backend.get("name") == "executorch_xnnpack" \
-            and not executorch_available():
-        bad.append(missing_phrase("latency.backend.name=executorch_xnnpack"))
-    elif isinstance(s.backend, Mapping) and s.backend.get("name") == "litert" \
-            and not litert_available():
-        bad.append(litert_missing("latency.backend.name=litert"))
+    elif isinstance(s.backend, Mapping) and s.backend.get("name") in BACKEND_EXTRAS \
+            and not BACKEND_EXTRAS[s.backend["name"]].available():
+        bad.append(BACKEND_EXTRAS[s.backend["name"]].missing(
+            f"latency.backend.name={s.backend['name']}"))
     if s.granularity not in GRANULARITIES:
         bad.append(f"latency.granularity={s.granularity!r} must be one of "
                    f"{', '.join(GRANULARITIES)}")
