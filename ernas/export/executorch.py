@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ernas.errors import ErnasError
-from ernas.export.onnx import real_input, run_tiled
+from ernas.export.onnx import real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.executorch import ExecutorchBackend, PteMethod, delegation, lower
 from ernas.latency.measure import measure_interleaved, paired_ratio
@@ -66,14 +66,7 @@ def quantize_pt2e(model: torch.nn.Module, x: torch.Tensor, calibration: list) ->
 def pte_quality(path, task, hw, seed: int = 0) -> dict[str, float]:
     """The task's metrics of a ``.pte`` on its headline evaluation set, whole images through
     ``hw`` tiles (as ``ernas.export.onnx.onnx_quality``)."""
-    method = PteMethod(path)
-    ds = task.eval_sets(seed)[task.headline_set]
-    ev = task.evaluator()
-    for i in range(len(ds)):
-        item = ds[i]
-        ev.update(run_tiled(method, item["input"][None].float(), hw), item["target"][None],
-                  item["name"])
-    return {k: v for k, v in ev.compute().items() if not isinstance(v, (list, tuple))}
+    return tiled_quality(PteMethod(path), task, hw, seed)
 
 
 def _export_fp32(arch, model, task, out: Path, shape) -> tuple[dict, torch.Tensor]:

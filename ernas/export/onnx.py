@@ -128,7 +128,13 @@ def run_tiled(sess, x: torch.Tensor, hw) -> torch.Tensor:
 def onnx_quality(path, task, hw, seed: int = 0, backend=None) -> dict[str, float]:
     """The task's metrics of an ONNX file on its headline evaluation set, whole images through
     ``hw`` tiles (see the module docstring)."""
-    sess = session(path, backend)
+    return tiled_quality(session(path, backend), task, hw, seed)
+
+
+def tiled_quality(sess, task, hw, seed: int = 0) -> dict[str, float]:
+    """The task's metrics of ``sess`` (anything with ``run(None, {name: array})``, as
+    ``run_tiled`` uses it) on the task's headline evaluation set, whole images through ``hw``
+    tiles."""
     ds = task.eval_sets(seed)[task.headline_set]
     ev = task.evaluator()
     for i in range(len(ds)):

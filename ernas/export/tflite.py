@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ernas.errors import ErnasError
-from ernas.export.onnx import real_input, run_tiled
+from ernas.export.onnx import real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.litert import LitertBackend, TfliteModel, to_tflite
 from ernas.latency.measure import measure_interleaved
@@ -39,14 +39,7 @@ class _TiledSession:
 def tflite_quality(model: TfliteModel, task, hw, seed: int = 0) -> dict[str, float]:
     """The task's metrics of a loaded ``.tflite`` on its headline evaluation set, whole images
     through ``hw`` tiles (as ``ernas.export.onnx.onnx_quality``)."""
-    sess = _TiledSession(model)
-    ds = task.eval_sets(seed)[task.headline_set]
-    ev = task.evaluator()
-    for i in range(len(ds)):
-        item = ds[i]
-        ev.update(run_tiled(sess, item["input"][None].float(), hw), item["target"][None],
-                  item["name"])
-    return {k: v for k, v in ev.compute().items() if not isinstance(v, (list, tuple))}
+    return tiled_quality(_TiledSession(model), task, hw, seed)
 
 
 def export_tflite_all(arch, model, task, out_dir, backend: LitertBackend,
