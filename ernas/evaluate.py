@@ -270,7 +270,8 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
     atomic_write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
     meta = {"task": task.name, "task_description": task.describe(),
             "input_shape": list(input_shape), "backend": backend_meta,
-            "statistic": next(iter(stats.values()), {}).get("statistic"), "memory": memory}
+            "statistic": ((latency_cfg or {}).get("measure") or {}).get("statistic"),
+            "memory": memory}
     atomic_write_text(out / "report.md", _report(rows, columns, meta))
     entries[0].arch.save(out / "arch.yaml")
     main, head = rows[0], f"{task.metric}_{task.headline_set}"

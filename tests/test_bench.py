@@ -192,12 +192,12 @@ def test_non_inferiority_uses_the_stated_bound(tmp_path):
     ("launcher=threads", "launcher='threads'"),
     ("until=report", "until='report'"),
     ("bootstrap.margin=percent", "bootstrap.margin='percent'"),
-    ("targets=[0.01]", "random.draws=2"),
+    ("targets=[0.01] random.max_tries=500", "random.draws=2"),
 ])
 def test_a_bad_protocol_is_refused_before_anything_is_written(tmp_path, env, override,
                                                               fragment):
     out = tmp_path / "run"
-    r = subprocess.run([*BENCH, override, f"hydra.run.dir={out}"], cwd=tmp_path,
+    r = subprocess.run([*BENCH, *override.split(), f"hydra.run.dir={out}"], cwd=tmp_path,
                        capture_output=True, text=True, env=env)
     # latency notes may come first (the table is resolved before the draws), then the paragraph
     assert r.returncode == 2 and "\nerror: " in "\n" + r.stderr, r.stderr[-2000:]

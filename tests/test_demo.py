@@ -21,9 +21,9 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
                           "search.batch_size=2", "search.warmup_steps=2", *small]),
         _stage("retrain", ["crop=16", "batch_size=2", "val_crop=32", "val_every=2",
                            "threads=1", "progress=false"]),
-        _stage("evaluate", ["input_shape=[1,3,32,32]", "threads=1", *small]),
+        _stage("evaluate", ["input_shape=[1,3,32,32]", "threads=1", "memory_runs=0", *small]),
         _stage("export", ["input_shape=[1,3,32,32]", "calibration.inputs=2", "threads=1",
-                          *small]),
+                          "memory_runs=0", *small]),
     ]
     r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -37,8 +37,10 @@ def trained(tmp_path_factory):
 
 
 def _cli(tmp_path, *args):
+    # memory is tested in test_memory.py; here it would only cost fresh processes
     return subprocess.run([sys.executable, "-m", "ernas.cli.evaluate", "threads=1",
-                           "progress=false", *args], capture_output=True, text=True, cwd=tmp_path)
+                           "progress=false", "memory_runs=0", *args], capture_output=True,
+                          text=True, cwd=tmp_path)
 
 
 def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
@@ -48,6 +50,7 @@ def test_cli_evaluate_writes_tables_with_a_baseline(tmp_path, trained):
     out = tmp_path / "ev"
     for f in ("per_image.csv", "results.csv", "report.md", "summary.json", "arch.yaml"):
         assert (out / f).is_file(), f
+    assert "statistic p20" in (out / "report.md").read_text()  # the measurement protocol's
     per = pd.read_csv(out / "per_image.csv")
     assert list(per.columns) == ["model", "set", "name", "psnr", "ssim"]
     assert len(per) == 2 * len(bundled_names("test")) * 3  # models x test images x sigmas

@@ -111,10 +111,11 @@ def test_export_executorch_fp32_parity_and_int8(tmp_path):
     r = cli("ernas.cli.export", "format=executorch", f"arch={tmp_path / 'a.yaml'}",
              f"hydra.run.dir={tmp_path / 'ex'}",
              "input_shape=[1,3,32,32]", "threads=1", "calibration.inputs=2",
-             "task.eval_sigmas=[25]", "task.max_side=64", *FAST, cwd=tmp_path)
+             "task.eval_sigmas=[25]", "task.max_side=64", "memory_runs=1", *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "ex" / "summary.json").read_text())
     assert s["format"] == "executorch" and s["parity_ok"] and s["max_abs_diff"] <= 1e-4
+    assert s["peak_mem_mib_fp32"] > 0 and s["peak_mem_mib_int8"] > 0
     for f in ("model.pte", "model_int8.pte", "arch.yaml"):
         assert (tmp_path / "ex" / f).is_file(), f
     assert not list((tmp_path / "ex").glob("*.onnx"))

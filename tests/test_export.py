@@ -230,11 +230,13 @@ def test_cli_export_fp32_int8_and_qat(tmp_path, trained):
                         "calibration.inputs=4", "qat.steps=3", "qat.batch_size=2", "qat.crop=32",
                         "qat.calibration_batches=1", "latency.backend.threads=1",
                         "latency.measure.rounds=2", "latency.measure.per_round=1",
-                        "latency.measure.min_seconds=0", "task.eval_sigmas=[25]", "progress=false"],
+                        "latency.measure.min_seconds=0", "task.eval_sigmas=[25]", "progress=false",
+                        "memory_runs=1"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "ex" / "summary.json").read_text())
     assert s["arch"] == "tiny_bn_skip" and s["max_abs_diff"] <= 1e-4
+    assert all(s[f"peak_mem_mib_{k}"] > 0 for k in ("fp32", "int8", "qat"))
     for k in ("psnr_fp32", "psnr_int8", "int8_ms", "fp32_ms", "psnr_qat", "qat_ms",
               "psnr_delta_qat", "psnr_delta_int8"):
         assert k in s, k

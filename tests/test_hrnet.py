@@ -317,11 +317,11 @@ def test_cli_search_retrain_evaluate_export(tmp_path):
          f"source={tmp_path / 'search'}", "steps=2", "batch_size=2", "crop=32", "val_every=2",
          "device=cpu", "progress=false")
     out = _cli("evaluate", tmp_path, "evaluate", f"checkpoint={tmp_path / 'retrain'}", shape,
-               *FAST, "predict_latency=false")
+               *FAST, "predict_latency=false", "memory_runs=0")
     assert "miou" in out
     out = _cli("export", tmp_path, "export", f"checkpoint={tmp_path / 'retrain'}", shape, *FAST,
                "calibration.inputs=2", "qat.steps=1", "qat.batch_size=2", "qat.crop=32",
-               "qat.calibration_batches=1")
+               "qat.calibration_batches=1", "memory_runs=0")
     s = json.loads((tmp_path / "export" / "summary.json").read_text())
     assert s["parity_ok"] and s["batchnorm_nodes"] == 0 and s["skipped_block_nodes"] == 0
     assert s["quantize_linear_nodes"] > 0 and "miou_int8" in s and "miou_qat" in s

@@ -139,7 +139,7 @@ def test_plugin_family_and_task_run_every_cli(plug, inproc, tmp_path):
     # from the profiled table and measured. The task is given without any config file here:
     # the config group's default is dropped and the task's own dataclass defaults apply
     r = _cli(plug, tmp_path, "evaluate", "evaluate", "~task", "+task.name=tinytask",
-             f"checkpoint={rt}", SHAPE, "threads=1", *lat)
+             f"checkpoint={rt}", SHAPE, "threads=1", "memory_runs=0", *lat)
     ev = json.loads((tmp_path / "evaluate/summary.json").read_text())
     assert ev["metric"] == "tiny_psnr" and ev["metric_set"] == "test"
     assert ev["tiny_psnr"] > 0 and ev["task"]["name"] == "tinytask"
@@ -150,7 +150,7 @@ def test_plugin_family_and_task_run_every_cli(plug, inproc, tmp_path):
     # export: ONNX parity, int8 (the task's calibration inputs) and QAT (its training data)
     r = _cli(plug, tmp_path, "export", "export", "task=tinytask", f"checkpoint={rt}", SHAPE,
              "calibration.inputs=2", "qat.steps=2", "qat.batch_size=2", "qat.crop=32",
-             *FAST_MEASURE)
+             "memory_runs=0", *FAST_MEASURE)
     ex_dir = tmp_path / "export"
     ex = json.loads((ex_dir / "summary.json").read_text())
     assert (ex_dir / "model.onnx").is_file() and (ex_dir / "model_int8.onnx").is_file()

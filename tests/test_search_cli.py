@@ -64,7 +64,7 @@ def test_search_cli_writes_all_outputs(tmp_path, cache):
         anchor["scale"] * copy.lookup(keys).sum() + anchor["offset_ms"])
     # evaluating the search run predicts from its own table and line, as the search did
     ev = subprocess.run([sys.executable, "-m", "ernas.cli.evaluate", f"checkpoint={out}",
-                         *BASE[:5], "task.max_side=128", "progress=false",
+                         *BASE[:5], "task.max_side=128", "progress=false", "memory_runs=0",
                          f"latency.cache_dir={cache}",
                          f"hydra.run.dir={tmp_path / 'ev'}"],
                         capture_output=True, text=True, cwd=tmp_path)

@@ -85,7 +85,7 @@ def test_search_retrain_evaluate_export_on_brain_slices(tmp_path):
     assert (tmp_path / "retrain/best.pt").is_file()
 
     r = _cli(tmp_path, "evaluate", "evaluate", f"checkpoint={tmp_path / 'retrain'}", shape,
-             "threads=1", *lat)
+             "threads=1", "memory_runs=0", *lat)
     ev = json.loads((tmp_path / "evaluate/summary.json").read_text())
     assert ev["metric"] == "miou" and 0 <= ev["miou"] <= 1 and ev["metric_set"] == "test"
     assert [m["name"] for m in ev["models"]] == [arch.name, "reference"]
@@ -130,9 +130,9 @@ def test_demo_segment_prints_the_comparison(tmp_path):
                          "search.crop=32", "search.warmup_steps=2", "progress=false", *lat]),
         stage("retrain", ["crop=32", "batch_size=2", "val_every=2", "threads=1",
                           "progress=false"]),
-        stage("evaluate", ["threads=1", "progress=false", *lat]),
+        stage("evaluate", ["threads=1", "progress=false", "memory_runs=0", *lat]),
         stage("export", ["calibration.inputs=2", "qat.steps=2", "qat.batch_size=2",
-                         "qat.crop=32", "progress=false", *FAST_MEASURE]),
+                         "qat.crop=32", "progress=false", "memory_runs=0", *FAST_MEASURE]),
     ], capture_output=True, text=True, cwd=tmp_path, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.loads((tmp_path / "demo/summary.json").read_text())

@@ -48,7 +48,7 @@ def run(cfg: DictConfig, out=None) -> dict:
                              plain["latency"]["measure"], cfg.opset, cfg.dynamic_hw,
                              [int(s) for s in cfg.input_shape], bool(cfg.int8),
                              plain["calibration"], plain["qat"], int(cfg.seed),
-                             bool(cfg.progress))
+                             bool(cfg.progress), memory_runs=int(cfg.memory_runs))
     summary["checkpoint"] = str(cfg.checkpoint) if cfg.checkpoint else None
     arch.save(out / "arch.yaml")
     atomic_write_json(out / "summary.json", summary)
@@ -62,6 +62,10 @@ def _check_format(cfg: DictConfig) -> None:
     from ernas.extras import EXECUTORCH, LITERT
 
     fmt, backend = cfg.get("format", "onnx"), cfg.latency.backend.get("name")
+    if not isinstance(cfg.memory_runs, int) or cfg.memory_runs < 0:
+        raise ErnasError(f"memory_runs={cfg.memory_runs!r} must be an integer >= 0 (fresh "
+                         f"processes measuring each exported file's peak memory; 0: not "
+                         f"measured).")
     if fmt not in FORMATS:
         raise ErnasError(f"format={fmt!r} is not an export format; use one of "
                          f"{', '.join(FORMATS)}.")
@@ -106,7 +110,8 @@ def _export_executorch(cfg, plain: dict, arch, model, task, out) -> dict:
         ExecutorchBackend(threads=b.get("threads") or 2)
     return export_executorch_all(arch, model, task, out, backend, plain["latency"]["measure"],
                                  [int(s) for s in cfg.input_shape], bool(cfg.int8),
-                                 plain["calibration"], int(cfg.seed))
+                                 plain["calibration"], int(cfg.seed),
+                                 memory_runs=int(cfg.memory_runs))
 
 
 def _export_tflite(cfg, plain: dict, arch, model, task, out) -> dict:

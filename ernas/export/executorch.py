@@ -30,6 +30,7 @@ from ernas.export.onnx import real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.executorch import ExecutorchBackend, PteMethod, delegation, lower
 from ernas.latency.measure import measure_interleaved, paired_ratio
+from ernas.memory import file_memories
 
 __all__ = ["export_executorch_all", "pte_quality", "quantize_pt2e"]
 
@@ -103,9 +104,10 @@ def _export_int8(model, task, out: Path, x, n_calibration: int, seed: int) -> di
 def export_executorch_all(arch, model, task, out_dir, backend: ExecutorchBackend,
                           measure_cfg: dict | None = None, input_shape=(1, 3, 256, 256),
                           int8: bool = True, calibration: dict | None = None,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, memory_runs: int = 3) -> dict:
     """Export fp32 (and int8) ``.pte`` files of ``model`` into ``out_dir``, score them on the
-    task's test images and time them interleaved on ``backend``; returns the summary."""
+    task's test images, time them interleaved on ``backend`` and measure their peak memory
+    (``ernas.memory.file_memories``, ``memory_runs`` fresh processes); returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval().float()
@@ -135,4 +137,5 @@ def export_executorch_all(arch, model, task, out_dir, backend: ExecutorchBackend
         summary["int8_speedup"] = paired_ratio(lat["fp32"], lat["int8"])
     summary.update(eval_set=task.headline_set, eval_tile=list(hw),
                    latency_backend=backend.metadata(), measure=measure_cfg)
+    summary.update(file_memories(files, backend, [1, *shape[1:]], memory_runs))
     return summary
