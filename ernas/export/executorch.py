@@ -19,14 +19,13 @@ XNNPACK took and what fell back to portable kernels) is reported per file.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
 import torch
 
 from ernas.errors import ErnasError
-from ernas.export.onnx import real_input, tiled_quality
+from ernas.export.onnx import deployable, real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.executorch import ExecutorchBackend, PteMethod, delegation, lower
 from ernas.latency.measure import measure_interleaved, paired_ratio
@@ -72,10 +71,6 @@ def pte_quality(path, task, hw, seed: int = 0) -> dict[str, float]:
 
 def _export_fp32(arch, model, task, out: Path, shape) -> tuple[dict, torch.Tensor]:
     n, c, h, w = shape
-    cin = arch.spec.io_channels(arch.geometry)[0]
-    if c != cin:
-        raise ErnasError(f"input_shape {list(shape)} has {c} channels but architecture "
-                         f"{arch.name!r} takes {cin}; set input_shape=[1,{cin},{h},{w}].")
     x = real_input(task, (h, w))
     with torch.no_grad():
         edge = lower(torch.export.export(model, (x,)))
@@ -110,10 +105,7 @@ def export_executorch_all(arch, model, task, out_dir, backend: ExecutorchBackend
     (``ernas.memory.file_memories``, ``memory_runs`` fresh processes); returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval().float()
-    if hasattr(model, "fuse"):
-        model.fuse()
-    shape = [int(s) for s in input_shape]
+    model, shape = deployable(arch, model, input_shape)
     summary = {"arch": arch.name, "task": task.name, "metric": task.metric}
     fp32, x = _export_fp32(arch, model, task, out, shape)
     summary.update(fp32)

@@ -54,6 +54,20 @@ def real_input(task, hw, seed: int = 0) -> torch.Tensor:
     return fit_crop(ds[0]["input"], hw)[None].float()
 
 
+def deployable(arch, model: nn.Module, input_shape) -> tuple[nn.Module, list[int]]:
+    """A float32 eval copy of ``model`` on the CPU with BatchNorm folded (``fuse`` where the
+    family has it) and ``input_shape`` as ints, refused when its channels do not fit ``arch``."""
+    n, c, h, w = (int(s) for s in input_shape)
+    cin = arch.spec.io_channels(arch.geometry)[0]
+    if c != cin:
+        raise ErnasError(f"input_shape {[n, c, h, w]} has {c} channels but architecture "
+                         f"{arch.name!r} takes {cin}; set input_shape=[1,{cin},{h},{w}].")
+    model = copy.deepcopy(model).cpu().eval().float()
+    if hasattr(model, "fuse"):
+        model.fuse()
+    return model, [n, c, h, w]
+
+
 def export_model(arch, model: nn.Module, task, out_dir, opset: int = 17,
                  dynamic_hw: bool = False, input_shape=(1, 3, 256, 256), backend=None) -> dict:
     """Export ``model`` (of ``arch``) to ``out_dir/model.onnx``; check it and measure parity on a
@@ -62,14 +76,7 @@ def export_model(arch, model: nn.Module, task, out_dir, opset: int = 17,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval()
-    if hasattr(model, "fuse"):
-        model.fuse()
-    n, c, h, w = (int(s) for s in input_shape)
-    cin = arch.spec.io_channels(arch.geometry)[0]
-    if c != cin:
-        raise ErnasError(f"input_shape {list(input_shape)} has {c} channels but architecture "
-                         f"{arch.name!r} takes {cin}; set input_shape=[1,{cin},{h},{w}].")
+    model, (n, c, h, w) = deployable(arch, model, input_shape)
     x = real_input(task, (h, w)).repeat(n, 1, 1, 1)
     path = export_onnx(model, x, out / "model.onnx", opset=opset, dynamic_hw=dynamic_hw)
     try:

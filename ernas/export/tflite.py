@@ -10,13 +10,11 @@ the task's metrics on whole test images through input-size tiles
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
-from ernas.errors import ErnasError
-from ernas.export.onnx import real_input, tiled_quality
+from ernas.export.onnx import deployable, real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.litert import LitertBackend, TfliteModel, to_tflite
 from ernas.latency.measure import measure_interleaved
@@ -49,14 +47,7 @@ def export_tflite_all(arch, model, task, out_dir, backend: LitertBackend,
     the task's test images and time it on ``backend``; returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval().float()
-    if hasattr(model, "fuse"):
-        model.fuse()
-    n, c, h, w = (int(s) for s in input_shape)
-    cin = arch.spec.io_channels(arch.geometry)[0]
-    if c != cin:
-        raise ErnasError(f"input_shape {[n, c, h, w]} has {c} channels but architecture "
-                         f"{arch.name!r} takes {cin}; set input_shape=[1,{cin},{h},{w}].")
+    model, (n, c, h, w) = deployable(arch, model, input_shape)
     x = real_input(task, (h, w))
     tflite, channels_last = to_tflite(model, x)
     path = out / "model.tflite"
