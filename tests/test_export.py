@@ -245,3 +245,16 @@ def test_cli_export_fp32_int8_and_qat(tmp_path, trained):
         assert (tmp_path / "ex" / f).is_file(), f
     verdict = "faster" if s["int8_speedup"] >= 1 else "slower"
     assert f"x {verdict} than fp32" in r.stdout
+
+
+def test_an_input_shape_whose_channels_do_not_fit_the_arch_is_refused():
+    """Every export format prepares its model through ``deployable``: a 3-channel input for a
+    1-channel U-Net is refused with the shape to give, before anything is exported."""
+    import ernas
+    from ernas.export.onnx import deployable
+
+    arch = ernas.load_arch("unet_demo_searched")
+    with pytest.raises(ErnasError, match=r"set input_shape=\[1,1,96,80\]"):
+        deployable(arch, ernas.build_model(arch), [1, 3, 96, 80])
+    model, shape = deployable(arch, ernas.build_model(arch).train(), [1, 1, 96, 80])
+    assert shape == [1, 1, 96, 80] and not model.training
