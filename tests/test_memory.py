@@ -122,7 +122,7 @@ def test_cli_evaluate_refuses_negative_memory_runs(tmp_path):
     r = _evaluate(tmp_path, "memory_runs=-1")
     assert r.returncode == 2 and "memory_runs=-1" in r.stderr
     written = (tmp_path / "ev").glob("*") if (tmp_path / "ev").exists() else []
-    assert [p.name for p in written if p.suffix != ".log"] == []   # nothing but the job log
+    assert [p.name for p in written] == []
 
 
 @pytest.mark.parametrize("value", ["-1", "two"])
@@ -132,4 +132,4 @@ def test_cli_export_refuses_a_bad_memory_runs(tmp_path, value):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "memory_runs=" in r.stderr and "error:" in r.stderr, r.stderr
     written = (tmp_path / "ex").glob("*") if (tmp_path / "ex").exists() else []
-    assert [p.name for p in written if p.suffix != ".log"] == []
+    assert [p.name for p in written] == []

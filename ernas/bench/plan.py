@@ -89,12 +89,20 @@ def _node(cfg, key: str) -> dict:
     return OmegaConf.to_container(cfg[key], resolve=True)
 
 
+def hand_made(cfg, space) -> tuple[Arch, list[Arch]]:
+    """The protocol's reference and its scaled variants; a change the space or family refuses
+    raises ErnasError (``ernas-bench`` calls this before it claims a run directory)."""
+    change = _node(cfg, "reference")
+    return reference_arch(space, change), [scaled_arch(space, spec, change)
+                                           for spec in _node(cfg, "scaled")]
+
+
 def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
     """Networks and jobs of the protocol ``cfg`` priced on ``table``, and the arch files to
     write (``{path: Arch}``, under ``bench/archs/``); nothing is written here."""
     space = find_space(cfg.space)
     shape = [int(s) for s in cfg.input_shape]
-    ref = reference_arch(space, _node(cfg, "reference"))
+    ref, scaled = hand_made(cfg, space)
     ref_ms = predict_ms(table, ref, shape)
     archs = bench / "archs"
     networks = {"reference": {"arm": "reference", "arch": str(archs / "reference.yaml"),
@@ -115,8 +123,7 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
             written[name] = a
             networks[name] = {"arm": "random", "target": i, "draw": j, "predicted_ms": ms,
                               "arch": str(archs / f"{name}.yaml")}
-    for spec in _node(cfg, "scaled"):
-        a = scaled_arch(space, spec, _node(cfg, "reference"))
+    for a in scaled:
         written[a.name] = a
         networks[a.name] = {"arm": "scaled", "arch": str(archs / f"{a.name}.yaml"),
                             "predicted_ms": _predicted_or_none(table, a, shape)}

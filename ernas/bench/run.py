@@ -46,12 +46,10 @@ def _json(path: Path):
 
 def prepare(cfg, out: Path) -> None:
     """Stage 1: the frozen config, the protocol's table and the plan (before any job)."""
-    from ernas.cli.common import task_of
     from ernas.latency.resolve import resolve_from_config
     from ernas.latency.table import LatencyTable
 
     space = find_space(cfg.space)
-    task_of(cfg).check_arch(space.reference())
     shape = [int(s) for s in cfg.input_shape]
     if (out / TABLE).is_file():
         table = LatencyTable.load(out / TABLE)

@@ -52,6 +52,17 @@ def _given_overrides() -> list[str]:
         return []
 
 
+def _check_networks(cfg: DictConfig) -> None:
+    """Refuse, before a run directory is claimed, a space, reference or scaled network that
+    cannot be built or does not fit the task's data."""
+    from ernas.bench.plan import hand_made
+    from ernas.cli.common import task_of
+    from ernas.space import find_space
+
+    reference, _ = hand_made(cfg, find_space(cfg.space))
+    task_of(cfg).check_arch(reference)
+
+
 @user_errors
 def run(cfg: DictConfig, out: Path | None = None) -> dict:
     from ernas.bench.config import Protocol
@@ -63,6 +74,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
         cfg = _resumed(cfg)
         out = claim_run_dir(cfg.resume, resume=True)
     else:
+        _check_networks(cfg)
         out = claim_run_dir(out) if out else output_dir()
     log_start("bench", out, protocol=cfg.protocol, launcher=cfg.launcher,
               threads_per_job=cfg.threads, resuming=cfg.resume or None, until=cfg.until)
