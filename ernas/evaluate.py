@@ -12,7 +12,7 @@ same session options, all models interleaved in shuffled rounds
 (``ernas.latency.measure.measure_interleaved``), so a slow period of the machine hits them alike.
 The measured speed-up over the baseline is the paired ratio (``paired_ratio``: the median over
 rounds of the baseline's time over the model's in that round), which drift of the machine
-between rounds does not move (measured: it halves the run-to-run spread of speed-ups).
+between rounds does not move.
 
 Memory (``memory_runs`` > 0, with the measured latency): each model's peak inference memory on
 the latency backend's runtime and settings (``ernas.memory``: resident-set high-water mark above

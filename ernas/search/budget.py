@@ -22,7 +22,7 @@ and the grid found nothing better).
 
 The scores are only as good as the supernet. Trained with stochastic depth
 (``weight_keep_rate`` < 1) it learns to do without any one block, and skipping blocks then scores
-*higher* than keeping them (measured in the README), so ``derive=budget`` requires a supernet
+*higher* than keeping them (docs/results/search.md), so ``derive=budget`` requires a supernet
 trained with every block kept (``weight_keep_rate`` 1) or with the α mixture (null).
 """
 from __future__ import annotations

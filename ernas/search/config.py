@@ -83,7 +83,7 @@ class SearchConfig:
                        f"block (search.weight_keep_rate=1.0, or null for the α mixture), not "
                        f"{self.weight_keep_rate}: with stochastic depth the supernet scores a "
                        f"network with blocks skipped higher than the argmax, so the budget "
-                       f"derivation would skip blocks (measured, README)")
+                       f"derivation would skip blocks (docs/results/search.md)")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad.append(f"search.device={self.device!r} must be auto, cpu or cuda")
         check("search config", bad)
