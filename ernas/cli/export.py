@@ -71,11 +71,6 @@ def _check_format(cfg: DictConfig) -> None:
                          f"{', '.join(FORMATS)}.")
     if fmt == "executorch":
         EXECUTORCH.require("format=executorch", "use format=onnx")
-        if cfg.qat.steps > 0:
-            raise ErnasError("qat.steps > 0 is not available with format=executorch (the QAT "
-                             "model's fake quantisers export as ONNX QDQ only); set qat.steps=0 "
-                             "(the int8 .pte is PT2E post-training quantisation) or use "
-                             "format=onnx.")
         if cfg.dynamic_hw:
             raise ErnasError("dynamic_hw=true is not available with format=executorch (the .pte "
                              "is lowered at input_shape); set dynamic_hw=false and input_shape "
@@ -111,7 +106,8 @@ def _export_executorch(cfg, plain: dict, arch, model, task, out) -> dict:
     return export_executorch_all(arch, model, task, out, backend, plain["latency"]["measure"],
                                  [int(s) for s in cfg.input_shape], bool(cfg.int8),
                                  plain["calibration"], int(cfg.seed),
-                                 memory_runs=int(cfg.memory_runs))
+                                 memory_runs=int(cfg.memory_runs), qat=plain["qat"],
+                                 progress=bool(cfg.progress))
 
 
 def _export_tflite(cfg, plain: dict, arch, model, task, out) -> dict:
@@ -137,6 +133,12 @@ def _line(s: dict) -> str:
                 f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
     line = (f"exported {s['arch']} to {s['onnx']}: max |onnxruntime - torch| = "
             f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
+    return _quantized_parts(line, s)
+
+
+def _quantized_parts(line: str, s: dict) -> str:
+    """``line`` with the int8 and QAT files' quality, latency and paired speed-up appended."""
+    m = s["metric"]
     for kind in ("int8", "qat"):
         if f"{kind}_ms" in s:
             r = s[f"{kind}_speedup"]  # paired per round, so it can differ from the ms ratio
@@ -151,17 +153,10 @@ def _pte_line(s: dict) -> str:
     m = s["metric"]
     line = (f"exported {s['arch']} to {s['pte']}: max |executorch - torch| = "
             f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
-    if "int8_ms" in s:
-        r = s["int8_speedup"]
-        line += (f"; int8 {m} {s[f'{m}_int8']:.3f} ({s[f'{m}_delta_int8']:+.3f}), "
-                 f"{s['int8_ms']:.2f} ms ({max(r, 1 / r):.2f}x "
-                 f"{'faster' if r >= 1 else 'slower'} than fp32, median of per-round ratios)")
-    for kind in ("fp32", "int8"):
-        d = s.get(f"delegation_{kind}")
-        if d:
-            portable = ", ".join(f"{k} x{v}" for k, v in d["portable"].items()) or "none"
-            line += f"\n  {kind}: {d['delegated']} nodes delegated to XNNPACK; portable: {portable}"
-    return line
+    return _quantized_parts(line, s) + "".join(
+        f"\n  {kind}: {d['delegated']} nodes delegated to XNNPACK; portable: "
+        f"{', '.join(f'{k} x{v}' for k, v in d['portable'].items()) or 'none'}"
+        for kind in ("fp32", "int8", "qat") if (d := s.get(f"delegation_{kind}")))
 
 
 main = hydra_main("export", run)

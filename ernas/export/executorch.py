@@ -11,6 +11,12 @@ XNNPACK delegate, judged and timed like the ONNX files.
   ``get_symmetric_quantization_config(is_per_channel=True)``), calibrated on the task's
   calibration inputs (random crops of its training split, as the ONNX int8 path), then
   ``convert_pt2e``, exported again and lowered; XNNPACK runs the quantised ops.
+- QAT ``model_qat.pte`` (``qat.steps`` > 0): PT2E quantisation-aware training, the same
+  quantizer with ``is_qat=True`` on the model exported with free batch and spatial sizes
+  (``Dim.AUTO``), its observers run on ``qat.calibration_batches`` training batches, then
+  fine-tuned ``qat.steps`` steps on the task's loss (``ernas.export.qat.finetune``: fake
+  quantisation forward, straight-through gradients), converted, exported at the input shape and
+  lowered like the int8 file.
 
 Each file is scored with the task's metrics on whole test images through input-size tiles
 (``ernas.export.onnx.run_tiled``) and timed interleaved with the ExecuTorch backend; the int8
@@ -31,7 +37,7 @@ from ernas.latency.executorch import ExecutorchBackend, PteMethod, delegation, l
 from ernas.latency.measure import measure_interleaved, paired_ratio
 from ernas.memory import file_memories
 
-__all__ = ["export_executorch_all", "pte_quality", "quantize_pt2e"]
+__all__ = ["export_executorch_all", "pte_quality", "qat_pt2e", "quantize_pt2e"]
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-4
@@ -44,22 +50,49 @@ def _write_pte(edge, path: Path) -> dict:
     return {"bytes": len(buf), "delegation": info}
 
 
+def _quantizer(is_qat: bool = False):
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+        is_per_channel=True, is_qat=is_qat))
+
+
 def quantize_pt2e(model: torch.nn.Module, x: torch.Tensor, calibration: list) -> torch.nn.Module:
     """The PT2E int8 model of ``model`` (module docstring) at ``x``'s shape, calibrated on
     ``calibration`` (1 x C x h x w float32 arrays of that shape)."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if not calibration:
         raise ErnasError("calibration.inputs must be >= 1 for the int8 .pte (format=executorch).")
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
-        is_per_channel=True))
     graph = torch.export.export(model, (x,)).module()
-    prepared = prepare_pt2e(graph, quantizer)
+    prepared = prepare_pt2e(graph, _quantizer())
     with torch.no_grad():
         for c in calibration:
             prepared(torch.from_numpy(c))
+    return convert_pt2e(prepared)
+
+
+def qat_pt2e(model: torch.nn.Module, task, qat: dict, seed: int = 0,
+             progress: bool = False) -> torch.nn.Module:
+    """The PT2E quantisation-aware-trained int8 model of ``model`` (module docstring); ``qat``:
+    steps, batch_size, crop, lr, calibration_batches."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    from ernas.export.qat import finetune, training_batches
+
+    batch = training_batches(task, int(qat.get("batch_size", 8)), int(qat.get("crop", 64)), seed)
+    auto = torch.export.Dim.AUTO
+    graph = torch.export.export(model, (batch(10_000_000)[0],),
+                                dynamic_shapes=({0: auto, 2: auto, 3: auto},)).module()
+    prepared = prepare_qat_pt2e(graph, _quantizer(is_qat=True))
+    move_exported_model_to_train(prepared)
+    with torch.no_grad():
+        for i in range(int(qat.get("calibration_batches", 4))):
+            prepared(batch(10_000_000 + i)[0])
+    finetune(prepared, task, batch, int(qat["steps"]), float(qat.get("lr", 1e-4)), progress)
+    move_exported_model_to_eval(prepared)
     return convert_pt2e(prepared)
 
 
@@ -84,25 +117,25 @@ def _export_fp32(arch, model, task, out: Path, shape) -> tuple[dict, torch.Tenso
             "delegation_fp32": info["delegation"], "skipped_blocks": inactive}, x
 
 
-def _export_int8(model, task, out: Path, x, n_calibration: int, seed: int) -> dict:
-    hw = tuple(x.shape[-2:])
-    qmodel = quantize_pt2e(model, x, task.calibration_inputs(hw, n_calibration, seed))
+def _export_quantized(qmodel, out: Path, x, kind: str) -> dict:
+    """Lower the converted PT2E model ``qmodel`` at ``x``'s shape to ``model_<kind>.pte``."""
     with torch.no_grad():
         edge = lower(torch.export.export(qmodel, (x,)))
-    path = out / "model_int8.pte"
+    path = out / f"model_{kind}.pte"
     info = _write_pte(edge, path)
-    return {"int8_pte": str(path), "int8_pte_bytes": info["bytes"],
-            "delegation_int8": info["delegation"], "calibration_inputs": n_calibration,
-            "quantizer": "XNNPACKQuantizer symmetric, per-channel weights (PT2E)"}
+    return {f"{kind}_pte": str(path), f"{kind}_pte_bytes": info["bytes"],
+            f"delegation_{kind}": info["delegation"]}
 
 
 def export_executorch_all(arch, model, task, out_dir, backend: ExecutorchBackend,
                           measure_cfg: dict | None = None, input_shape=(1, 3, 256, 256),
                           int8: bool = True, calibration: dict | None = None,
-                          seed: int = 0, memory_runs: int = 3) -> dict:
-    """Export fp32 (and int8) ``.pte`` files of ``model`` into ``out_dir``, score them on the
-    task's test images, time them interleaved on ``backend`` and measure their peak memory
-    (``ernas.memory.file_memories``, ``memory_runs`` fresh processes); returns the summary."""
+                          seed: int = 0, memory_runs: int = 3, qat: dict | None = None,
+                          progress: bool = False) -> dict:
+    """Export fp32, int8 (``int8``) and QAT (``qat['steps']`` > 0) ``.pte`` files of ``model``
+    into ``out_dir``, score them on the task's test images, time them interleaved on ``backend``
+    and measure their peak memory (``ernas.memory.file_memories``, ``memory_runs`` fresh
+    processes); returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, shape = deployable(arch, model, input_shape)
@@ -110,23 +143,29 @@ def export_executorch_all(arch, model, task, out_dir, backend: ExecutorchBackend
     fp32, x = _export_fp32(arch, model, task, out, shape)
     summary.update(fp32)
     files = {"fp32": summary["pte"]}
-    if int8:
-        summary.update(_export_int8(model, task, out, x, int((calibration or {}).get(
-            "inputs", 16)), seed))
-        files["int8"] = summary["int8_pte"]
     hw = tuple(shape[2:])
+    if int8:
+        n = int((calibration or {}).get("inputs", 16))
+        summary.update(_export_quantized(quantize_pt2e(
+            model, x, task.calibration_inputs(hw, n, seed)), out, x, "int8"),
+            calibration_inputs=n, quantizer="XNNPACKQuantizer symmetric, per-channel weights "
+                                            "(PT2E)")
+    if qat and qat.get("steps", 0) > 0:
+        summary.update(_export_quantized(qat_pt2e(model, task, qat, seed, progress), out, x,
+                                         "qat"), qat=dict(qat))
+    files.update({k: summary[f"{k}_pte"] for k in ("int8", "qat") if f"{k}_pte" in summary})
+    m = task.metric
     for kind, path in files.items():
         for k, v in pte_quality(path, task, hw, seed).items():
             summary[f"{k}_{kind}"] = v
-    m = task.metric
-    if int8:
-        summary[f"{m}_delta_int8"] = summary[f"{m}_int8"] - summary[f"{m}_fp32"]
+        if kind != "fp32":
+            summary[f"{m}_delta_{kind}"] = summary[f"{m}_{kind}"] - summary[f"{m}_fp32"]
     runners = {k: backend.pte_runner(p, x) for k, p in files.items()}
     lat = measure_interleaved(runners, **(measure_cfg or {}))
     for kind, st in lat.items():
         summary[f"{kind}_ms"] = st["ms"]
-    if int8:
-        summary["int8_speedup"] = paired_ratio(lat["fp32"], lat["int8"])
+        if kind != "fp32":
+            summary[f"{kind}_speedup"] = paired_ratio(lat["fp32"], lat[kind])
     summary.update(eval_set=task.headline_set, eval_tile=list(hw),
                    latency_backend=backend.metadata(), measure=measure_cfg)
     summary.update(file_memories(files, backend, [1, *shape[1:]], memory_runs))

@@ -178,17 +178,40 @@ def _set_mode(model: nn.Module, mode: str) -> None:
             m.mode = mode
 
 
+def finetune(model: nn.Module, task, batch, steps: int, lr: float, progress: bool = False) -> None:
+    """``steps`` steps of AdamW (betas 0.9/0.9, lr cosine-annealed to 0) on the task's loss over
+    the training batches ``batch(step)``; ``model`` must be in its training mode."""
+    from ernas.progress import progress as progress_bar
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.9))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
+    bar = progress_bar(steps, "qat", unit="step", enabled=progress)
+    for step in range(steps):
+        bar.update(1)
+        x, y = batch(step)
+        loss = task.loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    bar.close()
+
+
+def training_batches(task, batch_size: int, crop: int, seed: int):
+    """``batch(i)``: the i-th random training batch (random crops of the training split)."""
+    return step_batches(task.dataset("train", crop, seed, random=True), batch_size, seed)
+
+
 def qat_finetune(model: nn.Module, task, steps: int, batch_size: int = 8, crop: int = 64,
                  lr: float = 1e-4, seed: int = 0, calibration_batches: int = 4,
                  progress: bool = False, reduce_range: bool = True,
                  op_types=OP_TYPES, conv_rule: dict | None = CONV_RULE) -> nn.Module:
     """Quantisation-aware fine-tuning: wrap the convs (:func:`prepare_qat`), calibrate the
     activation ranges on ``calibration_batches`` training batches, fine-tune ``steps`` steps
-    (AdamW, cosine to 0, the task's loss on its training split), freeze. Returns the
-    fake-quantised model in eval mode; ``export_onnx`` of it is the deployable QDQ graph."""
-    from ernas.progress import progress as progress_bar
-
-    batch = step_batches(task.dataset("train", crop, seed, random=True), batch_size, seed)
+    (:func:`finetune`), freeze. Returns the fake-quantised model in eval mode; ``export_onnx`` of
+    it is the deployable QDQ graph."""
+    batch = training_batches(task, batch_size, crop, seed)
     q = prepare_qat(model, batch(10_000_000)[0], reduce_range, op_types, conv_rule)
     with torch.no_grad():
         for i in range(calibration_batches):
@@ -196,19 +219,7 @@ def qat_finetune(model: nn.Module, task, steps: int, batch_size: int = 8, crop: 
     if steps > 0:
         _set_mode(q, "train")
         q.train()
-        params = [p for p in q.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.9))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
-        bar = progress_bar(steps, "qat", unit="step", enabled=progress)
-        for step in range(steps):
-            bar.update(1)
-            x, y = batch(step)
-            loss = task.loss(q(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.close()
+        finetune(q, task, batch, steps, lr, progress)
     for m in _quant_convs(q):
         m.freeze()
     return q.eval()
