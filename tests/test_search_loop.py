@@ -7,6 +7,7 @@ attributes (bigger kernels, expansions, LayerNorm and attention cost more), not 
 tests check the search logic, which only needs a table with the right keys and a sensible order.
 """
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -364,6 +365,32 @@ def test_band_pulls_a_network_below_its_target_up_to_it(setup, tmp_path):
     (_, a, _), (_, b, _) = run("hinge", 1e-6), run("band", 1e-6)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_band_search_that_misses_its_target_says_when_alpha_was_decided(setup, tmp_path,
+                                                                          caplog):
+    """An entropy weight that makes α one-hot in the first α steps: the summary gives that step,
+    and a band search whose network is far from its target (here above every network) warns
+    with it; the hinge (a cap, not a target) and a network within 15% of T do not warn."""
+    from ernas.search.finish import missed_target
+
+    space, expected, train, val = setup
+    target = 2 * expected.of_arch(space.largest())
+    runs = {}
+    for form in ("band", "hinge"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ernas.search.finish"):
+            runs[form] = run_search(space, expected, train, val,
+                                    cfg(latency_form=form, lam=5.0, target_ms=target,
+                                        entropy_max=50.0, entropy_ramp=0, lr_alpha=0.5),
+                                    tmp_path / form, task=TASK, progress=False)
+        runs[form + "_log"] = caplog.text
+    decided = runs["band"]["decisive_step"]
+    assert decided is not None and 4 <= decided <= 8  # α steps start after 4 warm-up steps
+    assert f"decided (decisiveness >= 0.95) at step {decided} of 16" in runs["band_log"]
+    assert "search.entropy_max" in runs["band_log"] and runs["hinge_log"] == ""
+    assert missed_target("band", 1.1, 1.0, 5, 16) is None
+    assert "never became decisive" in missed_target("band", 0.5, 1.0, None, 16)
 
 
 def test_search_yaml_is_typed_by_search_config():

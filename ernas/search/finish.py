@@ -83,6 +83,32 @@ def _latency_activity(rows: list[dict]) -> dict:
                                    default=None)}
 
 
+DECISIVE = 0.95      # α counts as decided once its decisiveness (mean max probability) is this
+MISSED_TARGET = 0.15  # a band search whose derived network is further than this from T warns
+
+
+def decisive_step(rows: list[dict], level: float = DECISIVE) -> int | None:
+    """The first logged α step at which α's decisiveness reached ``level`` (None: never). From
+    there on softmax passes little gradient, so neither term moves α much."""
+    return next((int(r["step"]) for r in rows if r["alpha_updated"]
+                 and r["decisiveness"] >= level), None)
+
+
+def missed_target(form: str, predicted_ms: float, target_ms: float | None,
+                  decided_at: int | None, steps: int) -> str | None:
+    """The warning for a band search that derived a network more than ``MISSED_TARGET`` away
+    from its target (the band pulls E[LAT] to T from both sides), or None."""
+    if form != "band" or not target_ms or abs(predicted_ms / target_ms - 1) <= MISSED_TARGET:
+        return None
+    when = (f"α was decided (decisiveness >= {DECISIVE}) at step {decided_at} of {steps}, after "
+            f"which softmax passes the latency term little gradient" if decided_at is not None
+            else "α never became decisive")
+    return (f"search: the derived network is predicted at {predicted_ms / target_ms:.2f} of the "
+            f"target {target_ms:.3g} ms although the band term pulls towards it; {when}. A smaller "
+            f"search.entropy_max, a longer search.entropy_ramp or a smaller search.lr_alpha keeps "
+            f"α movable for longer.")
+
+
 def finish(run: SearchRun, train_batch: Batch, val_batch: Batch, input_shape) -> dict:
     """Derive, extract and judge: both the supernet (a copy) and the extracted network get their
     BatchNorm statistics recalibrated on the same training batches (``recalibrate_bn``) before
@@ -117,7 +143,11 @@ def finish(run: SearchRun, train_batch: Batch, val_batch: Batch, input_shape) ->
         "space": run.space.name, "config": cfg.to_dict(),
     }
     summary["discretisation_gap"] = summary[f"supernet_val_{m}"] - summary[f"inherited_val_{m}"]
-    summary.update(_latency_activity(run.log_rows))
+    summary.update(_latency_activity(run.log_rows), decisive_step=decisive_step(run.log_rows))
+    warning = missed_target(cfg.latency_form, summary["predicted_latency_ms"], run.target_ms,
+                            summary["decisive_step"], cfg.steps)
+    if warning and D.is_main():
+        log.warning(warning)
     if summary["baseline_latency_ms"]:
         summary["speedup"] = summary["baseline_latency_ms"] / summary["predicted_latency_ms"]
     if D.is_main():
