@@ -80,17 +80,17 @@ def qat_pt2e(model: torch.nn.Module, task, qat: dict, seed: int = 0,
     from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-    from ernas.export.qat import finetune, training_batches
+    from ernas.export.qat import CALIBRATION_STEP, finetune, training_batches
 
     batch = training_batches(task, int(qat.get("batch_size", 8)), int(qat.get("crop", 64)), seed)
     auto = torch.export.Dim.AUTO
-    graph = torch.export.export(model, (batch(10_000_000)[0],),
+    graph = torch.export.export(model, (batch(CALIBRATION_STEP)[0],),
                                 dynamic_shapes=({0: auto, 2: auto, 3: auto},)).module()
     prepared = prepare_qat_pt2e(graph, _quantizer(is_qat=True))
     move_exported_model_to_train(prepared)
     with torch.no_grad():
         for i in range(int(qat.get("calibration_batches", 4))):
-            prepared(batch(10_000_000 + i)[0])
+            prepared(batch(CALIBRATION_STEP + i)[0])
     finetune(prepared, task, batch, int(qat["steps"]), float(qat.get("lr", 1e-4)), progress)
     move_exported_model_to_eval(prepared)
     return convert_pt2e(prepared)

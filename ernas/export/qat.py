@@ -198,6 +198,9 @@ def finetune(model: nn.Module, task, batch, steps: int, lr: float, progress: boo
     bar.close()
 
 
+CALIBRATION_STEP = 10_000_000  # batch indices from here on are never fine-tuning steps
+
+
 def training_batches(task, batch_size: int, crop: int, seed: int):
     """``batch(i)``: the i-th random training batch (random crops of the training split)."""
     return step_batches(task.dataset("train", crop, seed, random=True), batch_size, seed)
@@ -212,10 +215,10 @@ def qat_finetune(model: nn.Module, task, steps: int, batch_size: int = 8, crop: 
     (:func:`finetune`), freeze. Returns the fake-quantised model in eval mode; ``export_onnx`` of
     it is the deployable QDQ graph."""
     batch = training_batches(task, batch_size, crop, seed)
-    q = prepare_qat(model, batch(10_000_000)[0], reduce_range, op_types, conv_rule)
+    q = prepare_qat(model, batch(CALIBRATION_STEP)[0], reduce_range, op_types, conv_rule)
     with torch.no_grad():
         for i in range(calibration_batches):
-            q(batch(10_000_000 + i)[0])
+            q(batch(CALIBRATION_STEP + i)[0])
     if steps > 0:
         _set_mode(q, "train")
         q.train()
