@@ -16,6 +16,7 @@ import pytest
 from ernas.bench import analysis, stats
 from ernas.bench.config import Bootstrap
 
+ROOT = Path(__file__).resolve().parents[1]
 BENCH = [sys.executable, "-m", "ernas.cli.bench", "experiment=protocol_denoise_tiny"]
 
 
@@ -220,11 +221,8 @@ def test_resume_refuses_a_changed_protocol(tiny_protocol, tmp_path):
     assert _digest(before) == before
 
 
-@pytest.mark.parametrize("name", ["protocol_denoise_tiny", "protocol_denoise",
-                                  "protocol_denoise_full", "protocol_denoise_small",
-                                  "protocol_segment_tiny",
-                                  "protocol_segment", "protocol_segment_hrnet",
-                                  "protocol_denoise_small_band", "protocol_segment_band"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments" / "experiment")
+                                         .glob("protocol_*.yaml")))
 def test_shipped_protocols_compose_validate_and_build_their_networks(name):
     from omegaconf import OmegaConf
 
