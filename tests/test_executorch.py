@@ -105,6 +105,36 @@ def test_profile_cli_on_executorch(tmp_path):
 
 
 @needs_executorch
+def test_int8_table_prices_the_quantised_network_and_serves_only_int8(tmp_path):
+    """``latency.backend.dtype=int8``: every key is PT2E-quantised before lowering (its XNNPACK
+    subgraph holds the quantize/dequantize nodes as well, so a conv key has more delegated nodes
+    than fp32's single convolution); the table says int8, and a float32 request refuses it even
+    when trusted."""
+    from ernas.latency.resolve import resolve_table
+    from ernas.latency.settings import LatencySettings
+
+    space = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
+    arch = space.smallest()
+    arch.save(tmp_path / "small.yaml")
+    out = tmp_path / "int8.csv"
+    r = cli("ernas.cli.profile", "latency=executorch_xnnpack", "latency.backend.dtype=int8",
+             f"arch={tmp_path}/small.yaml", "input_shape=[1,3,16,16]", f"output={out}", *FAST,
+             f"hydra.run.dir={tmp_path}/p", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = LatencyTable.load(out)
+    keys = set(arch.op_keys((1, 3, 16, 16), "block"))
+    assert set(table.keys()) == keys and (table.to_frame()["ms"] > 0).all()
+    assert table.metadata["dtype"] == "int8"
+    cells = {k: parse_delegation(table.get(k)["delegation"]) for k in keys}
+    convs = [k for k in keys if k.startswith("conv2d")]
+    assert convs and all(cells[k]["delegated"] > 1 and not cells[k]["portable"] for k in convs)
+    fp32 = {"name": "executorch_xnnpack", "threads": 1}
+    with pytest.raises(ErnasError, match="dtype"):
+        resolve_table(space, [1, 3, 16, 16], LatencySettings(
+            backend=fp32, table=str(out), trust_table=True, anchor=False))
+
+
+@needs_executorch
 def test_export_executorch_fp32_parity_and_int8(tmp_path):
     """The tiny space's smallest network (one NAF block kept: lowering is the slow part)."""
     ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest().save(tmp_path / "a.yaml")

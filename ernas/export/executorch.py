@@ -5,12 +5,10 @@ XNNPACK delegate, judged and timed like the ONNX files.
   lowered with the XnnpackPartitioner (``ernas.latency.executorch.lower``); parity
   ``max_abs_diff = max |y_executorch − y_torch|`` on a real test input (``parity_ok``: ≤ 1e-4,
   the ONNX path's bound).
-- int8 ``model_int8.pte``: PT2E static quantisation, ``prepare_pt2e`` of
-  ``torch.export.export(model).module()`` with the ``XNNPACKQuantizer`` (symmetric int8 weights
-  per output channel, asymmetric int8 activations per tensor,
-  ``get_symmetric_quantization_config(is_per_channel=True)``), calibrated on the task's
-  calibration inputs (random crops of its training split, as the ONNX int8 path), then
-  ``convert_pt2e``, exported again and lowered; XNNPACK runs the quantised ops.
+- int8 ``model_int8.pte``: PT2E static quantisation with the XNNPACK quantizer
+  (``ernas.latency.pt2e.quantize_pt2e``), calibrated on the task's calibration inputs (random
+  crops of its training split, as the ONNX int8 path), exported again and lowered; XNNPACK runs
+  the quantised ops.
 - QAT ``model_qat.pte`` (``qat.steps`` > 0): PT2E quantisation-aware training, the same
   quantizer with ``is_qat=True`` on the model exported with free batch and spatial sizes
   (``Dim.AUTO``), its observers run on ``qat.calibration_batches`` training batches, then
@@ -30,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from ernas.errors import ErnasError
 from ernas.export.onnx import deployable, real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.executorch import ExecutorchBackend, PteMethod, delegation, lower
 from ernas.latency.measure import measure_interleaved, paired_ratio
+from ernas.latency.pt2e import quantize_pt2e, xnnpack_quantizer
 from ernas.memory import file_memories
 
-__all__ = ["export_executorch_all", "pte_quality", "qat_pt2e", "quantize_pt2e"]
+__all__ = ["export_executorch_all", "pte_quality", "qat_pt2e"]
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-4
@@ -48,29 +46,6 @@ def _write_pte(edge, path: Path) -> dict:
     buf = edge.to_executorch().buffer
     atomic_write_bytes(path, buf)
     return {"bytes": len(buf), "delegation": info}
-
-
-def _quantizer(is_qat: bool = False):
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config)
-
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
-        is_per_channel=True, is_qat=is_qat))
-
-
-def quantize_pt2e(model: torch.nn.Module, x: torch.Tensor, calibration: list) -> torch.nn.Module:
-    """The PT2E int8 model of ``model`` (module docstring) at ``x``'s shape, calibrated on
-    ``calibration`` (1 x C x h x w float32 arrays of that shape)."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    if not calibration:
-        raise ErnasError("calibration.inputs must be >= 1 for the int8 .pte (format=executorch).")
-    graph = torch.export.export(model, (x,)).module()
-    prepared = prepare_pt2e(graph, _quantizer())
-    with torch.no_grad():
-        for c in calibration:
-            prepared(torch.from_numpy(c))
-    return convert_pt2e(prepared)
 
 
 def qat_pt2e(model: torch.nn.Module, task, qat: dict, seed: int = 0,
@@ -86,7 +61,7 @@ def qat_pt2e(model: torch.nn.Module, task, qat: dict, seed: int = 0,
     auto = torch.export.Dim.AUTO
     graph = torch.export.export(model, (batch(CALIBRATION_STEP)[0],),
                                 dynamic_shapes=({0: auto, 2: auto, 3: auto},)).module()
-    prepared = prepare_qat_pt2e(graph, _quantizer(is_qat=True))
+    prepared = prepare_qat_pt2e(graph, xnnpack_quantizer(is_qat=True))
     move_exported_model_to_train(prepared)
     with torch.no_grad():
         for i in range(int(qat.get("calibration_batches", 4))):

@@ -61,7 +61,8 @@ def default_table_path(space, backend: Backend, input_shape, granularity: str,
     device = re.sub(r"[^A-Za-z0-9]+", "-", str(meta.get("device", "device"))).strip("-")
     shape = "x".join(str(int(s)) for s in input_shape)
     suffix = (f"_t{meta['threads']}" if meta.get("threads") else "") + \
-             ("_spin" if meta.get("spinning") else "")
+             ("_spin" if meta.get("spinning") else "") + \
+             (f"_{backend.dtype}" if backend.dtype != "float32" else "")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(space.name))[:60]
     digest = table_digest(space, backend, input_shape, granularity)
     return (folder or CACHE / "latency_tables") / \

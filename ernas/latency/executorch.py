@@ -6,6 +6,11 @@ partitioner=[XnnpackPartitioner()])`` → ``.to_executorch()`` → a ``.pte`` bu
 ``executorch.runtime.Runtime`` and timed as ``method.execute([x])`` (perf_counter, fixed input)
 under the interleaved protocol of ``ernas.latency.measure``, like onnxruntime.
 
+int8 (``dtype: int8``): each model is PT2E-quantised for XNNPACK before it is lowered
+(``ernas.latency.pt2e``: the quantizer ``ernas-export`` ships int8 ``.pte`` files with), so an
+int8 table prices the int8 network a phone app runs; ops the quantizer leaves in float32 (e.g.
+the channel LayerNorm's mean) keep their float kernels and the quantize/dequantize around them.
+
 Threads: XNNPACK runs on ExecuTorch's process-wide threadpool (``torch.set_num_threads`` does
 not reach it); ``threads`` resets it through the pybindings' ``_unsafe_reset_threadpool(n)``
 before a runner is built and, if another backend changed it, before a timed call; the
@@ -35,11 +40,13 @@ from ernas.extras import EXECUTORCH
 from ernas.latency.backends import Backend
 from ernas.latency.fingerprint import fingerprint, host_hardware
 from ernas.latency.measure import Runner
+from ernas.latency.pt2e import quantize_pt2e, timing_calibration
 
 __all__ = ["ExecutorchBackend", "delegation", "delegation_summary", "delegation_text", "lower"]
 
 log = logging.getLogger(__name__)
 NOT_OPS = ("getitem", "Total")
+DTYPES = ("float32", "int8")
 
 
 def executorch_version() -> str:
@@ -142,7 +149,7 @@ class PteMethod:
 
 class ExecutorchBackend(Backend):
     """ExecuTorch + XNNPACK on this host (module docstring): ``threads`` of ExecuTorch's
-    threadpool, float32 models."""
+    threadpool; ``dtype`` float32 or int8 (PT2E static quantisation, XNNPACK's int8 kernels)."""
 
     name = "executorch_xnnpack"
 
@@ -150,15 +157,20 @@ class ExecutorchBackend(Backend):
         EXECUTORCH.require("latency backend executorch_xnnpack")
         if isinstance(threads, bool) or int(threads) < 1:
             raise ErnasError(f"executorch_xnnpack backend threads={threads} must be >= 1.")
-        if dtype != "float32":
-            raise ErnasError(f"executorch_xnnpack backend dtype={dtype!r}: only float32 models "
-                             f"are lowered here (int8 goes through ernas-export "
-                             f"format=executorch). Set `dtype: float32`.")
+        if dtype not in DTYPES:
+            raise ErnasError(f"executorch_xnnpack backend dtype={dtype!r}: valid values are "
+                             f"{list(DTYPES)} (int8: PT2E-quantised models, the int8 network "
+                             f"a phone app ships). Fix `latency.backend.dtype`.")
         self.threads, self.dtype = int(threads), dtype
 
     def to_pte(self, module: nn.Module, example_input: torch.Tensor) -> tuple[bytes, dict]:
-        """The ``.pte`` bytes of ``module`` at ``example_input``'s shape and its delegation."""
-        module, x = self._prepare(module, example_input)
+        """The ``.pte`` bytes of ``module`` at ``example_input``'s shape and its delegation;
+        with ``dtype: int8`` the module is PT2E-quantised first (``ernas.latency.pt2e``,
+        calibrated on seeded normal inputs)."""
+        module = module.eval().float()
+        x = example_input.detach().to(torch.float32)
+        if self.dtype == "int8":
+            module = quantize_pt2e(module, x, timing_calibration(x))
         with torch.no_grad():
             edge = lower(torch.export.export(module, (x,)))
         info = delegation(edge)  # before to_executorch, whose memory planning adds alloc nodes

@@ -75,7 +75,8 @@ def profile_command(space, input_shape, backend: Backend, granularity: str,
     shape = ",".join(str(int(s)) for s in input_shape)
     cmd = (f"ernas-profile space={space.source if space.source != '<memory>' else space.name} "
            f"input_shape=[{shape}] latency.granularity={granularity} "
-           f"latency.backend.name={backend.name}")
+           f"latency.backend.name={backend.name}"
+           + (f" latency.backend.dtype={backend.dtype}" if backend.dtype != "float32" else ""))
     return cmd + (f" output={output}" if output else "")
 
 
