@@ -3,7 +3,8 @@
 For every (space, threads): profile a fresh table with the measurement protocol (interleaved
 shuffled rounds, 20th percentile; consistency re-check; probe baseline), then validate it on N
 sampled architectures plus the smallest, largest and reference, measured end to end in
-interleaved rounds on the same onnxruntime session options. One row per (space, threads):
+interleaved rounds on the same backend (``--backend onnxruntime`` with its session options, or
+``executorch_xnnpack``; ``--dtype int8`` for an int8 table). One row per (space, threads):
 
 - profile_s: wall time to profile the table (export, sessions, rounds, re-check, baseline);
 - plain / corrected MAPE: key sums, and the leave-one-out linear correction;
@@ -27,6 +28,8 @@ and the input size. Timings are only meaningful on a quiet machine.
 
     python benchmarks/latency_fidelity.py --space nafnet_tiny nafnet_ern --threads 1 2 --n 30
     python benchmarks/latency_fidelity.py --space nafnet_tiny --threads 1 --input 1,3,64,64 --n 4
+    python benchmarks/latency_fidelity.py --backend executorch_xnnpack --space unet_demo \
+        --input 1,1,96,80 --threads 1 2 --n 30
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ from pathlib import Path
 import pandas as pd
 
 from ernas.latency.anchor import ANCHOR_SAMPLES
-from ernas.latency.backends import OnnxRuntimeBackend, machine_description
+from ernas.latency.backends import machine_description
+from ernas.latency.factory import make_backend
 from ernas.latency.fingerprint import describe
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.profile import sidecar_path
@@ -49,10 +53,18 @@ from ernas.latency.validation import validate_table
 from ernas.space import find_space
 
 
+def make(args, threads: int):
+    """The backend of ``--backend`` at ``threads`` (onnxruntime: ``--spinning`` and
+    ``--graph-optimization``; ``--dtype`` for either)."""
+    cfg = {"name": args.backend, "threads": threads, "dtype": args.dtype}
+    if args.backend == "onnxruntime":
+        cfg.update(spinning=args.spinning, graph_optimization=args.graph_optimization)
+    return make_backend(cfg)
+
+
 def run_one(space_name, threads, shape, args, protocol, out: Path) -> dict:
     space = find_space(space_name)
-    backend = OnnxRuntimeBackend(threads=threads, spinning=args.spinning,
-                                 graph_optimization=args.graph_optimization)
+    backend = make(args, threads)
     path = default_table_path(space, backend, shape, args.granularity, out / "tables")
     if path.exists() and not args.reuse:
         path.unlink()
@@ -73,7 +85,8 @@ def run_one(space_name, threads, shape, args, protocol, out: Path) -> dict:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, dest)
         print(f"shipped {dest}")
-    return {"space": space.name, "threads": threads, "input": "x".join(map(str, shape)),
+    return {"space": space.name, "backend": backend.name, "dtype": backend.dtype,
+            "threads": threads, "input": "x".join(map(str, shape)),
             "keys": len(table), "networks": s["n"], "profile_s": round(profile_s, 1),
             "validate_s": round(validate_s, 1), "mape_plain": plain["mape"],
             "mape_corrected": loo["mape"], "within_5": plain["within_5pct"],
@@ -87,8 +100,8 @@ def run_one(space_name, threads, shape, args, protocol, out: Path) -> dict:
             **_anchored_columns(s["anchored"]), "pairs": c["pairs"],
             "inconsistent_before": c["before"], "inconsistent_after": c["after"],
             "probe_baseline_ratio": table.metadata["probe_baseline"]["ratio"],
-            "spinning": opts["spinning"], "graph_optimization": opts["graph_optimization"],
-            "onnxruntime": opts["version"], "fingerprint": backend.fingerprint()["digest"],
+            "spinning": opts.get("spinning"), "graph_optimization": opts.get("graph_optimization"),
+            "runtime_version": opts["version"], "fingerprint": backend.fingerprint()["digest"],
             "table": str(path)}
 
 
@@ -115,6 +128,10 @@ def main() -> None:
                     help=f"sampled anchors beside the reference and the smallest (default "
                          f"{ANCHOR_SAMPLES}, as latency.anchor_samples)")
     ap.add_argument("--granularity", default="block", choices=["block", "op"])
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime",
+                                                                 "executorch_xnnpack"])
+    ap.add_argument("--dtype", default="float32",
+                    help="the backend's dtype (executorch_xnnpack: float32 | int8)")
     ap.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin")
     ap.add_argument("--graph-optimization", default="all")
     ap.add_argument("--rounds", type=int, default=MeasureProtocol.rounds)
@@ -133,7 +150,7 @@ def main() -> None:
                                min_seconds=args.min_seconds)
     out = Path(args.out or tempfile.mkdtemp(prefix="ernas_fidelity_"))
     out.mkdir(parents=True, exist_ok=True)
-    probe = OnnxRuntimeBackend(threads=args.threads[0], spinning=args.spinning)
+    probe = make(args, args.threads[0])
     print(f"latency fidelity; machine: {machine_description()}")
     print(f"fingerprint: {describe(probe.fingerprint())}")
     print(f"protocol: {protocol.to_dict()}; input {shape}; {args.granularity} keys; n={args.n}")
@@ -142,7 +159,8 @@ def main() -> None:
         for threads in args.threads:
             rows.append(run_one(space, threads, shape, args, protocol, out))
             r = rows[-1]
-            print(f"{r['space']:>12} t{threads}: profile {r['profile_s']:.0f} s, MAPE plain "
+            print(f"{r['space']:>12} {r['backend']} {r['dtype']} t{threads}: profile "
+                  f"{r['profile_s']:.0f} s, MAPE plain "
                   f"{100 * r['mape_plain']:.1f}% / corrected {100 * r['mape_corrected']:.1f}%, "
                   f"±5% {100 * r['within_5']:.0f}%, ±10% {100 * r['within_10']:.0f}%, Spearman "
                   f"{r['spearman']:.3f}, Kendall {r['kendall']:.3f}, noise floor "
@@ -159,8 +177,8 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "latency_fidelity.csv", index=False)
     (out / "latency_fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
-    cols = ["space", "threads", "profile_s", "mape_plain", "mape_corrected", "within_5",
-            "within_10", "spearman", "kendall", "noise_floor", "speedup_mape",
+    cols = ["space", "backend", "dtype", "threads", "profile_s", "mape_plain", "mape_corrected",
+            "within_5", "within_10", "spearman", "kendall", "noise_floor", "speedup_mape",
             "speedup_within_10", "speedup_noise_floor", "measurement_noise",
             "anchored_within_10", "anchored_speedup_within_10", "inconsistent_before",
             "inconsistent_after", "spinning"]

@@ -1,0 +1,164 @@
+"""Benchmark: is a searched network specialised to the runtime whose table it was searched on?
+The 2x2 table of ProxylessNAS: each network on its own runtime and on the other.
+
+Networks: ``--net LABEL=ARCH``, one per runtime, LABEL the runtime its search's table came from
+(``onnxruntime`` or ``executorch_xnnpack``), ARCH a derived ``arch.yaml``; several seeds per
+runtime may be given (``--net onnxruntime=a0.yaml --net onnxruntime=a1.yaml ...``). Latency
+does not depend on the weights, so each network is built from its arch (BatchNorm folded, as it
+ships).
+
+Measurement: on each runtime, every network is timed in interleaved shuffled rounds
+(``ernas.latency.measure``), in ``--passes`` passes with new sessions; the samples of both
+runtimes' runners are collected in the same passes. Figures per runtime R:
+
+- each network's latency (the protocol's statistic per pass, median over passes);
+- the specialisation ratio ``s_R = median_r lat_r(others' networks) / lat_r(R's networks)``,
+  paired per round (each side the mean over its networks' per-round statistics; rounds of
+  all passes), with a
+  percentile bootstrap CI over rounds (``--bootstrap`` resamples). ``s_R > 1``: the networks
+  searched for R run faster on R than the networks searched for the other runtime; a CI that
+  holds 1 is a tie.
+
+Per op family (``--tables ORT.csv ET.csv``, two tables of the same space and shape): the
+per-key ratio ``t_ET(key) / t_ORT(key)``, median and range per family (the key's op name and its
+``norm``/``att``/``conv`` attributes): which families cost differently on the two runtimes.
+
+Writes ``OUT/specialisation.csv`` (one row per runtime and network), ``OUT/specialisation.json``
+(the same rows with each runner's per-round statistics, and the ratios)
+and, with ``--tables``, ``OUT/op_family_ratios.csv``. Timings are only meaningful on a quiet
+machine.
+
+    python benchmarks/specialisation.py --input 1,1,96,80 --threads 1 \\
+        --net onnxruntime=ort/arch.yaml --net executorch_xnnpack=et/arch.yaml \\
+        --tables ort_table.csv et_table.csv --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ernas import build_model, inference_model, load_arch
+from ernas.keys import parse_key
+from ernas.latency.backends import machine_description
+from ernas.latency.factory import make_backend
+from ernas.latency.measure import MeasureProtocol
+from ernas.latency.table import LatencyTable
+
+RUNTIMES = ("onnxruntime", "executorch_xnnpack")
+FAMILY_ATTRS = ("norm", "att", "attention", "conv")
+
+
+def parse_nets(items: list[str]) -> list[tuple[str, str, Path]]:
+    """``[(runtime, name, arch path)]`` from ``LABEL=PATH`` items."""
+    out = []
+    for i, item in enumerate(items):
+        label, _, path = item.partition("=")
+        if label not in RUNTIMES or not path:
+            raise SystemExit(f"--net {item!r}: expected LABEL=ARCH with LABEL in {RUNTIMES}")
+        out.append((label, f"{label}_{i}", Path(path)))
+    if {r for r, _, _ in out} != set(RUNTIMES):
+        raise SystemExit(f"--net: give at least one network per runtime {RUNTIMES}")
+    return out
+
+
+def runners(nets, threads: int, shape):
+    """``{(runtime, name): runner}``: every network on every runtime, new sessions."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    out = {}
+    for runtime in RUNTIMES:
+        backend = make_backend({"name": runtime, "threads": threads})
+        for _, name, path in nets:
+            model = inference_model(build_model(load_arch(path)))
+            out[f"{runtime}|{name}"] = backend.runner(model, x)
+    return out
+
+
+def specialisation(rounds: dict[str, np.ndarray], nets, runtime: str, samples: int,
+                   seed: int) -> dict:
+    """``s_R`` on ``runtime`` and its bootstrap CI (module docstring)."""
+    own = np.mean([rounds[f"{runtime}|{n}"] for r, n, _ in nets if r == runtime], axis=0)
+    other = np.mean([rounds[f"{runtime}|{n}"] for r, n, _ in nets if r != runtime], axis=0)
+    ratio = other / own
+    rng = np.random.default_rng(seed)
+    boot = np.median(ratio[rng.integers(0, len(ratio), (samples, len(ratio)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"runtime": runtime, "ratio": float(np.median(ratio)), "ci_low": float(lo),
+            "ci_high": float(hi), "rounds": int(len(ratio))}
+
+
+def family(key: str) -> str:
+    """An op key's family: its op name and the attributes that name a block's kind."""
+    k = parse_key(key)
+    attrs = [f"{a}={k.attr[a]}" for a in FAMILY_ATTRS if a in k.attr]
+    return k.op + (f"[{','.join(attrs)}]" if attrs else "")
+
+
+def family_ratios(ort_path: Path, et_path: Path) -> pd.DataFrame:
+    """Per op family: the ExecuTorch / onnxruntime ratio of the two tables' key latencies."""
+    ort, et = LatencyTable.load(ort_path), LatencyTable.load(et_path)
+    keys = sorted(set(ort.keys()) & set(et.keys()))
+    ratio = pd.Series(et.lookup(keys) / ort.lookup(keys), index=keys)
+    groups = ratio.groupby([family(k) for k in keys])
+    return pd.DataFrame({"keys": groups.size(), "median_ratio": groups.median(),
+                         "min_ratio": groups.min(), "max_ratio": groups.max()}).reset_index(
+        names="family").sort_values("median_ratio")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--input", required=True, help="N,C,H,W")
+    ap.add_argument("--net", action="append", required=True, help="RUNTIME=ARCH (repeatable)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=MeasureProtocol.rounds)
+    ap.add_argument("--per-round", type=int, default=MeasureProtocol.per_round)
+    ap.add_argument("--min-seconds", type=float, default=MeasureProtocol.min_seconds)
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--tables", nargs=2, default=None, metavar=("ORT", "ET"))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    nets = parse_nets(args.net)
+    shape = tuple(int(s) for s in args.input.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rounds: dict[str, list] = {}
+    passes: dict[str, list] = {}
+    for p in range(args.passes):
+        protocol = MeasureProtocol(rounds=args.rounds, per_round=args.per_round,
+                                   min_seconds=args.min_seconds, seed=p)
+        measured = protocol.measure(runners(nets, args.threads, shape), progress=False)
+        for k, v in measured.items():
+            rounds.setdefault(k, []).extend(v["round_ms"])
+            passes.setdefault(k, []).append(v["ms"])
+        print(f"pass {p + 1}/{args.passes} done", flush=True)
+    rounds = {k: np.asarray(v) for k, v in rounds.items()}
+    rows = [{"runtime": runtime, "network": n, "searched_for": searched, "arch": str(path),
+             "ms": float(np.median(passes[f"{runtime}|{n}"])),
+             "round_ms": rounds[f"{runtime}|{n}"].tolist()}
+            for runtime in RUNTIMES for searched, n, path in nets]
+    table = pd.DataFrame(rows).drop(columns="round_ms")
+    table.to_csv(out / "specialisation.csv", index=False)
+    spec = [specialisation(rounds, nets, r, args.bootstrap, 0) for r in RUNTIMES]
+    summary = {"machine": machine_description(), "threads": args.threads, "input": list(shape),
+               "passes": args.passes, "networks": rows, "specialisation": spec}
+    if args.tables:
+        fam = family_ratios(Path(args.tables[0]), Path(args.tables[1]))
+        fam.to_csv(out / "op_family_ratios.csv", index=False)
+        summary["op_family_ratios"] = fam.to_dict("records")
+        print(fam.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    (out / "specialisation.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for s in spec:
+        print(f"on {s['runtime']}: others' / own networks = {s['ratio']:.3f} "
+              f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] over {s['rounds']} rounds")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""``benchmarks/specialisation.py``: the 2x2 table (every network timed on both runtimes, the
+specialisation ratio per runtime with its bootstrap CI) and the per-family ratio of two tables.
+Two real U-Net demo networks at a 16x16 input, one pass of two rounds."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ernas import load_space
+from ernas.extras import EXECUTORCH
+from ernas.latency.table import LatencyTable
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "specialisation.py"
+SHAPE = (1, 1, 16, 16)
+
+
+def _table(keys, path: Path, factor: dict) -> Path:
+    """A table pricing every key 1 ms, times ``factor[word]`` for keys holding ``word``."""
+    t = LatencyTable(metadata={"backend": "x"})
+    for k in keys:
+        ms = 1.0
+        for word, f in factor.items():
+            ms *= f if word in k else 1.0
+        t.add(k, [ms, ms, ms])
+    t.save(path)
+    return path
+
+
+@pytest.mark.skipif(not EXECUTORCH.available(),
+                    reason='optional extra: pip install "ernas[executorch]"')
+def test_two_by_two_table_and_family_ratios(tmp_path):
+    """Fails if a network is missing on a runtime, the ratio is not others/own, its CI does not
+    hold it, or the family ratios are not ET/ORT grouped by op and block kind."""
+    space = load_space("unet_demo")
+    small, ref = space.smallest(), space.reference()
+    small.save(tmp_path / "small.yaml")
+    ref.save(tmp_path / "ref.yaml")
+    keys = sorted(set(small.op_keys(SHAPE, "block")) | set(ref.op_keys(SHAPE, "block")))
+    ort = _table(keys, tmp_path / "ort.csv", {})
+    et = _table(keys, tmp_path / "et.csv", {"conv=standard": 2.0, "unet_pool": 0.5})
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--input", ",".join(map(str, SHAPE)),
+                        "--net", f"onnxruntime={tmp_path / 'small.yaml'}",
+                        "--net", f"executorch_xnnpack={tmp_path / 'ref.yaml'}",
+                        "--passes", "1", "--rounds", "2", "--per-round", "1",
+                        "--min-seconds", "0", "--bootstrap", "50", "--tables", str(ort), str(et),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "specialisation.json").read_text())
+    nets = {(n["runtime"], n["searched_for"]) for n in s["networks"]}
+    assert nets == {(a, b) for a in ("onnxruntime", "executorch_xnnpack")
+                    for b in ("onnxruntime", "executorch_xnnpack")}
+    ms = {(n["runtime"], n["searched_for"]): n["ms"] for n in s["networks"]}
+    assert all(v > 0 for v in ms.values())
+    spec = {x["runtime"]: x for x in s["specialisation"]}
+    assert set(spec) == {"onnxruntime", "executorch_xnnpack"}
+    for x in spec.values():
+        assert x["rounds"] == 2 and x["ci_low"] <= x["ratio"] <= x["ci_high"]
+    rounds = {(n["runtime"], n["searched_for"]): np.array(n["round_ms"]) for n in s["networks"]}
+    for own, other in (("onnxruntime", "executorch_xnnpack"),
+                       ("executorch_xnnpack", "onnxruntime")):  # others' / own, paired per round
+        assert spec[own]["ratio"] == pytest.approx(
+            float(np.median(rounds[(own, other)] / rounds[(own, own)])))
+    fam = {f["family"]: f for f in s["op_family_ratios"]}
+    std = [f for name, f in fam.items() if "conv=standard" in name]
+    assert std and all(f["median_ratio"] == pytest.approx(2.0) for f in std)
+    assert fam["unet_pool"]["median_ratio"] == pytest.approx(0.5)
+    assert all(f["median_ratio"] == pytest.approx(1.0) for name, f in fam.items()
+               if "conv=standard" not in name and name != "unet_pool")
+    assert (out / "specialisation.csv").is_file() and (out / "op_family_ratios.csv").is_file()
