@@ -16,7 +16,7 @@ from ernas import build_model
 from ernas.checkpoint import load_model
 from ernas.export import export_model, onnx_quality, qat_finetune, quantize_int8
 from ernas.errors import ErnasError
-from ernas.export.ptq import CONV_RULE, int8_conv
+from ernas.latency.qdq import CONV_RULE, int8_conv
 from ernas.export.qat import FakeQuant, QuantConv2d
 from ernas.families.nafnet import official_arch
 from ernas.latency.onnx_export import export_onnx

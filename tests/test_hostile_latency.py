@@ -312,3 +312,14 @@ def test_latency_settings_accept_an_unlimited_inconsistency_and_refuse_unknown_f
         LatencySettings.from_config({"probe_tolerence": 0.1})
     with pytest.raises(ErnasError, match="min_seconds"):
         LatencySettings(measure={"min_seconds": math.inf})
+
+
+def test_profile_refuses_an_arch_of_another_family_before_writing(tmp_path):
+    """Bug caught: ``arch=`` of a U-Net with the default (NAFNet) space labelled and cached the
+    U-Net's keys as a ``nafnet_tiny`` table."""
+    ernas.load_space("unet_demo").reference().save(tmp_path / "unet.yaml")
+    r = _run("profile", tmp_path, f"arch={tmp_path / 'unet.yaml'}", *PROFILE,
+             f"output={tmp_path / 't.csv'}", f"hydra.run.dir={tmp_path / 'p'}")
+    _user_error(r, "unet network", "space=nafnet_tiny", "space=NAME")
+    assert not (tmp_path / "t.csv").exists()
+    assert not [f for f in (tmp_path / "p").rglob("*") if f.is_file()]

@@ -199,3 +199,26 @@ def test_bad_profile_request_is_one_paragraph(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ernas.cli.profile", "space=nope",
                         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nafnet_tiny" in r.stderr
+
+
+def test_int8_onnxruntime_table_marks_its_keys_and_serves_only_int8(tmp_path):
+    """``ernas-profile latency.backend.dtype=int8`` on onnxruntime: the table says int8, its
+    ``int8`` column counts each key's quantised convs (the U-Net's dense 3x3 blocks are int8,
+    pooling has no conv), and a float32 request refuses it even when trusted. Bugs caught: the
+    dtype dropped between the config and the backend, or an int8 table serving fp32 searches."""
+    space = ernas.load_space(SEARCH_SPACES / "unet_demo.yaml")
+    space.reference().save(tmp_path / "ref.yaml")
+    out = tmp_path / "int8.csv"
+    _cli("ernas.cli.profile", "space=unet_demo", f"arch={tmp_path}/ref.yaml",
+         "latency.backend.dtype=int8", "latency.backend.threads=1", "input_shape=[1,1,32,32]",
+         f"output={out}", *FAST_CLI, "progress=false", f"hydra.run.dir={tmp_path}/p", cwd=tmp_path)
+    table = LatencyTable.load(out)
+    assert table.metadata["dtype"] == "int8" and table.metadata["int8"]["op_types"] == ["Conv"]
+    cells = {k: table.get(k)["int8"] for k in table.keys()}
+    blocks = [k for k in cells if k.startswith("unet_block[att=none,conv=standard,cout=64")]
+    assert blocks and all(cells[k] == "2 of 2 Conv" for k in blocks)
+    assert all(cells[k] == "0 of 0 Conv" for k in cells if k.startswith("unet_pool"))
+    with pytest.raises(ErnasError, match="dtype"):
+        resolve_table(space, [1, 1, 32, 32], LatencySettings(
+            backend={"name": "onnxruntime", "threads": 1}, table=str(out), trust_table=True,
+            anchor=False))

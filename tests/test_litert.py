@@ -59,6 +59,27 @@ def test_backend_timing_parity_threads():
 
 
 @needs_litert
+def test_int8_tflite_boundary_quantises_and_dequantises():
+    """A conv stack converts to a .tflite with int8 input and output tensors; TfliteModel
+    quantises the float input, q = round(x/s) + z, and dequantises the output, so the result
+    is PyTorch's within the int8 grid. Bugs caught: float fed to an int8 input (refused by the
+    interpreter), or int8 codes returned as values."""
+    from ernas.latency.litert import TfliteModel, to_tflite
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 16, 16)
+    tflite, channels_last = to_tflite(net, x, [torch.randn(1, 8, 16, 16) for _ in range(4)])
+    model = TfliteModel(tflite, 1, channels_last)
+    assert model.in_q[0] == np.int8 and model.out_q[0] == np.int8
+    with torch.no_grad():
+        want = net(x)
+    err = float((model(x) - want).abs().max())
+    assert err < 0.1 * float(want.abs().max()), err
+
+
+@needs_litert
 def test_nafblock_parity():
     """A whole NAF block (LayerNorm, SimpleGate, channel attention) converts and computes the
     PyTorch block."""
@@ -98,38 +119,51 @@ def test_profile_cli_on_litert(tmp_path):
 
 
 @needs_litert
-def test_export_tflite_fp32_parity(tmp_path):
-    """The tiny space's smallest network to model.tflite: parity, scored, timed."""
+def test_export_tflite_fp32_parity_and_int8(tmp_path):
+    """The tiny space's smallest network to model.tflite (parity) and model_int8.tflite (PT2E
+    int8 tensors inside), both scored and timed against each other. Bugs caught: an int8 file
+    that is not quantised, a quality that collapses (a wrong boundary conversion), or a missing
+    paired timing."""
+    from ernas.latency.litert import TfliteModel
+
     ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml").smallest().save(tmp_path / "a.yaml")
-    r = cli("ernas.cli.export", "format=tflite", "int8=false", f"arch={tmp_path / 'a.yaml'}",
+    r = cli("ernas.cli.export", "format=tflite", f"arch={tmp_path / 'a.yaml'}",
              f"hydra.run.dir={tmp_path / 'ex'}", "input_shape=[1,3,32,32]", "threads=1",
-             "task.eval_sigmas=[25]", "task.max_side=64", *FAST, cwd=tmp_path)
+             "calibration.inputs=2", "task.eval_sigmas=[25]", "task.max_side=64", *FAST,
+             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "ex" / "summary.json").read_text())
+    m = s["metric"]
     assert s["format"] == "tflite" and s["parity_ok"] and s["max_abs_diff"] <= 1e-4
-    assert s["channels_last_io"] and s["fp32_ms"] > 0 and np.isfinite(s[f"{s['metric']}_fp32"])
+    assert s["channels_last_io"] and s["fp32_ms"] > 0 and np.isfinite(s[f"{m}_fp32"])
     assert s["latency_backend"]["backend"] == "litert"
     data = (tmp_path / "ex" / "model.tflite").read_bytes()
     assert data[4:8] == b"TFL3" and len(data) == s["tflite_bytes"]
+    int8 = tmp_path / "ex" / "model_int8.tflite"
+    assert int8.read_bytes()[4:8] == b"TFL3" and s["int8_tflite_bytes"] == int8.stat().st_size
+    def int8_tensors(path):
+        return sum(t["dtype"] == np.int8 for t in
+                   TfliteModel(path, 1, True).interpreter.get_tensor_details())
+
+    assert int8_tensors(int8) > 5 and int8_tensors(tmp_path / "ex" / "model.tflite") == 0
+    assert abs(s[f"{m}_delta_int8"]) < 1.0 and s["int8_ms"] > 0 and s["int8_speedup"] > 0
     assert (tmp_path / "ex" / "arch.yaml").is_file() and not list((tmp_path / "ex").glob("*.onnx"))
-    assert "max |litert - torch|" in r.stdout
+    assert "max |litert - torch|" in r.stdout and "; int8 " in r.stdout
 
 
 @needs_litert
 def test_export_tflite_refusals(tmp_path):
-    for args, fields in ((["format=tflite"], ["int8=true"]),
-                         (["format=tflite", "int8=false", "dynamic_hw=true", "qat.steps=2"],
-                          ["dynamic_hw=true", "qat.steps"])):
-        r = cli("ernas.cli.export", *args, f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert all(f in r.stderr for f in fields) and "format=tflite" in r.stderr
+    r = cli("ernas.cli.export", "format=tflite", "dynamic_hw=true", "qat.steps=2",
+            f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert all(f in r.stderr for f in ("dynamic_hw=true", "qat.steps", "format=tflite"))
     assert outputs(tmp_path / "q") == []
 
 
 @pytest.mark.parametrize("module,args", [
     ("ernas.cli.profile", ["latency=litert", "input_shape=[1,3,16,16]"]),
     ("ernas.cli.search", ["latency=litert"]),
-    ("ernas.cli.export", ["format=tflite", "int8=false"]),
+    ("ernas.cli.export", ["format=tflite"]),
 ])
 def test_missing_extra_is_refused(tmp_path, module, args):
     """Without the packages (blocked from import): one error paragraph naming the extra, exit 2,

@@ -85,11 +85,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None,
 
 
 def _backend_words(backend) -> str:
-    """``onnxruntime 1.32.0 (CPUExecutionProvider, 2 threads)``: a latency backend in words."""
+    """``onnxruntime 1.32.0 (CPUExecutionProvider, 2 threads)``: a latency backend in words
+    (its dtype added when not float32)."""
     o = backend.session_options()
     threads = o.get("threads")
+    dtype = getattr(backend, "dtype", "float32")
     parts = [o.get("provider"), f"{threads} thread{'s' * (threads != 1)}" if threads else None,
-             f"command `{o['command']}`" if o.get("command") else None]
+             f"command `{o['command']}`" if o.get("command") else None,
+             dtype if dtype != "float32" else None]
     inner = ", ".join(p for p in parts if p)
     return " ".join(str(p) for p in (backend.name, o.get("version")) if p) + \
         (f" ({inner})" if inner else "")

@@ -2,8 +2,8 @@
 int8 static quantisation (``int8=true``) and QAT (``qat.steps > 0``), each file judged on the
 task's test images and timed, all in one ``summary.json``. ``format=executorch``: fp32 and int8
 (PT2E, XNNPACK quantizer) ``.pte`` files instead (``ernas.export.executorch``), timed with the
-ExecuTorch backend. ``format=tflite``: an fp32 ``.tflite`` for LiteRT (``ernas.export.tflite``),
-timed with the LiteRT backend."""
+ExecuTorch backend. ``format=tflite``: fp32 and int8 (PT2E) ``.tflite`` files for LiteRT
+(``ernas.export.tflite``), timed with the LiteRT backend."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
@@ -77,12 +77,12 @@ def _check_format(cfg: DictConfig) -> None:
                              "to the deployed size, or use format=onnx.")
     elif fmt == "tflite":
         LITERT.require("format=tflite", "use format=onnx")
-        given = [f for f, on in (("int8=true", cfg.int8), ("qat.steps > 0", cfg.qat.steps > 0),
+        given = [f for f, on in (("qat.steps > 0", cfg.qat.steps > 0),
                                  ("dynamic_hw=true", cfg.dynamic_hw)) if on]
         if given:
             raise ErnasError(f"{', '.join(given)}: not available with format=tflite, which writes "
-                             f"one fp32 .tflite at input_shape; set int8=false (and qat.steps=0, "
-                             f"dynamic_hw=false), or use format=onnx.")
+                             f"an fp32 and (int8=true) an int8 .tflite at input_shape, without "
+                             f"QAT; set qat.steps=0 and dynamic_hw=false, or use format=onnx.")
     elif backend == "executorch_xnnpack":
         raise ErnasError("format=onnx times ONNX files, which latency=executorch_xnnpack cannot "
                          "run; use format=executorch to export and time .pte files, or a latency "
@@ -121,7 +121,8 @@ def _export_tflite(cfg, plain: dict, arch, model, task, out) -> dict:
     backend = make_backend(b) if b["name"] == "litert" else \
         LitertBackend(threads=int(b.get("threads") or 2))
     return export_tflite_all(arch, model, task, out, backend, plain["latency"]["measure"],
-                             [int(s) for s in cfg.input_shape], int(cfg.seed))
+                             [int(s) for s in cfg.input_shape], int(cfg.seed), bool(cfg.int8),
+                             plain["calibration"])
 
 
 def _line(s: dict) -> str:
@@ -129,8 +130,9 @@ def _line(s: dict) -> str:
     if s.get("format") == "executorch":
         return _pte_line(s)
     if s.get("format") == "tflite":
-        return (f"exported {s['arch']} to {s['tflite']}: max |litert - torch| = "
-                f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
+        return _quantized_parts(
+            f"exported {s['arch']} to {s['tflite']}: max |litert - torch| = "
+            f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms", s)
     line = (f"exported {s['arch']} to {s['onnx']}: max |onnxruntime - torch| = "
             f"{s['max_abs_diff']:.2e}; fp32 {m} {s[f'{m}_fp32']:.3f}, {s['fp32_ms']:.2f} ms")
     return _quantized_parts(line, s)

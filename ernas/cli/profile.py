@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from ernas.cli.common import claim_run_dir, hydra_main, log_start, output_dir, user_errors
 from ernas.cli.schema import Profile
 from ernas.config import validated
+from ernas.errors import ErnasError
 from ernas.io import atomic_write_json
 from ernas.latency.anchor import anchors_phrase
 from ernas.latency.consistency import inconsistency
@@ -75,6 +76,17 @@ def _delegation_line(d: dict) -> str:
             + " (per key: the table's `delegation` column)")
 
 
+def _arch_keys(path, space, shape, granularity) -> list[str]:
+    """The op keys of the architecture file ``path``, which must be of ``space``'s family (the
+    table is labelled and cached under ``space``)."""
+    arch = load_arch(path)
+    if arch.family != space.family:
+        raise ErnasError(f"arch={path} is a {arch.family} network but space={space.name} is a "
+                         f"{space.family} space, and the table is labelled and cached under the "
+                         f"space. Pass the space the architecture was derived from (space=NAME).")
+    return list(dict.fromkeys(arch.op_keys(shape, granularity)))
+
+
 @user_errors
 def run(cfg: DictConfig, out=None) -> dict:
     validated(cfg, Profile, "profile config")
@@ -83,13 +95,12 @@ def run(cfg: DictConfig, out=None) -> dict:
     protocol = MeasureProtocol.from_mapping(lat.measure)
     shape = [int(s) for s in cfg.input_shape]
     backend = make_backend(lat.backend)  # a missing runtime is refused before anything is written
+    arch_keys = _arch_keys(cfg.arch, space, shape, lat.granularity) if cfg.arch else None
     out = claim_run_dir(out) if out else output_dir()
     log_start("profile", out, backend=backend, mode=cfg.mode,
               space=space.name, input_shape=shape, output=cfg.output)
     if cfg.mode == "validate":
         return _validate(cfg, space, shape, protocol, out)
-    arch_keys = list(dict.fromkeys(load_arch(cfg.arch).op_keys(shape, lat.granularity))) \
-        if cfg.arch else None
     path = Path(cfg.output) if cfg.output else profile_path(
         space, backend, shape, lat.granularity, lat.cache_dir, arch_keys)
     t0 = time.perf_counter()

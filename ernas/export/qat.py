@@ -1,6 +1,6 @@
 """Quantisation-aware fine-tuning whose export *is* the deployed int8 model.
 
-Coverage: exactly what PTQ quantises (``ernas.export.ptq``: op types ``[Conv]`` and its conv
+Coverage: exactly what PTQ quantises (``ernas.latency.qdq``: op types ``[Conv]`` and its conv
 rule, the convs whose GEMM is big enough to run faster in int8, measured by
 ``benchmarks/int8_op_types.py``): each such ``nn.Conv2d`` gets fake quantisers on its input, its
 weight and its output, the pattern onnxruntime fuses into one ``QLinearConv``; everything else
@@ -37,9 +37,7 @@ from torch import nn
 
 from ernas.batches import step_batches
 from ernas.errors import ErnasError
-from ernas.export.ptq import CONV_RULE, int8_conv
-
-OP_TYPES = ("Conv",)
+from ernas.latency.qdq import CONV_RULE, OP_TYPES, int8_conv
 
 
 class FakeQuant(nn.Module):

@@ -30,6 +30,7 @@ from ernas.errors import ErnasError
 from ernas.latency.fingerprint import cpu_name, fingerprint, host_hardware, machine_description
 from ernas.latency.measure import Runner
 from ernas.latency.onnx_export import export_onnx
+from ernas.latency.qdq import CONV_RULE, OP_TYPES
 
 __all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "cpu_name", "library_versions",
            "machine_description"]
@@ -89,7 +90,7 @@ class Backend(abc.ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
 
     def _prepare(self, module: nn.Module, example_input: torch.Tensor, device="cpu"):
-        dt = DTYPES[self.dtype]
+        dt = torch.float32 if self.dtype == "int8" else DTYPES[self.dtype]  # int8: quantised later
         module = module.eval().to(device=device, dtype=dt)
         x = example_input.to(device=device, dtype=dt) if example_input.is_floating_point() \
             else example_input.to(device)
@@ -118,13 +119,23 @@ class _ExportingBackend(Backend):
             tmp = tempfile.TemporaryDirectory(prefix=f"ernas_{self.name}_")
             path = Path(tmp.name) / "model.onnx"
         export_onnx(module, x, path, opset=self.opset)
+        path, notes = self._deployed(path, x)
         run = self.onnx_runner(path, tuple(example_input.shape))
         run.workdir = tmp  # the exported file lives as long as the runner
+        if notes:
+            run.notes = notes
         return run
+
+    def _deployed(self, path: Path, x: torch.Tensor) -> tuple[Path, dict | None]:
+        """The file that is timed for the exported ``path`` (input ``x``) and the table notes
+        on it; the fp32 export itself here."""
+        return path, None
 
 
 # --------------------------------------------------------------------------- onnxruntime
 GRAPH_OPTIMIZATION = ("all", "extended", "basic", "disable")
+# dtype int8: the coverage of ernas-export's default int8 ONNX (experiments/export.yaml)
+INT8 = {"op_types": OP_TYPES, "conv_rule": CONV_RULE, "reduce_range": True, "per_channel": True}
 
 
 class OnnxRuntimeBackend(_ExportingBackend):
@@ -133,7 +144,9 @@ class OnnxRuntimeBackend(_ExportingBackend):
     Sessions: sequential execution, ``threads`` intra-op threads, one inter-op thread and
     ``spinning`` (default off: idle workers sleep instead of busy-waiting, which on a shared
     2-core machine keeps whole-network timings close to the sum of their parts; see
-    ``ernas.latency.time_onnx``). ``workdir``: keep the exported ONNX files there.
+    ``ernas.latency.time_onnx``). ``workdir``: keep the exported ONNX files there. ``dtype``:
+    float32 (or float16/bfloat16/float64 exports) or int8, the QDQ model ``ernas-export`` ships
+    (``_deployed``).
     """
 
     name = "onnxruntime"
@@ -156,10 +169,24 @@ class OnnxRuntimeBackend(_ExportingBackend):
             raise ErnasError(f"onnxruntime backend threads={threads} must be >= 1.")
         if not isinstance(spinning, bool):
             raise ErnasError(f"onnxruntime backend spinning={spinning!r} must be true or false.")
-        _check_dtype(dtype)
+        if dtype != "int8":
+            _check_dtype(dtype)
         self.threads, self.provider, self.spinning = int(threads), provider, spinning
         self.graph_optimization, self.opset = graph_optimization, int(opset)
         self.workdir, self.dtype = workdir, dtype
+
+    def _deployed(self, path, x):
+        """With ``dtype: int8``, the QDQ int8 model of ``path`` with ``ernas-export``'s default
+        coverage (``ernas.latency.qdq``), calibrated on seeded normal inputs (int8 kernels cost
+        the same whatever the ranges); the ``int8`` note counts its quantised convs."""
+        if self.dtype != "int8":
+            return path, None
+        from ernas.latency.pt2e import timing_calibration
+        from ernas.latency.qdq import quantize_qdq
+
+        out = path.with_name(path.stem + "_int8.onnx")
+        q = quantize_qdq(path, out, [c.numpy() for c in timing_calibration(x)], **INT8)
+        return out, {"int8": f"{q['convs'] - q['float_convs']} of {q['convs']} Conv"}
 
     def session(self, onnx_path: str | os.PathLike):
         """An ``InferenceSession`` configured like the measurements (threads, provider, level,
@@ -198,6 +225,9 @@ class OnnxRuntimeBackend(_ExportingBackend):
         meta = {**super().metadata(), "provider": self.provider, "threads": self.threads,
                 "graph_optimization": self.graph_optimization, "opset": self.opset,
                 "spinning": self.spinning, "execution_mode": "sequential"}
+        if self.dtype == "int8":
+            meta["int8"] = {**INT8, "op_types": list(INT8["op_types"]),
+                            "calibration": "2 seeded standard-normal inputs"}
         if "gpu" in meta["fingerprint"]["hardware"]:
             meta["device"] = meta["fingerprint"]["hardware"]["gpu"]
         return meta

@@ -60,21 +60,51 @@ def _quiet_converter():
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
 
 
-def to_tflite(module: nn.Module, x: torch.Tensor) -> tuple[bytes, bool]:
+def to_tflite(module: nn.Module, x: torch.Tensor,
+              calibration: list | None = None) -> tuple[bytes, bool]:
     """``(tflite bytes, channels_last)`` of an eval-mode float32 ``module`` at ``x``'s shape;
-    ``channels_last``: the model takes and returns NHWC (both 4-D), else PyTorch's layout."""
+    ``channels_last``: the model takes and returns NHWC (both 4-D), else PyTorch's layout.
+
+    ``calibration`` (NCHW arrays or tensors of ``x``'s shape): an int8 model instead, by PT2E
+    static quantisation with litert-torch's ``PT2EQuantizer`` (symmetric int8 weights per output
+    channel, asymmetric int8 activations per tensor, ranges observed on the calibration inputs);
+    the file then takes and returns int8 tensors, q = round(x/s) + z (:class:`TfliteModel`
+    converts at its boundary)."""
     import litert_torch
 
     with torch.no_grad():
         y = module(x)
     channels_last = x.dim() == 4 and isinstance(y, torch.Tensor) and y.dim() == 4
+    tensors = [x, *(c if isinstance(c, torch.Tensor) else torch.from_numpy(c)
+                    for c in calibration or [])]
     with _quiet_converter():
         if channels_last:
-            wrapped = litert_torch.to_channel_last_io(module, args=[0], outputs=[0]).eval()
-            edge = litert_torch.convert(wrapped, (x.permute(0, 2, 3, 1).contiguous(),))
-        else:
-            edge = litert_torch.convert(module, (x,))
-        return edge.model_content(), channels_last
+            module = litert_torch.to_channel_last_io(module, args=[0], outputs=[0]).eval()
+            tensors = [t.permute(0, 2, 3, 1).contiguous() for t in tensors]
+        if calibration is None:
+            return litert_torch.convert(module, (tensors[0],)).model_content(), channels_last
+        return _int8_tflite(module, tensors[0], tensors[1:]), channels_last
+
+
+def _int8_tflite(module: nn.Module, x: torch.Tensor, calibration: list) -> bytes:
+    """The int8 ``.tflite`` of ``module`` (its own layout) by PT2E (see :func:`to_tflite`)."""
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import (PT2EQuantizer,
+                                                      get_symmetric_quantization_config)
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if not calibration:
+        raise ErnasError("calibration.inputs must be >= 1 for an int8 .tflite.")
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(
+        is_per_channel=True, is_dynamic=False))
+    prepared = prepare_pt2e(torch.export.export(module, (x,)).module(), quantizer)
+    with torch.no_grad():
+        for c in calibration:
+            prepared(c)
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    return litert_torch.convert(converted, (x,), quant_config=QuantConfig(
+        pt2e_quantizer=quantizer)).model_content()
 
 
 class TfliteModel:
@@ -88,20 +118,32 @@ class TfliteModel:
             else {"model_path": str(tflite)}
         self.interpreter = Interpreter(**src, num_threads=int(threads))
         self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]["index"]
-        self.output = self.interpreter.get_output_details()[0]["index"]
+        inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
+        self.input, self.output = inp["index"], out["index"]
+        # an int8 file's boundary: (dtype, scale s, zero point z), x = s·(q − z)
+        self.in_q = (inp["dtype"], *inp["quantization"]) if inp["dtype"] != np.float32 else None
+        self.out_q = (out["dtype"], *out["quantization"]) if out["dtype"] != np.float32 else None
         self.channels_last = channels_last
 
     def feed(self, x: torch.Tensor) -> None:
         x = x.detach().to(torch.float32)
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)
-        self.interpreter.set_tensor(self.input, np.ascontiguousarray(x.numpy()))
+        a = x.numpy()
+        if self.in_q:
+            dtype, s, z = self.in_q
+            info = np.iinfo(dtype)
+            a = np.clip(np.round(a / s) + z, info.min, info.max).astype(dtype)
+        self.interpreter.set_tensor(self.input, np.ascontiguousarray(a))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.feed(x)
         self.interpreter.invoke()
-        y = torch.from_numpy(self.interpreter.get_tensor(self.output).copy())
+        a = self.interpreter.get_tensor(self.output).copy()
+        if self.out_q:
+            _, s, z = self.out_q
+            a = (a.astype(np.float32) - z) * np.float32(s)
+        y = torch.from_numpy(a)
         return y.permute(0, 3, 1, 2).contiguous() if self.channels_last else y
 
 

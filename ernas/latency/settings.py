@@ -29,7 +29,7 @@ GRANULARITIES = ("block", "op")
 
 def _default_backend() -> dict:
     return {"name": "onnxruntime", "threads": 2, "provider": "CPUExecutionProvider",
-            "graph_optimization": "all", "spinning": False}
+            "graph_optimization": "all", "spinning": False, "dtype": "float32"}
 
 
 @dataclass(frozen=True)
