@@ -155,6 +155,17 @@ def test_overlapping_intervals_are_a_tie_and_clear_gaps_are_not():
     assert stats.majority(["above", "tie"]) == "tie"
 
 
+def test_a_network_without_finite_scores_is_not_scored_never_a_tie():
+    """Bug caught: an overflowing network (NaN test scores) on the scaled front gave an interval
+    of NaNs, which the verdict called a tie."""
+    base = np.random.default_rng(0).normal(30, 2, size=12)
+    overflow = {0: np.full(12, np.nan)}
+    iv = stats.paired_interval({0: base}, overflow, 0.05, 200)
+    assert iv.verdict == "not scored"
+    assert stats.majority(["not scored", "not scored"]) == "not scored"
+    assert stats.majority(["not scored", "tie", "tie"]) == "tie"
+
+
 def test_the_scaled_front_interpolates_image_by_image():
     pts = stats.front([("slow", 10.0, 31.0), ("fast", 4.0, 29.0), ("dominated", 8.0, 28.0)])
     assert pts == [("fast", 4.0), ("slow", 10.0)]

@@ -140,7 +140,8 @@ def verdict_lines(rows: list[dict], plan: dict, sel: dict, measured: dict[str, f
         vs = [r["verdict"] for r in rows if r["comparison"] == what]
         lines.append(f"{what}: {stats.majority(vs)} over the targets "
                      f"({sum(v == 'above' for v in vs)} above, {sum(v == 'tie' for v in vs)} tie, "
-                     f"{sum(v == 'below' for v in vs)} below of {len(vs)})")
+                     f"{sum(v == 'below' for v in vs)} below, "
+                     f"{sum(v == 'not scored' for v in vs)} not scored of {len(vs)})")
     ni = next(r for r in rows if r["comparison"].startswith("headline"))
     h = sel["headline"]
     speedup = measured["reference"] / measured[h]

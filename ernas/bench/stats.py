@@ -36,6 +36,10 @@ class Interval:
 
     @property
     def verdict(self) -> str:
+        """``above``/``below`` when the interval excludes 0 on that side, ``tie`` when it holds
+        0, ``not scored`` when a side has no finite score (a network that overflowed)."""
+        if not (np.isfinite(self.low) and np.isfinite(self.high)):
+            return "not scored"
         return "above" if self.low > 0 else "below" if self.high < 0 else "tie"
 
 
@@ -103,9 +107,10 @@ def front_at(latency: float, front_pts: list[tuple[str, float]], scores: dict[st
 
 
 def majority(verdicts: list[str]) -> str:
-    """``above`` when more than half the targets are above, ``below`` likewise, else ``tie``."""
+    """``above`` when more than half the targets are above, ``below`` likewise, ``not scored``
+    likewise, else ``tie``."""
     n = len(verdicts)
-    for v in ("above", "below"):
+    for v in ("above", "below", "not scored"):
         if sum(x == v for x in verdicts) * 2 > n:
             return v
     return "tie"
