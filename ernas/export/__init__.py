@@ -18,24 +18,15 @@ from pathlib import Path
 import torch
 
 from ernas.export.executorch import export_executorch_all
+from ernas.export.judge import judge_files
 from ernas.export.onnx import export_model, onnx_quality, static_hw
 from ernas.export.ptq import quantize_int8
 from ernas.export.qat import qat_finetune
-from ernas.latency.measure import paired_ratio
 from ernas.latency.onnx_export import export_onnx
 from ernas.memory import file_memories
 
 __all__ = ["export_all", "export_executorch_all", "export_model", "onnx_quality", "qat_finetune",
            "quantize_int8"]
-
-
-def file_latencies(paths: dict[str, str], input_shape, backend, measure_cfg: dict | None
-                   ) -> dict[str, dict]:
-    """Latency statistics of ONNX files on ``backend``, interleaved (``ernas.latency.measure``)."""
-    from ernas.latency.measure import measure_interleaved
-
-    runners = {k: backend.onnx_runner(p, input_shape) for k, p in paths.items()}
-    return measure_interleaved(runners, **(measure_cfg or {}))
 
 
 def export_all(arch, model, task, out_dir, backend, measure_cfg: dict | None = None,
@@ -65,20 +56,11 @@ def export_all(arch, model, task, out_dir, backend, measure_cfg: dict | None = N
         summary.update(qat_steps=qat["steps"], qat_onnx=str(path))
         files["qat"] = str(path)
     hw = static_hw(files["fp32"], tuple(input_shape[2:]))
-    for kind, path in files.items():
-        for k, v in onnx_quality(path, task, hw, seed, backend).items():
-            summary[f"{k}_{kind}"] = v
-    m = task.metric
-    for kind in files:
-        if kind != "fp32":
-            summary[f"{m}_delta_{kind}"] = summary[f"{m}_{kind}"] - summary[f"{m}_fp32"]
-    lat = file_latencies(files, [1, *input_shape[1:]], backend, measure_cfg)
-    for kind, st in lat.items():
-        summary[f"{kind}_ms"] = st["ms"]
-    for kind in files:
-        if kind != "fp32":
-            summary[f"{kind}_speedup"] = paired_ratio(lat["fp32"], lat[kind])
-    summary.update(file_memories(files, backend, [1, *input_shape[1:]], memory_runs))
+    shape = [1, *input_shape[1:]]
+    summary.update(judge_files(
+        files, lambda _kind, path: onnx_quality(path, task, hw, seed, backend),
+        {k: backend.onnx_runner(p, shape) for k, p in files.items()}, task.metric, measure_cfg))
+    summary.update(file_memories(files, backend, shape, memory_runs))
     summary.update(eval_set=task.headline_set, eval_tile=list(hw),
                    latency_backend=backend.metadata(), measure=measure_cfg)
     return summary

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from ernas.export.judge import judge_files
 from ernas.export.onnx import deployable, real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.executorch import ExecutorchBackend, PteMethod, delegation, lower
-from ernas.latency.measure import measure_interleaved, paired_ratio
 from ernas.latency.pt2e import quantize_pt2e, xnnpack_quantizer
 from ernas.memory import file_memories
 
@@ -129,18 +129,9 @@ def export_executorch_all(arch, model, task, out_dir, backend: ExecutorchBackend
         summary.update(_export_quantized(qat_pt2e(model, task, qat, seed, progress), out, x,
                                          "qat"), qat=dict(qat))
     files.update({k: summary[f"{k}_pte"] for k in ("int8", "qat") if f"{k}_pte" in summary})
-    m = task.metric
-    for kind, path in files.items():
-        for k, v in pte_quality(path, task, hw, seed).items():
-            summary[f"{k}_{kind}"] = v
-        if kind != "fp32":
-            summary[f"{m}_delta_{kind}"] = summary[f"{m}_{kind}"] - summary[f"{m}_fp32"]
-    runners = {k: backend.pte_runner(p, x) for k, p in files.items()}
-    lat = measure_interleaved(runners, **(measure_cfg or {}))
-    for kind, st in lat.items():
-        summary[f"{kind}_ms"] = st["ms"]
-        if kind != "fp32":
-            summary[f"{kind}_speedup"] = paired_ratio(lat["fp32"], lat[kind])
+    summary.update(judge_files(files, lambda _kind, path: pte_quality(path, task, hw, seed),
+                               {k: backend.pte_runner(p, x) for k, p in files.items()},
+                               task.metric, measure_cfg))
     summary.update(eval_set=task.headline_set, eval_tile=list(hw),
                    latency_backend=backend.metadata(), measure=measure_cfg)
     summary.update(file_memories(files, backend, [1, *shape[1:]], memory_runs))

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from ernas.export.judge import judge_files
 from ernas.export.onnx import deployable, real_input, tiled_quality
 from ernas.io import atomic_write_bytes
 from ernas.latency.litert import LitertBackend, TfliteModel, to_tflite
-from ernas.latency.measure import measure_interleaved, paired_ratio
 
 __all__ = ["export_tflite_all", "tflite_quality"]
 
@@ -72,19 +72,13 @@ def export_tflite_all(arch, model, task, out_dir, backend: LitertBackend,
         summary.update(int8_tflite=str(files["int8"]), int8_tflite_bytes=len(q),
                        calibration_inputs=k, quantizer="litert-torch PT2EQuantizer symmetric, "
                                                        "per-channel weights (PT2E)")
-    m = task.metric
-    for kind, path in files.items():
+    def quality(kind, path):
         model_k = loaded if kind == "fp32" else TfliteModel(path, backend.threads, channels_last)
-        for key, v in tflite_quality(model_k, task, (h, w), seed).items():
-            summary[f"{key}_{kind}"] = v
-        if kind != "fp32":
-            summary[f"{m}_delta_{kind}"] = summary[f"{m}_{kind}"] - summary[f"{m}_fp32"]
-    lat = measure_interleaved({k: backend.tflite_runner(p, x, channels_last)
-                               for k, p in files.items()}, **(measure_cfg or {}))
-    for kind, st in lat.items():
-        summary[f"{kind}_ms"] = st["ms"]
-        if kind != "fp32":
-            summary[f"{kind}_speedup"] = paired_ratio(lat["fp32"], lat[kind])
+        return tflite_quality(model_k, task, (h, w), seed)
+
+    summary.update(judge_files(files, quality,
+                               {k: backend.tflite_runner(p, x, channels_last)
+                                for k, p in files.items()}, task.metric, measure_cfg))
     summary.update(eval_set=task.headline_set, eval_tile=[h, w],
                    latency_backend=backend.metadata(), measure=measure_cfg)
     return summary
