@@ -1,29 +1,30 @@
-"""Benchmark: is a searched network specialised to the runtime whose table it was searched on?
-The 2x2 table of ProxylessNAS: each network on its own runtime and on the other.
+"""Benchmark: is a searched network specialised to the deployment whose table it was searched
+on? The 2x2 table of ProxylessNAS: each network on its own deployment and on the other.
 
-Networks: ``--net LABEL=ARCH``, one per runtime, LABEL the runtime its search's table came from
-(``onnxruntime`` or ``executorch_xnnpack``), ARCH a derived ``arch.yaml``; several seeds per
-runtime may be given (``--net onnxruntime=a0.yaml --net onnxruntime=a1.yaml ...``). Latency
-does not depend on the weights, so each network is built from its arch (BatchNorm folded, as it
-ships).
+Deployments: ``--deployments A B``, each ``RUNTIME[:DTYPE]`` (default ``onnxruntime
+executorch_xnnpack``; ``onnxruntime onnxruntime:int8`` asks the same of fp32 against the int8
+QDQ deployment). Networks: ``--net LABEL=ARCH``, LABEL the deployment its search's table came
+from, ARCH a derived ``arch.yaml``; several seeds per deployment may be given (``--net
+onnxruntime=a0.yaml --net onnxruntime=a1.yaml ...``). Latency does not depend on the weights,
+so each network is built from its arch (BatchNorm folded, as it ships).
 
-Measurement: on each runtime, every network is timed in interleaved shuffled rounds
+Measurement: on each deployment, every network is timed in interleaved shuffled rounds
 (``ernas.latency.measure``), in ``--passes`` passes with new sessions; the samples of both
-runtimes' runners are collected in the same passes. Figures per runtime R:
+deployments' runners are collected in the same passes. Figures per deployment R:
 
 - each network's latency (the protocol's statistic per pass, median over passes);
 - the specialisation ratio ``s_R = median_r lat_r(others' networks) / lat_r(R's networks)``,
   paired per round (each side the mean over its networks' per-round statistics; rounds of
   all passes), with a
   percentile bootstrap CI over rounds (``--bootstrap`` resamples). ``s_R > 1``: the networks
-  searched for R run faster on R than the networks searched for the other runtime; a CI that
+  searched for R run faster on R than the networks searched for the other deployment; a CI that
   holds 1 is a tie.
 
-Per op family (``--tables ORT.csv ET.csv``, two tables of the same space and shape): the
-per-key ratio ``t_ET(key) / t_ORT(key)``, median and range per family (the key's op name and its
-``norm``/``att``/``conv`` attributes): which families cost differently on the two runtimes.
+Per op family (``--tables A.csv B.csv``, the two deployments' tables of the same space and
+shape): the per-key ratio ``t_B(key) / t_A(key)``, median and range per family (the key's op name
+and its ``norm``/``att``/``conv`` attributes): which families cost differently on the two.
 
-Writes ``OUT/specialisation.csv`` (one row per runtime and network), ``OUT/specialisation.json``
+Writes ``OUT/specialisation.csv`` (one row per deployment and network), ``OUT/specialisation.json``
 (the same rows with each runner's per-round statistics, and the ratios)
 and, with ``--tables``, ``OUT/op_family_ratios.csv``. Timings are only meaningful on a quiet
 machine.
@@ -49,33 +50,39 @@ from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.table import LatencyTable
 
-RUNTIMES = ("onnxruntime", "executorch_xnnpack")
+DEPLOYMENTS = ("onnxruntime", "executorch_xnnpack")
 FAMILY_ATTRS = ("norm", "att", "attention", "conv")
 
 
-def parse_nets(items: list[str]) -> list[tuple[str, str, Path]]:
-    """``[(runtime, name, arch path)]`` from ``LABEL=PATH`` items."""
+def parse_nets(items: list[str], deployments) -> list[tuple[str, str, Path]]:
+    """``[(deployment, name, arch path)]`` from ``LABEL=PATH`` items."""
     out = []
     for i, item in enumerate(items):
         label, _, path = item.partition("=")
-        if label not in RUNTIMES or not path:
-            raise SystemExit(f"--net {item!r}: expected LABEL=ARCH with LABEL in {RUNTIMES}")
+        if label not in deployments or not path:
+            raise SystemExit(f"--net {item!r}: expected LABEL=ARCH with LABEL in {deployments}")
         out.append((label, f"{label}_{i}", Path(path)))
-    if {r for r, _, _ in out} != set(RUNTIMES):
-        raise SystemExit(f"--net: give at least one network per runtime {RUNTIMES}")
+    if {r for r, _, _ in out} != set(deployments):
+        raise SystemExit(f"--net: give at least one network per deployment {deployments}")
     return out
 
 
-def runners(nets, threads: int, shape):
-    """``{(runtime, name): runner}``: every network on every runtime, new sessions."""
+def backend_of(deployment: str, threads: int):
+    """The latency backend of ``RUNTIME[:DTYPE]``."""
+    runtime, _, dtype = deployment.partition(":")
+    return make_backend({"name": runtime, "threads": threads, "dtype": dtype or "float32"})
+
+
+def runners(nets, threads: int, shape, deployments):
+    """``{deployment|name: runner}``: every network on every deployment, new sessions."""
     torch.manual_seed(0)
     x = torch.randn(shape)
     out = {}
-    for runtime in RUNTIMES:
-        backend = make_backend({"name": runtime, "threads": threads})
+    for deployment in deployments:
+        backend = backend_of(deployment, threads)
         for _, name, path in nets:
             model = inference_model(build_model(load_arch(path)))
-            out[f"{runtime}|{name}"] = backend.runner(model, x)
+            out[f"{deployment}|{name}"] = backend.runner(model, x)
     return out
 
 
@@ -99,11 +106,11 @@ def family(key: str) -> str:
     return k.op + (f"[{','.join(attrs)}]" if attrs else "")
 
 
-def family_ratios(ort_path: Path, et_path: Path) -> pd.DataFrame:
-    """Per op family: the ExecuTorch / onnxruntime ratio of the two tables' key latencies."""
-    ort, et = LatencyTable.load(ort_path), LatencyTable.load(et_path)
-    keys = sorted(set(ort.keys()) & set(et.keys()))
-    ratio = pd.Series(et.lookup(keys) / ort.lookup(keys), index=keys)
+def family_ratios(a_path: Path, b_path: Path) -> pd.DataFrame:
+    """Per op family: the B / A ratio of the two tables' key latencies."""
+    a, b = LatencyTable.load(a_path), LatencyTable.load(b_path)
+    keys = sorted(set(a.keys()) & set(b.keys()))
+    ratio = pd.Series(b.lookup(keys) / a.lookup(keys), index=keys)
     groups = ratio.groupby([family(k) for k in keys])
     return pd.DataFrame({"keys": groups.size(), "median_ratio": groups.median(),
                          "min_ratio": groups.min(), "max_ratio": groups.max()}).reset_index(
@@ -113,18 +120,22 @@ def family_ratios(ort_path: Path, et_path: Path) -> pd.DataFrame:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--input", required=True, help="N,C,H,W")
-    ap.add_argument("--net", action="append", required=True, help="RUNTIME=ARCH (repeatable)")
+    ap.add_argument("--deployments", nargs=2, default=list(DEPLOYMENTS), metavar=("A", "B"),
+                    help="RUNTIME[:DTYPE] each (default: onnxruntime executorch_xnnpack)")
+    ap.add_argument("--net", action="append", required=True,
+                    help="DEPLOYMENT=ARCH (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=MeasureProtocol.rounds)
     ap.add_argument("--per-round", type=int, default=MeasureProtocol.per_round)
     ap.add_argument("--min-seconds", type=float, default=MeasureProtocol.min_seconds)
     ap.add_argument("--bootstrap", type=int, default=2000)
-    ap.add_argument("--tables", nargs=2, default=None, metavar=("ORT", "ET"))
+    ap.add_argument("--tables", nargs=2, default=None, metavar=("A", "B"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    nets = parse_nets(args.net)
+    deployments = tuple(args.deployments)
+    nets = parse_nets(args.net, deployments)
     shape = tuple(int(s) for s in args.input.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,19 +144,21 @@ def main() -> None:
     for p in range(args.passes):
         protocol = MeasureProtocol(rounds=args.rounds, per_round=args.per_round,
                                    min_seconds=args.min_seconds, seed=p)
-        measured = protocol.measure(runners(nets, args.threads, shape), progress=False)
+        timed = runners(nets, args.threads, shape, deployments)
+        notes = {k: getattr(r, "notes", None) for k, r in timed.items()}
+        measured = protocol.measure(timed, progress=False)
         for k, v in measured.items():
             rounds.setdefault(k, []).extend(v["round_ms"])
             passes.setdefault(k, []).append(v["ms"])
         print(f"pass {p + 1}/{args.passes} done", flush=True)
     rounds = {k: np.asarray(v) for k, v in rounds.items()}
     rows = [{"runtime": runtime, "network": n, "searched_for": searched, "arch": str(path),
-             "ms": float(np.median(passes[f"{runtime}|{n}"])),
+             "ms": float(np.median(passes[f"{runtime}|{n}"])), "notes": notes[f"{runtime}|{n}"],
              "round_ms": rounds[f"{runtime}|{n}"].tolist()}
-            for runtime in RUNTIMES for searched, n, path in nets]
+            for runtime in deployments for searched, n, path in nets]
     table = pd.DataFrame(rows).drop(columns="round_ms")
     table.to_csv(out / "specialisation.csv", index=False)
-    spec = [specialisation(rounds, nets, r, args.bootstrap, 0) for r in RUNTIMES]
+    spec = [specialisation(rounds, nets, r, args.bootstrap, 0) for r in deployments]
     summary = {"machine": machine_description(), "threads": args.threads, "input": list(shape),
                "passes": args.passes, "networks": rows, "specialisation": spec}
     if args.tables:

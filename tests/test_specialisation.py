@@ -72,3 +72,30 @@ def test_two_by_two_table_and_family_ratios(tmp_path):
     assert all(f["median_ratio"] == pytest.approx(1.0) for name, f in fam.items()
                if "conv=standard" not in name and name != "unet_pool")
     assert (out / "specialisation.csv").is_file() and (out / "op_family_ratios.csv").is_file()
+
+
+def test_fp32_against_int8_deployment_times_the_qdq_model(tmp_path):
+    """``--deployments onnxruntime onnxruntime:int8``: every network on both, the int8 side
+    timing the QDQ model. Fails if the dtype is dropped (the int8 rows would time the fp32 file
+    and carry no quantised-conv count) or a network is missing on a deployment."""
+    space = load_space("unet_demo")
+    space.smallest().save(tmp_path / "small.yaml")
+    space.reference().save(tmp_path / "ref.yaml")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--input", ",".join(map(str, SHAPE)),
+                        "--deployments", "onnxruntime", "onnxruntime:int8",
+                        "--net", f"onnxruntime={tmp_path / 'small.yaml'}",
+                        "--net", f"onnxruntime:int8={tmp_path / 'ref.yaml'}",
+                        "--passes", "1", "--rounds", "2", "--per-round", "1",
+                        "--min-seconds", "0", "--bootstrap", "50", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "specialisation.json").read_text())
+    rows = {(n["runtime"], n["searched_for"]): n for n in s["networks"]}
+    assert set(rows) == {(a, b) for a in ("onnxruntime", "onnxruntime:int8")
+                         for b in ("onnxruntime", "onnxruntime:int8")}
+    assert all(rows[("onnxruntime", b)]["notes"] is None for b in ("onnxruntime",
+                                                                    "onnxruntime:int8"))
+    quantised = rows[("onnxruntime:int8", "onnxruntime:int8")]["notes"]["int8"]
+    assert int(quantised.split(" of ")[0]) > 0, quantised
+    assert {x["runtime"] for x in s["specialisation"]} == {"onnxruntime", "onnxruntime:int8"}
