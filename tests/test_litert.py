@@ -149,6 +149,7 @@ def test_export_tflite_fp32_parity_and_int8(tmp_path):
     assert abs(s[f"{m}_delta_int8"]) < 1.0 and s["int8_ms"] > 0 and s["int8_speedup"] > 0
     assert (tmp_path / "ex" / "arch.yaml").is_file() and not list((tmp_path / "ex").glob("*.onnx"))
     assert "max |litert - torch|" in r.stdout and "; int8 " in r.stdout
+    assert "training mode" not in r.stdout + r.stderr  # the graph was exported in eval mode
 
 
 @needs_litert

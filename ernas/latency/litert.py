@@ -20,6 +20,7 @@ functions, so the rest of ernas runs without it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -86,6 +87,15 @@ def to_tflite(module: nn.Module, x: torch.Tensor,
         return _int8_tflite(module, tensors[0], tensors[1:]), channels_last
 
 
+class _ExportedGraphFilter(logging.Filter):
+    """Drops litert-torch's "converted in training mode" warning for a PT2E-converted module: a
+    ``torch.export`` GraphModule keeps ``training=True`` whatever its graph, and this graph was
+    captured from the eval-mode module."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "converted in training mode" not in record.getMessage()
+
+
 def _int8_tflite(module: nn.Module, x: torch.Tensor, calibration: list) -> bytes:
     """The int8 ``.tflite`` of ``module`` (its own layout) by PT2E (see :func:`to_tflite`)."""
     import litert_torch
@@ -103,8 +113,13 @@ def _int8_tflite(module: nn.Module, x: torch.Tensor, calibration: list) -> bytes
         for c in calibration:
             prepared(c)
     converted = convert_pt2e(prepared, fold_quantize=False)
-    return litert_torch.convert(converted, (x,), quant_config=QuantConfig(
-        pt2e_quantizer=quantizer)).model_content()
+    root, flag = logging.getLogger(), _ExportedGraphFilter()
+    root.addFilter(flag)
+    try:
+        return litert_torch.convert(converted, (x,), quant_config=QuantConfig(
+            pt2e_quantizer=quantizer)).model_content()
+    finally:
+        root.removeFilter(flag)
 
 
 class TfliteModel:
