@@ -20,6 +20,13 @@ deployments' runners are collected in the same passes. Figures per deployment R:
   searched for R run faster on R than the networks searched for the other deployment; a CI that
   holds 1 is a tie.
 
+Quality (``--quality METRIC``, e.g. ``miou``; ``--set``, default ``test``): each ARCH is then an
+``ernas-evaluate`` run directory of the retrained network (its ``arch.yaml`` is timed, its
+``per_image.csv`` scored). The quality difference B − A paired per unit (image, or slab for the
+brain slices), each side's search seeds as its seed dimension, with the interval of
+``ernas.bench.stats.paired_interval`` (units resampled with replacement, one search seed per side
+per draw, α = 0.05): a CI that holds 0 is a tie.
+
 Per op family (``--tables A.csv B.csv``, the two deployments' tables of the same space and
 shape): the per-key ratio ``t_B(key) / t_A(key)``, median and range per family (the key's op name
 and its ``norm``/``att``/``conv`` attributes): which families cost differently on the two.
@@ -44,6 +51,8 @@ import pandas as pd
 import torch
 
 from ernas import build_model, inference_model, load_arch
+from ernas.bench.analysis import unit_scores
+from ernas.bench.stats import paired_interval
 from ernas.keys import parse_key
 from ernas.latency.backends import machine_description
 from ernas.latency.factory import make_backend
@@ -61,10 +70,34 @@ def parse_nets(items: list[str], deployments) -> list[tuple[str, str, Path]]:
         label, _, path = item.partition("=")
         if label not in deployments or not path:
             raise SystemExit(f"--net {item!r}: expected LABEL=ARCH with LABEL in {deployments}")
-        out.append((label, f"{label}_{i}", Path(path)))
+        path = Path(path)
+        out.append((label, f"{label}_{i}", path / "arch.yaml" if path.is_dir() else path))
     if {r for r, _, _ in out} != set(deployments):
         raise SystemExit(f"--net: give at least one network per deployment {deployments}")
     return out
+
+
+def quality(nets, deployments, metric: str, set_name: str, samples: int) -> dict:
+    """The paired quality difference B − A over units (module docstring); every network's
+    ``ARCH`` must sit in an ``ernas-evaluate`` run directory."""
+    scores: dict[str, dict[int, np.ndarray]] = {d: {} for d in deployments}
+    per_network = {}
+    for label, name, arch in nets:
+        run = arch.parent
+        if not (run / "per_image.csv").is_file() or not (run / "results.csv").is_file():
+            raise SystemExit(f"--quality: {run} is not an ernas-evaluate run directory (no "
+                             f"per_image.csv / results.csv); pass each network as "
+                             f"LABEL=<evaluate run dir>.")
+        model = pd.read_csv(run / "results.csv")["name"].iloc[0]
+        s = unit_scores(run / "per_image.csv", set_name, metric, model)
+        scores[label][len(scores[label])] = s
+        per_network[name] = float(s.mean())
+    a, b = deployments
+    iv = paired_interval(scores[b], scores[a], alpha=0.05, samples=samples)
+    return {"metric": metric, "set": set_name, "per_network": per_network,
+            "difference": f"{b} - {a}", "estimate": iv.estimate, "ci_low": iv.low,
+            "ci_high": iv.high, "verdict": iv.verdict,
+            "units": int(next(iter(scores[a].values())).size)}
 
 
 def backend_of(deployment: str, threads: int):
@@ -131,6 +164,9 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=MeasureProtocol.min_seconds)
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--tables", nargs=2, default=None, metavar=("A", "B"))
+    ap.add_argument("--quality", default=None, metavar="METRIC",
+                    help="score each network's ernas-evaluate run (e.g. miou)")
+    ap.add_argument("--set", default="test", help="the evaluation set --quality reads")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -138,6 +174,8 @@ def main() -> None:
     nets = parse_nets(args.net, deployments)
     shape = tuple(int(s) for s in args.input.split(","))
     out = Path(args.out)
+    q = quality(nets, deployments, args.quality, args.set, args.bootstrap) \
+        if args.quality else None
     out.mkdir(parents=True, exist_ok=True)
     rounds: dict[str, list] = {}
     passes: dict[str, list] = {}
@@ -153,14 +191,15 @@ def main() -> None:
         print(f"pass {p + 1}/{args.passes} done", flush=True)
     rounds = {k: np.asarray(v) for k, v in rounds.items()}
     rows = [{"runtime": runtime, "network": n, "searched_for": searched, "arch": str(path),
-             "ms": float(np.median(passes[f"{runtime}|{n}"])), "notes": notes[f"{runtime}|{n}"],
+             "ms": float(np.median(passes[f"{runtime}|{n}"])),
+             "quality": q["per_network"][n] if q else None, "notes": notes[f"{runtime}|{n}"],
              "round_ms": rounds[f"{runtime}|{n}"].tolist()}
             for runtime in deployments for searched, n, path in nets]
     table = pd.DataFrame(rows).drop(columns="round_ms")
     table.to_csv(out / "specialisation.csv", index=False)
     spec = [specialisation(rounds, nets, r, args.bootstrap, 0) for r in deployments]
     summary = {"machine": machine_description(), "threads": args.threads, "input": list(shape),
-               "passes": args.passes, "networks": rows, "specialisation": spec}
+               "passes": args.passes, "networks": rows, "specialisation": spec, "quality": q}
     if args.tables:
         fam = family_ratios(Path(args.tables[0]), Path(args.tables[1]))
         fam.to_csv(out / "op_family_ratios.csv", index=False)
@@ -171,6 +210,9 @@ def main() -> None:
     for s in spec:
         print(f"on {s['runtime']}: others' / own networks = {s['ratio']:.3f} "
               f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] over {s['rounds']} rounds")
+    if q:
+        print(f"{q['metric']} on {q['set']}, {q['difference']}: {q['estimate']:.4f} "
+              f"[{q['ci_low']:.4f}, {q['ci_high']:.4f}] over {q['units']} units: {q['verdict']}")
 
 
 if __name__ == "__main__":

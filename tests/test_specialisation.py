@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from ernas import load_space
 from ernas.extras import EXECUTORCH
@@ -99,3 +101,63 @@ def test_fp32_against_int8_deployment_times_the_qdq_model(tmp_path):
     quantised = rows[("onnxruntime:int8", "onnxruntime:int8")]["notes"]["int8"]
     assert int(quantised.split(" of ")[0]) > 0, quantised
     assert {x["runtime"] for x in s["specialisation"]} == {"onnxruntime", "onnxruntime:int8"}
+
+
+def _evaluated(tmp_path, name: str, arch, task) -> Path:
+    """An ``ernas-evaluate`` run of ``arch`` (untrained) beside the space's reference."""
+    from ernas.evaluate import ModelEntry, evaluate
+
+    ref = arch.as_space().reference()
+    ref.name = "reference"
+    evaluate([ModelEntry(name, arch), ModelEntry("reference", ref)], tmp_path / name, task,
+             predict=False, measure=False, progress=False)
+    return tmp_path / name
+
+
+def test_quality_difference_pairs_the_two_sides_over_images(tmp_path):
+    """``--quality``: each side's networks scored from their ``ernas-evaluate`` runs, the
+    difference B − A paired over images. Fails if the sides are swapped, the baseline's rows of
+    ``per_image.csv`` are mixed into a network's score, or a plain arch file is accepted."""
+    import skimage.io
+
+    from ernas.data import load_bundled
+    from ernas.task import make_task
+
+    (tmp_path / "clean").mkdir()
+    for i, name in enumerate(("coffee", "chelsea", "astronaut")):
+        img = load_bundled(name, max_side=64)[:48, :48]
+        skimage.io.imsave(tmp_path / "clean" / f"im{i}.png", (img * 255).round().astype(np.uint8),
+                          check_contrast=False)
+    task = make_task({"name": "denoise", "test_dir": str(tmp_path / "clean"),
+                      "eval_sigmas": [25]})
+    space = load_space("nafnet_tiny")
+    torch.manual_seed(0)
+    runs = {"a0": _evaluated(tmp_path, "a0", space.smallest(), task),
+            "a1": _evaluated(tmp_path, "a1", space.sample(1), task),
+            "b0": _evaluated(tmp_path, "b0", space.sample(2), task)}
+    out = tmp_path / "out"
+    args = [sys.executable, str(SCRIPT), "--input", "1,3,32,32",
+            "--deployments", "onnxruntime", "onnxruntime:int8",
+            "--passes", "1", "--rounds", "2", "--per-round", "1", "--min-seconds", "0",
+            "--bootstrap", "200", "--quality", "psnr", "--set", "sigma25", "--out", str(out)]
+    nets = ["--net", f"onnxruntime={runs['a0']}", "--net", f"onnxruntime={runs['a1']}",
+            "--net", f"onnxruntime:int8={runs['b0']}"]
+    r = subprocess.run(args + nets, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((out / "specialisation.json").read_text())["quality"]
+
+    def psnr(run):
+        rows = pd.read_csv(runs[run] / "per_image.csv")
+        return rows[rows["model"] == run]["psnr"].mean()
+
+    assert q["units"] == 3 and q["difference"] == "onnxruntime:int8 - onnxruntime"
+    assert q["estimate"] == pytest.approx(psnr("b0") - (psnr("a0") + psnr("a1")) / 2)
+    assert q["ci_low"] <= q["estimate"] <= q["ci_high"]
+    rows = pd.read_csv(out / "specialisation.csv")
+    assert rows.loc[rows["network"] == "onnxruntime_0", "quality"].iloc[0] == \
+        pytest.approx(psnr("a0"))
+    space.smallest().save(tmp_path / "plain.yaml")
+    bad = subprocess.run(args + ["--net", f"onnxruntime={tmp_path / 'plain.yaml'}",
+                                 "--net", f"onnxruntime:int8={runs['b0']}"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "not an ernas-evaluate run directory" in bad.stderr

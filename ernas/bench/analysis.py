@@ -77,23 +77,33 @@ def scaled_front(plan: dict, val: dict[str, float], measured: dict[str, float]
     return stats.front(hand)
 
 
+def unit_scores(per_image: Path, set_name: str, metric: str, model: str | None = None
+                ) -> np.ndarray:
+    """Per-unit scores of one evaluation (``per_image.csv``; rows of ``model`` when given), units
+    in sorted order: the ``unit`` column where the task writes one (the slab of brain slices),
+    else the image (tiles named ``<image>@...`` are averaged per image)."""
+    rows = pd.read_csv(per_image)
+    rows = rows[rows["set"] == set_name]
+    if model is not None:
+        rows = rows[rows["model"] == model]
+    if rows.empty:
+        raise ErnasError(f"{per_image} has no rows of set {set_name!r}"
+                         + (f" for model {model!r}" if model is not None else "")
+                         + "; set evaluate.set to one of the task's evaluation sets.")
+    unit = rows["unit"] if "unit" in rows else rows["name"].astype(str).str.split("@").str[0]
+    rows = rows.assign(unit=unit.astype(str))
+    return rows.groupby("unit")[metric].mean().sort_index().to_numpy(np.float64)
+
+
 def test_scores(plan: dict, network: str, set_name: str, metric: str) -> dict[int, np.ndarray]:
-    """``{training seed: per-unit scores}`` from the network's test evaluations, units in sorted
-    order: the ``unit`` column where the task writes one (the slab of brain slices), else the
-    image (tiles named ``<image>@...`` are averaged per image)."""
+    """``{training seed: per-unit scores}`` (:func:`unit_scores`) from the network's test
+    evaluations."""
     out = {}
     for job_id, job in plan["jobs"].items():
         if job["command"] != "evaluate" or job["overrides"]["name"] != network:
             continue
         seed = int(job_id.rsplit("_seed", 1)[1])
-        rows = pd.read_csv(Path(job["run_dir"]) / "per_image.csv")
-        rows = rows[rows["set"] == set_name]
-        if rows.empty:
-            raise ErnasError(f"{job['run_dir']}/per_image.csv has no rows of set {set_name!r}; "
-                             f"set evaluate.set to one of the task's evaluation sets.")
-        unit = rows["unit"] if "unit" in rows else rows["name"].astype(str).str.split("@").str[0]
-        rows = rows.assign(unit=unit.astype(str))
-        out[seed] = rows.groupby("unit")[metric].mean().sort_index().to_numpy(np.float64)
+        out[seed] = unit_scores(Path(job["run_dir"]) / "per_image.csv", set_name, metric)
     return out
 
 
