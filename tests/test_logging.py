@@ -8,7 +8,7 @@ from ernas.paths import LATENCY_TABLES
 from ernas.progress import StatusLines, progress
 
 # a shipped table used as it is (no profiling, no probe, no anchoring: nothing timed)
-TABLE = sorted(LATENCY_TABLES.glob("nafnet_tiny_*_1x3x256x256_block_t1.csv"))[0]
+TABLE = sorted(LATENCY_TABLES.glob("nafnet_tiny_onnxruntime_*_1x3x256x256_block_t1.csv"))[0]
 SEARCH = ["input_shape=[1,3,256,256]", "latency.backend.threads=1", f"latency.table={TABLE}",
           "latency.trust_table=true", "latency.anchor=false", "search.crop=16",
           "task.max_side=128", "search.batch_size=2", "search.warmup_steps=2", "search.steps=4",

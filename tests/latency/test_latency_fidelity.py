@@ -251,7 +251,7 @@ def test_expected_latency_matches_monte_carlo(tiny, cost_table):
 def test_validate_never_writes_into_the_shipped_table(tmp_path):
     """ernas-profile mode=validate on a shipped table (tiny n) leaves the file byte-identical;
     the fitted correction goes to a new file in the run directory, and only when asked."""
-    path = next(p for p in SHIPPED if p.name.startswith("nafnet_tiny"))
+    path = next(p for p in SHIPPED if p.name.startswith("nafnet_tiny_onnxruntime"))
     meta = LatencyTable.load(path).metadata
     before = path.read_bytes()
     shape = ",".join(map(str, meta["input_shape"]))
