@@ -22,6 +22,13 @@ class SearchArm:
 
 
 @dataclass
+class Tune:
+    lams: List[float] = MISSING
+    seed: int = MISSING
+    tolerance: float = MISSING
+
+
+@dataclass
 class RandomArm:
     draws: int = MISSING
     tolerance: float = MISSING
@@ -65,6 +72,7 @@ class Protocol:
     input_shape: List[int] = MISSING
     targets: List[float] = MISSING
     search: SearchArm = MISSING
+    tune: Tune = MISSING
     random: RandomArm = MISSING
     reference: Dict[str, Any] = field(default_factory=dict)
     scaled: List[Any] = MISSING
@@ -99,6 +107,7 @@ class Protocol:
         if not set(self.train.others_seeds) <= set(self.train.seeds):
             bad.append(f"train.others_seeds={list(self.train.others_seeds)} must be a subset of "
                        f"train.seeds={list(self.train.seeds)} (selection reads the shared seeds)")
+        bad += _tune_problems(self.tune, self.search)
         if self.random.draws < 1 or self.random.max_tries < self.random.draws:
             bad.append(f"random.draws={self.random.draws} must be >= 1 and <= random.max_tries")
         if not (0 < self.random.tolerance < 1):
@@ -126,6 +135,24 @@ class Protocol:
             bad.append(f"reference={dict(self.reference)!r} may only change geometry and blocks "
                        f"of the space's reference ({{}}: the space's reference itself)")
         return bad
+
+
+def _tune_problems(tune: Tune, search: SearchArm) -> list[str]:
+    if not tune.lams:
+        return []
+    bad = []
+    if any(not (math.isfinite(v) and v >= 0) for v in tune.lams) \
+            or len(set(tune.lams)) != len(tune.lams):
+        bad.append(f"tune.lams={list(tune.lams)} must be distinct finite λ values >= 0 (or [] to "
+                   f"search with the stated search.lam)")
+    if tune.seed < 0:
+        bad.append(f"tune.seed={tune.seed} must be a non-negative search seed")
+    if not (0 < tune.tolerance < 1):
+        bad.append(f"tune.tolerance={tune.tolerance} must be in (0, 1)")
+    if "search.lam" in search.overrides:
+        bad.append(f"search.overrides sets search.lam={search.overrides['search.lam']} while "
+                   f"tune.lams chooses λ on validation; remove one of them")
+    return bad
 
 
 def _scaled_problems(scaled) -> list[str]:

@@ -5,12 +5,14 @@ Networks (``plan["networks"]``, name -> record):
 - ``reference``: the reference network of the space's geometry (or with ``reference``'s
   ``{geometry, blocks}`` change, e.g. a smaller hand-made network of the same space);
 - ``searched_t<i>_s<k>``: the search at target i (fraction f_i of the reference's predicted
-  latency L_ref, so T_i = f_i·L_ref) with search seed k; its arch is the search's ``arch.yaml``;
+  latency L_ref, so T_i = f_i·L_ref) with search seed k; its arch is the search's ``arch.yaml``
+  (with ``tune.lams``: the searches are added once λ is chosen, ``ernas.bench.tune``);
 - ``random_t<i>_d<j>``: uniform samples of the space accepted when |L̂(a)/T_i − 1| ≤ tolerance,
   drawn in order from one seeded generator per target;
 - ``scaled_<name>``: the protocol's reference with the stated geometry and block values changed.
 
-Jobs (``plan["jobs"]``, id -> record): searches, one training per network and seed (the reference
+Jobs (``plan["jobs"]``, id -> record): tuning searches (``tune_t<i>_l<j>``: target i, λ_j of
+``tune.lams``, seed ``tune.seed``) or searches, one training per network and seed (the reference
 with every ``train.seeds``, the others with ``train.others_seeds``), one test evaluation per
 training. The selected networks' extra seeds are added after selection (``add_selected_seeds``).
 """
@@ -130,6 +132,11 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
     plan = {"protocol": cfg.protocol, "reference_ms": ref_ms, "targets": targets,
             "networks": networks, "jobs": {}, "nodes": job_nodes(cfg, bench / TABLE)}
     for i, t in enumerate(targets):
+        if cfg.tune.lams:
+            for j, lam in enumerate(cfg.tune.lams):
+                add_job(plan, bench, f"tune_t{i}_l{j}", "search",
+                        {**search_overrides(cfg, t, cfg.tune.seed), "search.lam": float(lam)})
+            continue
         for k in cfg.search.seeds:
             add_job(plan, bench, f"search_t{i}_s{k}", "search", search_overrides(cfg, t, k))
     for name in networks:
@@ -157,6 +164,30 @@ def search_overrides(cfg, target: dict, seed: int) -> dict:
             "input_shape": [int(s) for s in cfg.input_shape], "seed": int(seed),
             "search.target_ms": round(target["ms"], 6), "threads": cfg.threads,
             "progress": False}
+
+
+def add_tuned_searches(plan: dict, bench: Path, cfg, chosen: dict[int, int]) -> None:
+    """The searches at each target's chosen λ (``chosen``: target -> index into ``tune.lams``);
+    the seed ``tune.seed`` is the tuning search itself, not run again."""
+    for i, t in enumerate(plan["targets"]):
+        lam = float(cfg.tune.lams[chosen[i]])
+        for k in cfg.search.seeds:
+            job_id = f"search_t{i}_s{k}"
+            if int(k) == int(cfg.tune.seed):
+                job_id = f"tune_t{i}_l{chosen[i]}"
+            else:
+                add_job(plan, bench, job_id, "search",
+                        {**search_overrides(cfg, t, k), "search.lam": lam})
+            _move_arch(plan, f"searched_t{i}_s{k}", str(bench / "jobs" / job_id / "arch.yaml"))
+
+
+def _move_arch(plan: dict, network: str, arch: str) -> None:
+    """Point ``network`` and its trainings at ``arch``."""
+    old = plan["networks"][network]["arch"]
+    plan["networks"][network]["arch"] = arch
+    for job in plan["jobs"].values():
+        if job["command"] == "retrain" and job["overrides"].get("arch") == old:
+            job["overrides"]["arch"] = arch
 
 
 def add_job(plan: dict, bench: Path, job_id: str, command: str, overrides: dict,

@@ -1,5 +1,6 @@
 """The protocol's report: ``arms.csv`` (one row per network), ``comparisons.csv`` (every paired
-comparison with its interval and verdict), ``pareto.png`` (test score vs measured latency with
+comparison with its interval and verdict), ``tuning.csv`` (the λ tuning searches, when the
+protocol tunes λ), ``pareto.png`` (test score vs measured latency with
 bootstrap intervals) and ``report.md``."""
 from __future__ import annotations
 
@@ -148,10 +149,24 @@ def markdown(cfg_text: str, plan: dict, arms: pd.DataFrame, comps: pd.DataFrame,
              f"alpha {meta['alpha']} split over {len(comps)} comparisons (Bonferroni).", "",
              "## Verdicts", "", *[f"- {v}" for v in verdicts], "",
              f"Selection (validation only): {meta['headline_rule']}.", "",
+             *_tuning_lines(meta.get("tuning")),
              "## Arms", "", md_table(arms[cols]), "",
              "## Comparisons", "", md_table(comps), "",
              "## Protocol (as stated before it ran)", "", "```yaml", cfg_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _tuning_lines(tuning: dict | None) -> list[str]:
+    """The λ tuning section: every tuning search, its figures and the choice."""
+    if not tuning:
+        return []
+    rows = pd.DataFrame(tuning["rows"])
+    cost = rows["search_seconds"].fillna(0).sum()
+    return ["## λ tuning (validation only)", "",
+            f"Rule: {tuning['rule']}. Tuning searches: {len(rows)}, {cost:.0f} s of search "
+            f"(its chosen searches are also the arm's tune.seed searches).", "",
+            md_table(rows[["target", "lam", "argmax_ms", "ratio", "derived_ms", "val",
+                           "search_seconds", "chosen"]]), ""]
 
 
 def write(out: Path, cfg_text: str, plan: dict, arms: pd.DataFrame, comps: list[dict],
@@ -159,5 +174,8 @@ def write(out: Path, cfg_text: str, plan: dict, arms: pd.DataFrame, comps: list[
     comps_df = pd.DataFrame(comps)
     atomic_write_text(out / "arms.csv", arms.to_csv(index=False))
     atomic_write_text(out / "comparisons.csv", comps_df.to_csv(index=False))
+    if meta.get("tuning"):
+        atomic_write_text(out / "tuning.csv", pd.DataFrame(meta["tuning"]["rows"]).to_csv(
+            index=False))
     plot(arms, meta["metric"], out / "pareto.png")
     atomic_write_text(out / "report.md", markdown(cfg_text, plan, arms, comps_df, verdicts, meta))

@@ -4,7 +4,9 @@ Stages (each skipped when its output exists, so ``resume=<bench dir>`` continues
 
 1. ``protocol.yaml`` (the config as stated), ``latency_table.csv`` (resolved once: every search
    and every prediction uses these prices), ``plan.json`` and ``archs/``;
-2. searches, then trainings (Hydra multiruns through the protocol's launcher);
+2. with ``tune.lams``: the tuning searches and ``tuning.json``, λ per target chosen on
+   validation (``ernas.bench.tune``); then the searches, then the trainings (Hydra multiruns
+   through the protocol's launcher);
 3. ``selection.json`` from validation only, then the selected networks' extra training seeds;
 4. ``latency.json``: every network measured in ``measure_passes`` passes, each with new sessions,
    all networks interleaved (run it on a quiet machine), and its peak memory on the backend's
@@ -28,6 +30,7 @@ from ernas.bench import analysis, report
 from ernas.bench.config import Protocol
 from ernas.bench.jobs import PLAN, launch, load_plan
 from ernas.bench.plan import TABLE, add_selected_seeds, build_plan, check_jobs, stage_jobs
+from ernas.bench.tune import TUNING, tuning
 from ernas.config import validated
 from ernas.io import atomic_write_json, atomic_write_text
 from ernas.space import find_space, load_arch
@@ -134,7 +137,8 @@ def finish(cfg, out: Path, sel: dict, lat: dict) -> dict:
     arms = report.arms_table(plan, sel, scores, measured, lat["passes"], front_pts, cfg.bootstrap,
                              cfg.input_shape, lat.get("peak_mem_mib"))
     meta = {"set": set_name, "metric": metric, "passes": cfg.measure_passes,
-            "alpha": cfg.bootstrap.alpha, "headline_rule": sel["headline_rule"]}
+            "alpha": cfg.bootstrap.alpha, "headline_rule": sel["headline_rule"],
+            "tuning": _json(out / TUNING) if (out / TUNING).is_file() else None}
     report.write(out, (out / CONFIG).read_text(encoding="utf-8"), plan, arms, comps, verdicts,
                  meta)
     summary = {"protocol": plan["protocol"], "metric": metric, "set": set_name,
@@ -162,6 +166,9 @@ def run_protocol(cfg, out: Path) -> dict:
         prepare(cfg, out)
     go = dict(launcher=cfg.launcher,
               launcher_settings=OmegaConf.to_container(cfg.launcher_settings, resolve=True))
+    tune_ids = [j for j in stage_jobs(load_plan(out), "search") if j.startswith("tune_")]
+    launch(out, "tune", tune_ids, **go)
+    tuning(cfg, out)
     launch(out, "search", stage_jobs(load_plan(out), "search"), **go)
     if cfg.until == "search":
         return _stopped(out, "search")
