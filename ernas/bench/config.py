@@ -23,9 +23,10 @@ class SearchArm:
 
 @dataclass
 class Tune:
-    lams: List[float] = MISSING
-    seed: int = MISSING
-    tolerance: float = MISSING
+    """Defaults here too: a protocol stated before tuning existed resumes without it."""
+    lams: List[float] = field(default_factory=list)
+    seed: int = 100
+    tolerance: float = 0.05
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Protocol:
     input_shape: List[int] = MISSING
     targets: List[float] = MISSING
     search: SearchArm = MISSING
-    tune: Tune = MISSING
+    tune: Tune = field(default_factory=Tune)
     random: RandomArm = MISSING
     reference: Dict[str, Any] = field(default_factory=dict)
     scaled: List[Any] = MISSING
@@ -145,13 +146,22 @@ def _tune_problems(tune: Tune, search: SearchArm) -> list[str]:
             or len(set(tune.lams)) != len(tune.lams):
         bad.append(f"tune.lams={list(tune.lams)} must be distinct finite λ values >= 0 (or [] to "
                    f"search with the stated search.lam)")
-    if tune.seed < 0:
-        bad.append(f"tune.seed={tune.seed} must be a non-negative search seed")
+    if tune.seed < 0 or tune.seed in search.seeds:
+        bad.append(f"tune.seed={tune.seed} must be a non-negative seed outside search.seeds="
+                   f"{list(search.seeds)}: the tuning searches are not arms, so every arm seed "
+                   f"searches once at the chosen λ")
     if not (0 < tune.tolerance < 1):
         bad.append(f"tune.tolerance={tune.tolerance} must be in (0, 1)")
-    if "search.lam" in search.overrides:
-        bad.append(f"search.overrides sets search.lam={search.overrides['search.lam']} while "
-                   f"tune.lams chooses λ on validation; remove one of them")
+    over = dict(search.overrides)
+    stated = over.get("search.lam", (over.get("search") or {}).get("lam"))
+    if stated is not None:
+        bad.append(f"search.overrides sets search.lam={stated} while tune.lams chooses λ on "
+                   f"validation; remove one of them")
+    form = over.get("search.latency_form", (over.get("search") or {}).get("latency_form"))
+    if form == "multiplicative":
+        bad.append("tune.lams with search.latency_form=multiplicative: that form has no λ (its "
+                   "weight is search.beta); tune an additive, hinge or band search, or set "
+                   "tune.lams=[]")
     return bad
 
 

@@ -167,27 +167,12 @@ def search_overrides(cfg, target: dict, seed: int) -> dict:
 
 
 def add_tuned_searches(plan: dict, bench: Path, cfg, chosen: dict[int, int]) -> None:
-    """The searches at each target's chosen λ (``chosen``: target -> index into ``tune.lams``);
-    the seed ``tune.seed`` is the tuning search itself, not run again."""
+    """The searches at each target's chosen λ (``chosen``: target -> index into ``tune.lams``)."""
     for i, t in enumerate(plan["targets"]):
         lam = float(cfg.tune.lams[chosen[i]])
         for k in cfg.search.seeds:
-            job_id = f"search_t{i}_s{k}"
-            if int(k) == int(cfg.tune.seed):
-                job_id = f"tune_t{i}_l{chosen[i]}"
-            else:
-                add_job(plan, bench, job_id, "search",
-                        {**search_overrides(cfg, t, k), "search.lam": lam})
-            _move_arch(plan, f"searched_t{i}_s{k}", str(bench / "jobs" / job_id / "arch.yaml"))
-
-
-def _move_arch(plan: dict, network: str, arch: str) -> None:
-    """Point ``network`` and its trainings at ``arch``."""
-    old = plan["networks"][network]["arch"]
-    plan["networks"][network]["arch"] = arch
-    for job in plan["jobs"].values():
-        if job["command"] == "retrain" and job["overrides"].get("arch") == old:
-            job["overrides"]["arch"] = arch
+            add_job(plan, bench, f"search_t{i}_s{k}", "search",
+                    {**search_overrides(cfg, t, k), "search.lam": lam})
 
 
 def add_job(plan: dict, bench: Path, job_id: str, command: str, overrides: dict,

@@ -149,22 +149,29 @@ def markdown(cfg_text: str, plan: dict, arms: pd.DataFrame, comps: pd.DataFrame,
              f"alpha {meta['alpha']} split over {len(comps)} comparisons (Bonferroni).", "",
              "## Verdicts", "", *[f"- {v}" for v in verdicts], "",
              f"Selection (validation only): {meta['headline_rule']}.", "",
-             *_tuning_lines(meta.get("tuning")),
+             *_tuning_lines(meta.get("tuning"), arms, plan),
              "## Arms", "", md_table(arms[cols]), "",
              "## Comparisons", "", md_table(comps), "",
              "## Protocol (as stated before it ran)", "", "```yaml", cfg_text.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
-def _tuning_lines(tuning: dict | None) -> list[str]:
-    """The λ tuning section: every tuning search, its figures and the choice."""
+def _tuning_lines(tuning: dict | None, arms: pd.DataFrame, plan: dict) -> list[str]:
+    """The λ tuning section: every tuning search, its figures, the choice, and per target the
+    searched arm's search cost with its tuning searches."""
     if not tuning:
         return []
     rows = pd.DataFrame(tuning["rows"])
-    cost = rows["search_seconds"].fillna(0).sum()
+    costs = []
+    for i, t in enumerate(plan["targets"]):
+        tune_s = rows.loc[rows["target"] == i, "search_seconds"].fillna(0).sum()
+        own = arms.loc[(arms["arm"] == "searched") & (arms["target"] == t["fraction"]),
+                       "search_seconds"].fillna(0)
+        costs.append(f"target {t['fraction']}: {len(own)} searches {own.sum():.0f} s + "
+                     f"{int((rows['target'] == i).sum())} tuning searches {tune_s:.0f} s")
     return ["## λ tuning (validation only)", "",
-            f"Rule: {tuning['rule']}. Tuning searches: {len(rows)}, {cost:.0f} s of search "
-            f"(its chosen searches are also the arm's tune.seed searches).", "",
+            f"Rule: {tuning['rule']}. Search cost of the searched arm, tuning included: "
+            + "; ".join(costs) + ".", "",
             md_table(rows[["target", "lam", "argmax_ms", "ratio", "derived_ms", "val",
                            "search_seconds", "chosen"]]), ""]
 

@@ -1,13 +1,15 @@
 """λ chosen on validation, per target, before the protocol's searches (``tune.lams``).
 
-For target T_i, one search per λ_j of the grid runs with seed ``tune.seed``. A λ qualifies when
-the argmax of its α is predicted within ±``tune.tolerance`` of the target,
+For target T_i, one search per λ_j of the grid runs with seed ``tune.seed`` (a seed no arm uses).
+A λ qualifies when the argmax of its α is predicted within ±``tune.tolerance`` of the target,
 |L̂(argmax)/T_i − 1| ≤ tol, i.e. the search optimised the network at that latency rather than
 leaving the fit to the derivation. Among the qualifying λ the one whose derived network scores
-best on validation with its inherited weights is chosen; when none qualifies, the λ whose argmax
-is nearest the target in log ratio, |log(L̂/T_i)|. Ties go to the smaller λ. Only predicted
-latency and validation figures are read; the chosen λ's search is the arm's ``tune.seed``
-search, and the other seeds search with it.
+best on validation with its inherited weights is chosen (the validation batches the α steps
+also read: optimistic, equally for every λ); when none qualifies, the λ whose argmax is nearest
+the target in log ratio, |log(L̂/T_i)|. Ties go to the smaller λ; a search without a finite
+figure is never chosen while another has one. Only predicted latency and validation figures are
+read. Every ``search.seeds`` search then runs at the chosen λ; the tuning searches are the
+searched arm's extra cost, reported with it.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ TUNING = "tuning.json"
 def choose(rows: list[dict], tolerance: float) -> int:
     """Index of the chosen λ among ``rows`` ({lam, ratio, val}: argmax prediction / target and
     the derived network's inherited validation figure, higher better), by the module's rule."""
-    ok = [j for j, r in enumerate(rows)
-          if abs(r["ratio"] - 1) <= tolerance and math.isfinite(r["val"])]
+    finite = [j for j, r in enumerate(rows) if math.isfinite(r["val"]) and r["ratio"] > 0]
+    pool = finite or [j for j, r in enumerate(rows) if r["ratio"] > 0] or list(range(len(rows)))
+    ok = [j for j in pool if abs(rows[j]["ratio"] - 1) <= tolerance]
     if ok:
         return max(ok, key=lambda j: (rows[j]["val"], -rows[j]["lam"]))
-    return min(range(len(rows)), key=lambda j: (abs(math.log(rows[j]["ratio"])), rows[j]["lam"]))
+    return min(pool, key=lambda j: (abs(math.log(rows[j]["ratio"])), rows[j]["lam"]))
 
 
 def _rows(plan: dict, target: int, lams) -> list[dict]:
