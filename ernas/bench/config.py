@@ -152,17 +152,21 @@ def _tune_problems(tune: Tune, search: SearchArm) -> list[str]:
                    f"searches once at the chosen λ")
     if not (0 < tune.tolerance < 1):
         bad.append(f"tune.tolerance={tune.tolerance} must be in (0, 1)")
-    over = dict(search.overrides)
-    stated = over.get("search.lam", (over.get("search") or {}).get("lam"))
+    stated = _search_field(search.overrides, "lam")
     if stated is not None:
         bad.append(f"search.overrides sets search.lam={stated} while tune.lams chooses λ on "
                    f"validation; remove one of them")
-    form = over.get("search.latency_form", (over.get("search") or {}).get("latency_form"))
-    if form == "multiplicative":
+    if _search_field(search.overrides, "latency_form") == "multiplicative":
         bad.append("tune.lams with search.latency_form=multiplicative: that form has no λ (its "
                    "weight is search.beta); tune an additive, hinge or band search, or set "
                    "tune.lams=[]")
     return bad
+
+
+def _search_field(overrides, name: str):
+    """The value ``search.overrides`` states for ``search.<name>`` (flat or nested), else None."""
+    over = dict(overrides)
+    return over.get(f"search.{name}", (over.get("search") or {}).get(name))
 
 
 def _scaled_problems(scaled) -> list[str]:
