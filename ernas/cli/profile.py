@@ -26,6 +26,7 @@ from ernas.latency.executorch import delegation_summary
 from ernas.latency.factory import make_backend
 from ernas.latency.measure import MeasureProtocol
 from ernas.latency.resolve import profile_path, profile_table, resolve_from_config
+from ernas.latency.settings import LatencySettings
 from ernas.space import find_space, load_arch
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,16 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
     lat = cfg.latency
     # an explicit table is validated as it is (validation is the stronger test); `auto` resolves
     # the table a search would use, probe included; never anchored (validation fits and scores
-    # the anchored line itself, in its own pass: `anchored`)
+    # the anchored line itself, in its own pass: `anchored`); the table is the one timed at
+    # latency.key_threads, the networks are measured at latency.backend.threads
     explicit = cfg.output or (lat.table if lat.table not in (None, "auto") else None)
-    table, path = resolve_from_config(space, shape, {**lat, "anchor": False, **(
-        {"trust_table": True} if explicit else {})}, cfg.progress, explicit)
+    settings = LatencySettings.from_config(lat)
+    table, path = resolve_from_config(space, shape, settings.key_settings().replace(
+        anchor=False, **({"trust_table": True} if explicit else {})), cfg.progress, explicit)
     backend = make_backend(lat.backend)
+    if settings.keys_elsewhere:
+        print(f"keys timed at {settings.key_threads} thread(s), networks measured at "
+              f"{lat.backend.threads}: only the anchored figures predict these networks")
     s = validate_table(space, table, backend, out, cfg.validate.n, cfg.validate.seed, protocol,
                        path, cfg.validate.write_corrected, cfg.progress, lat.anchor_samples)
     c, sp, an = s["corrected_loo"], s["speedup"], s["anchored"]
@@ -94,7 +100,8 @@ def run(cfg: DictConfig, out=None) -> dict:
     lat = cfg.latency
     protocol = MeasureProtocol.from_mapping(lat.measure)
     shape = [int(s) for s in cfg.input_shape]
-    backend = make_backend(lat.backend)  # a missing runtime is refused before anything is written
+    # the table's keys are timed at latency.key_threads (the backend's threads when null)
+    backend = make_backend(LatencySettings.from_config(lat).key_settings().backend)
     arch_keys = _arch_keys(cfg.arch, space, shape, lat.granularity) if cfg.arch else None
     out = claim_run_dir(out) if out else output_dir()
     log_start("profile", out, backend=backend, mode=cfg.mode,

@@ -22,7 +22,14 @@ draws of 1 Dec 2026). ``predict_ms`` and ``E[LAT]`` then return ``a·S + b``. It
 calibration on the target device; ``ernas-profile mode=validate`` times the same anchors in its
 own pass and scores the line on every other network (``anchored``), which is the evidence for
 it. A table that already carries an anchored correction (a search's run copy) keeps it, so a
-resumed search and its evaluation predict with the line the search used.
+resumed search and its evaluation predict with the line the search used; a line anchored at
+another thread count than the request's is drawn again.
+
+The keys may be timed at another thread count than the networks run at
+(``latency.key_threads``): S is then the key sum at ``key_threads`` and m the network measured at
+``backend.threads``, and the line alone carries one to the other. At 2 threads, ExecuTorch keys
+timed alone gain unevenly from the second thread and overprice networks unevenly, while 1-thread
+sums anchored on 2-thread networks predicted them far better (docs/profile.md).
 """
 from __future__ import annotations
 
@@ -126,7 +133,8 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     from ernas import build_model, inference_model
 
     corr = table.metadata.get("correction") or {}
-    if corr.get("anchored"):
+    threads = backend.metadata().get("threads")
+    if corr.get("anchored") and corr["anchored"].get("threads", threads) == threads:
         return {**corr["anchored"], "scale": corr["scale"], "offset_ms": corr["offset_ms"],
                 "skipped": "kept the anchoring the table carries (a search's run copy)"}
     if space.is_arch:
@@ -176,6 +184,7 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     record = {"networks": {k: a_.name for k, a_ in archs.items()},
               "blocks": {k: a_.to_dict()["blocks"] for k, a_ in archs.items()},
               "samples_requested": samples, "sum_ms": sums, "measured_ms": meas,
-              "statistic": stat, "time": time.time()}
+              "statistic": stat, "threads": threads, "key_threads": table.metadata.get("threads"),
+              "time": time.time()}
     table.metadata["correction"] = {"scale": a, "offset_ms": b, "anchored": record}
     return {**record, "scale": a, "offset_ms": b}

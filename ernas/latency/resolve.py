@@ -309,7 +309,7 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
     s = LatencySettings.from_config(latency_cfg)
     if table is not None:
         s = s.replace(table=table)
-    t, path = resolve_table(space, input_shape, s, progress)
+    t, path = resolve_table(space, input_shape, s.key_settings(), progress)
     if s.anchor:
         shape = [int(v) for v in input_shape]
         backend = s.backend if isinstance(s.backend, Backend) else make_backend(s.backend)
@@ -317,9 +317,23 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
                            probe_arch(space, t, shape, s.granularity), scored, s.anchor_samples)
         t.probe = {**(t.probe or {}), "anchor": rec}
         _note_anchor(rec)
+        if s.keys_elsewhere:
+            _check_carried(s, rec, path)
     log.info("latency table %s: %s", path,
              table_choice(t, path, given=s.table not in (None, "auto")))
     return t, path
+
+
+def _check_carried(s: LatencySettings, rec: dict, path) -> None:
+    """Refuse key sums timed at ``key_threads`` that no anchor line carries to the networks'
+    thread count (they would price the search at the wrong thread count)."""
+    if "scale" not in rec:
+        raise ErnasError(
+            f"Latency table {path}: its keys are timed at latency.key_threads={s.key_threads} "
+            f"thread(s) and the networks run at latency.backend.threads="
+            f"{s.backend['threads']}; only the anchor line carries one to the other, and it was "
+            f"not drawn ({rec['skipped']}). Fix: set latency.key_threads=null to use a table "
+            f"timed at {s.backend['threads']} thread(s), or run where the anchors can be timed.")
 
 
 def table_choice(table: LatencyTable, path: str | Path, given: bool = False) -> str:
@@ -356,6 +370,9 @@ def table_choice(table: LatencyTable, path: str | Path, given: bool = False) -> 
         kept = "skipped" in anchor or action == "resumed"
         when = "kept from the run's copy" if kept else "timed now"
         why += f"; anchored ({when}): ms = {anchor['scale']:.3f}·sum {anchor['offset_ms']:+.3g}"
+        if anchor.get("key_threads") not in (None, anchor.get("threads")):
+            why += (f" (keys timed at {anchor['key_threads']} thread(s), networks at "
+                    f"{anchor['threads']})")
     elif "skipped" in anchor:
         why += f"; {anchor['skipped']}"
     return why

@@ -58,6 +58,7 @@ class LatencySettings:
     recheck_rounds: int = 20
     anchor: bool = True
     anchor_samples: int = 4
+    key_threads: Any = None
 
     def __post_init__(self):
         if not isinstance(self.measure, MeasureProtocol):
@@ -85,6 +86,20 @@ class LatencySettings:
     def replace(self, **changes) -> LatencySettings:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def keys_elsewhere(self) -> bool:
+        """Whether the table's keys are timed at another thread count than the networks run."""
+        return (self.key_threads is not None and isinstance(self.backend, Mapping)
+                and self.key_threads != self.backend.get("threads"))
+
+    def key_settings(self) -> LatencySettings:
+        """The settings the table is found, probed and profiled with: ``backend.threads``
+        replaced by ``key_threads`` (these settings when it is None or equal)."""
+        if not self.keys_elsewhere:
+            return self
+        return self.replace(backend={**self.backend, "threads": self.key_threads},
+                            key_threads=None)
 
 
 def _number(value, name: str, low: float, allow_inf: bool = False, what: str = "") -> list[str]:
@@ -140,4 +155,22 @@ def _problems(s: LatencySettings) -> list[str]:
     bad += _integer(s.recheck_rounds, "recheck_rounds", 1)
     bad += _integer(s.anchor_samples, "anchor_samples", 0)
     bad += _flag(s.trust_table, "trust_table") + _flag(s.anchor, "anchor")
+    return bad + _key_threads_problems(s)
+
+
+def _key_threads_problems(s: LatencySettings) -> list[str]:
+    """``key_threads``: null or an integer >= 1, for a backend mapping with ``threads``, and
+    with ``anchor`` on (the anchor line alone carries key sums to the networks' thread count)."""
+    if s.key_threads is None:
+        return []
+    bad = _integer(s.key_threads, "key_threads", 1, " (null: the backend's threads)")
+    if not isinstance(s.backend, Mapping) or "threads" not in s.backend:
+        bad.append(f"latency.key_threads={s.key_threads!r} needs a backend with a threads "
+                   f"setting (latency.backend.threads); set latency.key_threads=null")
+    elif not bad and s.keys_elsewhere and not s.anchor:
+        bad.append(f"latency.key_threads={s.key_threads} with latency.backend.threads="
+                   f"{s.backend['threads']} needs latency.anchor=true: key sums timed at "
+                   f"{s.key_threads} thread(s) reach {s.backend['threads']} thread(s) only "
+                   f"through the line anchored on networks timed at "
+                   f"{s.backend['threads']}")
     return bad

@@ -68,7 +68,8 @@ from ernas.latency.predict import predict_ms
 from ernas.latency.table import LatencyTable
 from ernas.paths import LATENCY_TABLES
 
-__all__ = ["accuracy", "fit_correction", "loo_predictions", "validate_table", "validation_archs"]
+__all__ = ["accuracy", "anchor_rows", "anchored_accuracy", "fit_correction", "loo_predictions",
+           "validate_table", "validated_networks", "validation_archs"]
 
 
 def accuracy(pred: np.ndarray, meas: np.ndarray) -> dict:
@@ -94,7 +95,8 @@ def loo_predictions(raw: np.ndarray, meas: np.ndarray) -> np.ndarray:
     return out
 
 
-def _anchored(df: pd.DataFrame, anchors: list[int], twins=()) -> tuple[dict | None, str | None]:
+def anchored_accuracy(df: pd.DataFrame, anchors: list[int],
+                      twins=()) -> tuple[dict | None, str | None]:
     """Accuracy of the table anchored at the rows ``anchors`` (the reference first, then the
     smallest and the sampled anchors; module docstring), on the other networks (``twins``: rows
     of the same network as an anchor, left out too), and None; or None and why no line is
@@ -125,6 +127,15 @@ def validation_archs(space, n: int, seed: int):
     return named + [(f"sample_{i:03d}", space.sample(rng)) for i in range(n)]
 
 
+def validated_networks(space, n: int, seed: int, anchor_samples: int, shape,
+                       gran: str) -> list:
+    """(name, arch) of every network a validation measures: ``validation_archs`` and the anchor
+    samples as ``anchor_<i>`` (the same draws as ``latency.anchor``)."""
+    drawn = anchor_archs(space, anchor_samples, shape, gran)
+    return validation_archs(space, n, seed) + [(k.replace("sample_", "anchor_"), a)
+                                               for k, a in drawn.items() if k.startswith("sample_")]
+
+
 def _protected(path: Path) -> bool:
     """Whether ``path`` lies under the shipped tables or the installed package."""
     import ernas
@@ -140,10 +151,7 @@ def _measure(space, backend: Backend, protocol: MeasureProtocol, shape: tuple, g
     and their end-to-end measurements, all interleaved in one pass."""
     torch.manual_seed(0)
     x = torch.randn(shape)
-    archs = validation_archs(space, n, seed)
-    drawn = anchor_archs(space, anchor_samples, shape, gran)
-    named = archs + [(k.replace("sample_", "anchor_"), a) for k, a in drawn.items()
-                     if k.startswith("sample_")]
+    named = validated_networks(space, n, seed, anchor_samples, shape, gran)
     runners = {name: backend.runner(inference_model(build_model(arch)), x)
                for name, arch in named}
     measured = protocol.measure(runners, progress=progress, desc="validating")
@@ -174,17 +182,24 @@ def _frame(table: LatencyTable, named: list, measured: dict, shape: tuple,
     return df
 
 
+def anchor_rows(df: pd.DataFrame, keys: list) -> tuple[list[int], list[int]]:
+    """The anchors' rows of a validation frame (the reference, the smallest, then the anchor
+    samples) and their twins' (other rows with the op keys of an anchor; ``keys``: per row)."""
+    anchors = [df.index[df["arch"] == "reference"][0], df.index[df["arch"] == "smallest"][0],
+               *df.index[df["anchor_sample"]]]
+    twins = [i for i, k in enumerate(keys) if i not in anchors and k in [keys[j] for j in anchors]]
+    return anchors, twins
+
+
 def _add_fits(df: pd.DataFrame, keys: list) -> tuple[dict | None, str | None]:
     """Add the leave-one-out corrected and the anchored predictions to ``df`` (``keys``: each
-    row's op keys, to find the anchors' twins); return ``_anchored``'s answer."""
+    row's op keys, to find the anchors' twins); return ``anchored_accuracy``'s answer."""
     main = df[~df["anchor_sample"]]
     raw, meas = main["sum_ms"].to_numpy(), main["measured_ms"].to_numpy()
     df.loc[main.index, "loo_corrected_ms"] = (loo_predictions(raw, meas) if len(main) >= 3
                                               else raw.copy())
-    anchors = [df.index[df["arch"] == "reference"][0], df.index[df["arch"] == "smallest"][0],
-               *df.index[df["anchor_sample"]]]
-    twins = [i for i, k in enumerate(keys) if i not in anchors and k in [keys[j] for j in anchors]]
-    anchored, unanchored = _anchored(df, anchors, twins)
+    anchors, twins = anchor_rows(df, keys)
+    anchored, unanchored = anchored_accuracy(df, anchors, twins)
     df["anchored_ms"] = (anchored["scale"] * df["sum_ms"] + anchored["offset_ms"]
                          if anchored else np.nan)
     df["anchored_scored"] = bool(anchored) & ~df.index.isin([*anchors, *twins])
