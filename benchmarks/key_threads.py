@@ -7,12 +7,18 @@ the same pass) with the key sums of other tables, each anchored as ``latency.anc
 on every network but the anchors and their twins (``ernas.latency.validation``). Nothing is
 timed: the networks are redrawn from the validation's seeds (``--n``, ``--seed``,
 ``--anchor-samples``), and the stored key sums of ``--measured-table`` (the table the validation
-priced) must be reproduced, or the script refuses. A table timed at 1 thread scored against
+priced) must be reproduced, or the script refuses. One row per table (the measured one first);
+``--out`` writes them as CSV (docs/results/latency_key_threads_executorch_amd.csv holds the
+rows of the two commands below). A table timed at 1 thread scored against
 networks measured at 2 is what ``latency.key_threads=1`` with ``latency.backend.threads=2`` does.
 
     T=latency_tables/unet_demo_executorch_xnnpack_AMD-EPYC_1x1x96x80_block
     python benchmarks/key_threads.py --space unet_demo --input 1,1,96,80 \\
         --validation docs/results/latency_validation_executorch_unet_demo_t2.csv \\
+        --measured-table ${T}_t2.csv --table ${T}_t1.csv
+    T=latency_tables/nafnet_tiny_executorch_xnnpack_AMD-EPYC_1x3x256x256_block
+    python benchmarks/key_threads.py --space nafnet_tiny --input 1,3,256,256 \\
+        --validation docs/results/latency_validation_executorch_nafnet_tiny_t2.csv \\
         --measured-table ${T}_t2.csv --table ${T}_t1.csv
 """
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ernas.space import find_space
 
 
 def key_sums(table: LatencyTable, keys: list) -> np.ndarray:
+    """Σ_k t(k) of each network's keys ``keys`` (one list per network) under ``table``."""
     return np.array([float(table.lookup(k).sum()) for k in keys])
 
 
@@ -70,11 +77,13 @@ def main(argv=None) -> pd.DataFrame:
         raise SystemExit(f"{args.validation}: the redrawn networks do not reproduce its sum_ms "
                          f"under {args.measured_table} (max gap "
                          f"{np.max(np.abs(own - df['sum_ms'])):.3g} ms): another draw or table")
-    rows = []
+    rows, threads = [], LatencyTable.load(args.measured_table).metadata.get("threads")
     for path in [args.measured_table, *args.table]:
         table = LatencyTable.load(path)
         fit = rescore(df, keys, table)
-        rows.append({"table": path.name, "key_threads": table.metadata.get("threads"),
+        rows.append({"space": args.space, "input": "x".join(map(str, shape)),
+                     "threads": threads, "key_threads": table.metadata.get("threads"),
+                     "table": path.name,
                      "scored_on": fit["scored_on"], "within_10": fit["within_10pct"],
                      "mape": fit["mape"], "spearman": fit["spearman"],
                      "speedup_within_10": fit["speedup"]["within_10pct"],

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from ernas.errors import ErnasError
 from ernas.latency.predict import predict_ms
+from ernas.latency.settings import LatencySettings
 from ernas.space import Arch, find_space, space_from_dict
 
 TABLE = "latency_table.csv"  # the protocol's table, copied into the bench directory
@@ -148,9 +149,11 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
 
 def job_nodes(cfg, table_path) -> dict:
     """The task node of the protocol, and its latency node pinned to the protocol's table (no
-    probe, no re-anchoring: every search optimises the same prices)."""
-    lat = {**_node(cfg, "latency"), "table": str(table_path), "trust_table": True,
-           "anchor": False}
+    probe, no re-anchoring: every search optimises the same prices). With keys timed at other
+    threads (``latency.key_threads``) anchoring stays on: it keeps the line the table carries."""
+    node = _node(cfg, "latency")
+    lat = {**node, "table": str(table_path), "trust_table": True,
+           "anchor": LatencySettings.from_config(node).keys_elsewhere}
     return {"task": _node(cfg, "task"), "latency": lat}
 
 

@@ -92,7 +92,20 @@ def search_table(latency: dict, checkpoint) -> dict:
         return latency
     log.info("predicting from the search's own table %s (the table and line it optimised); "
              "give latency.table=<table> to predict from another.", copy)
-    return {**latency, "table": str(copy), "trust_table": True}
+    return {**latency, "table": str(copy), "trust_table": True, **_copy_key_threads(latency, copy)}
+
+
+def _copy_key_threads(latency: dict, copy) -> dict:
+    """``{"key_threads": n}`` when the copy's keys were timed at n threads and its line anchored
+    at the requested ``backend.threads`` (a search run with ``latency.key_threads``), else {}."""
+    from ernas.latency.table import LatencyTable
+
+    meta = LatencyTable.load(copy).metadata
+    line = (meta.get("correction") or {}).get("anchored") or {}
+    asked = (latency.get("backend") or {}).get("threads")
+    if asked is not None and line.get("threads") == asked != meta.get("threads"):
+        return {"key_threads": meta.get("threads")}
+    return {}
 
 
 def run_dirs(runs) -> list[str]:

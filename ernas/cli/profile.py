@@ -32,7 +32,8 @@ from ernas.space import find_space, load_arch
 log = logging.getLogger(__name__)
 
 
-def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
+def _validate(cfg: DictConfig, settings: LatencySettings, space, shape, protocol,
+              out: Path) -> dict:
     from ernas.latency.validation import validate_table
 
     lat = cfg.latency
@@ -41,7 +42,6 @@ def _validate(cfg: DictConfig, space, shape, protocol, out: Path) -> dict:
     # the anchored line itself, in its own pass: `anchored`); the table is the one timed at
     # latency.key_threads, the networks are measured at latency.backend.threads
     explicit = cfg.output or (lat.table if lat.table not in (None, "auto") else None)
-    settings = LatencySettings.from_config(lat)
     table, path = resolve_from_config(space, shape, settings.key_settings().replace(
         anchor=False, **({"trust_table": True} if explicit else {})), cfg.progress, explicit)
     backend = make_backend(lat.backend)
@@ -100,14 +100,23 @@ def run(cfg: DictConfig, out=None) -> dict:
     lat = cfg.latency
     protocol = MeasureProtocol.from_mapping(lat.measure)
     shape = [int(s) for s in cfg.input_shape]
-    # the table's keys are timed at latency.key_threads (the backend's threads when null)
-    backend = make_backend(LatencySettings.from_config(lat).key_settings().backend)
+    # profiling times the keys at latency.key_threads (the backend's threads when null)
+    settings = LatencySettings.from_config(lat)
+    if settings.keys_elsewhere and cfg.mode == "validate" and cfg.validate.write_corrected:
+        raise ErnasError(f"validate.write_corrected=true with latency.key_threads="
+                         f"{settings.key_threads}: the corrected table would list keys timed at "
+                         f"{settings.key_threads} thread(s) with a line fitted at "
+                         f"{lat.backend.threads}. Fix: drop validate.write_corrected; a search "
+                         f"with these settings anchors its own line.")
+    # validation times whole networks at the backend's threads
+    backend = make_backend(lat.backend if cfg.mode == "validate" else
+                           settings.key_settings().backend)
     arch_keys = _arch_keys(cfg.arch, space, shape, lat.granularity) if cfg.arch else None
     out = claim_run_dir(out) if out else output_dir()
     log_start("profile", out, backend=backend, mode=cfg.mode,
               space=space.name, input_shape=shape, output=cfg.output)
     if cfg.mode == "validate":
-        return _validate(cfg, space, shape, protocol, out)
+        return _validate(cfg, settings, space, shape, protocol, out)
     path = Path(cfg.output) if cfg.output else profile_path(
         space, backend, shape, lat.granularity, lat.cache_dir, arch_keys)
     t0 = time.perf_counter()

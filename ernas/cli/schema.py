@@ -39,7 +39,7 @@ class Latency:
     recheck_rounds: int = MISSING
     anchor: bool = MISSING
     anchor_samples: int = MISSING
-    key_threads: Optional[int] = None   # runs configured before the field resume
+    key_threads: Optional[int] = None   # a default: runs recorded before it existed resume
 
     def __post_init__(self):  # one set of latency checks: ernas.latency.settings
         LatencySettings.from_config(dataclasses.asdict(self))

@@ -126,17 +126,21 @@ def anchor_table(table: LatencyTable, space, backend: Backend, input_shape, gran
     """Time the anchors (``anchor_archs``: ``reference``, default ``space.reference()``, the
     smallest and ``samples`` sampled networks), store ``metadata['correction']`` (scale,
     offset_ms, anchored: the record) on ``table`` and return the record with the line;
-    ``{"skipped": why, ...}`` when the table already carries an anchored correction (the record
-    and its line), and when no line is drawn (``anchor_problem``, a slope ≤ 0, a line ≤ 0 ms at the
-    smallest network; ``exclude``: the
-    architectures whose predictions will be scored, never anchors)."""
+    ``{"skipped": why, ...}`` when the table already carries an anchored correction fitted at
+    ``backend``'s thread count (the record and its line; one fitted at another count is dropped
+    and a line drawn again), and when no line is drawn (``anchor_problem``, a slope ≤ 0, a line
+    ≤ 0 ms at the smallest network; ``exclude``: the architectures whose predictions will be
+    scored, never anchors)."""
     from ernas import build_model, inference_model
 
     corr = table.metadata.get("correction") or {}
     threads = backend.metadata().get("threads")
-    if corr.get("anchored") and corr["anchored"].get("threads", threads) == threads:
-        return {**corr["anchored"], "scale": corr["scale"], "offset_ms": corr["offset_ms"],
-                "skipped": "kept the anchoring the table carries (a search's run copy)"}
+    if corr.get("anchored"):
+        # a record from before key_threads was anchored at the table's own thread count
+        if corr["anchored"].get("threads", table.metadata.get("threads")) == threads:
+            return {**corr["anchored"], "scale": corr["scale"], "offset_ms": corr["offset_ms"],
+                    "skipped": "kept the anchoring the table carries (a search's run copy)"}
+        del table.metadata["correction"]  # fitted at another thread count: never used here
     if space.is_arch:
         return {"skipped": f"not anchored: {space.name} is one architecture, and anchoring it on "
                            f"itself would make its prediction its own measurement"}

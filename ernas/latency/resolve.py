@@ -318,22 +318,24 @@ def resolve_from_config(space, input_shape, latency_cfg, progress: bool = True,
         t.probe = {**(t.probe or {}), "anchor": rec}
         _note_anchor(rec)
         if s.keys_elsewhere:
-            _check_carried(s, rec, path)
+            _check_carried(s, t, rec, path)
     log.info("latency table %s: %s", path,
              table_choice(t, path, given=s.table not in (None, "auto")))
     return t, path
 
 
-def _check_carried(s: LatencySettings, rec: dict, path) -> None:
-    """Refuse key sums timed at ``key_threads`` that no anchor line carries to the networks'
-    thread count (they would price the search at the wrong thread count)."""
-    if "scale" not in rec:
+def _check_carried(s: LatencySettings, t: LatencyTable, rec: dict, path) -> None:
+    """Refuse key sums timed at ``key_threads`` that no line anchored at the networks' thread
+    count carries there (they would price the networks at the wrong thread count)."""
+    line = (t.metadata.get("correction") or {}).get("anchored") or {}
+    if line.get("threads") != s.backend["threads"]:
         raise ErnasError(
             f"Latency table {path}: its keys are timed at latency.key_threads={s.key_threads} "
             f"thread(s) and the networks run at latency.backend.threads="
-            f"{s.backend['threads']}; only the anchor line carries one to the other, and it was "
-            f"not drawn ({rec['skipped']}). Fix: set latency.key_threads=null to use a table "
-            f"timed at {s.backend['threads']} thread(s), or run where the anchors can be timed.")
+            f"{s.backend['threads']}; only a line anchored at {s.backend['threads']} thread(s) "
+            f"carries one to the other, and none was drawn ({rec.get('skipped')}). Fix: predict "
+            f"from a search run's own table (ernas-evaluate checkpoint=<search run>), or set "
+            f"latency.key_threads=null to use a table timed at {s.backend['threads']} thread(s).")
 
 
 def table_choice(table: LatencyTable, path: str | Path, given: bool = False) -> str:

@@ -164,8 +164,9 @@ def _key_threads_problems(s: LatencySettings) -> list[str]:
     if s.key_threads is None:
         return []
     bad = _integer(s.key_threads, "key_threads", 1, " (null: the backend's threads)")
-    if not isinstance(s.backend, Mapping) or "threads" not in s.backend:
-        bad.append(f"latency.key_threads={s.key_threads!r} needs a backend with a threads "
+    if not isinstance(s.backend, Mapping) or "threads" not in s.backend \
+            or s.backend.get("device", "cpu") != "cpu":
+        bad.append(f"latency.key_threads={s.key_threads!r} needs a CPU backend with a threads "
                    f"setting (latency.backend.threads); set latency.key_threads=null")
     elif not bad and s.keys_elsewhere and not s.anchor:
         bad.append(f"latency.key_threads={s.key_threads} with latency.backend.threads="

@@ -57,7 +57,7 @@ def test_one_thread_keys_are_anchored_on_two_thread_networks(t1_table):
     drawn from networks timed at 2 threads. Fails if key_threads is ignored (the table is refused
     for its threads), if the anchors run at the keys' threads, or if the choice does not say so."""
     tiny = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
-    with pytest.raises(ErnasError, match="threads"):
+    with pytest.raises(ErnasError, match="threads: table has 1"):
         resolve_from_config(tiny, SHAPE, _settings(t1_table), progress=False)
     table, path = resolve_from_config(tiny, SHAPE, _settings(t1_table, key_threads=1),
                                       progress=False)
@@ -90,17 +90,85 @@ def test_a_line_anchored_at_other_threads_is_drawn_again(t1_table):
     assert table.metadata["correction"]["anchored"]["threads"] == 1
 
 
+def test_a_line_fitted_at_other_threads_never_prices(t1_table):
+    """A line anchored at 2 threads is dropped for a 1-thread request even when no new line can
+    be drawn (one network), so the 1-thread sums price it as they are; a record written before
+    lines carried their thread count counts as the table's own. Fails if a line fitted at
+    another thread count survives, or if old records are re-anchored or dropped."""
+    from ernas.latency.predict import predict_ms
+
+    tiny = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
+    one = tiny.reference().as_space()
+    table = LatencyTable.load(t1_table)
+    anchor_table(table, tiny, make_backend(ORT), SHAPE, "block", FAST, samples=1)
+    old = {**table.metadata["correction"]}
+    plain = float(table.lookup(tiny.reference().op_keys(SHAPE, "block")).sum())
+    rec = anchor_table(table, one, make_backend({**ORT, "threads": 1}), SHAPE, "block", FAST)
+    assert "not anchored" in rec["skipped"] and "correction" not in table.metadata
+    assert predict_ms(table, tiny.reference(), SHAPE, "block") == pytest.approx(plain)
+    table.metadata["correction"] = {**old, "anchored": {
+        k: v for k, v in old["anchored"].items() if k != "threads"}}
+    kept = anchor_table(table, one, make_backend({**ORT, "threads": 1}), SHAPE, "block", FAST)
+    assert "kept" in kept["skipped"] and table.metadata["correction"]["scale"] == old["scale"]
+
+
+def test_bench_jobs_keep_the_line_of_keys_timed_elsewhere():
+    """``ernas-bench`` pins its table without re-anchoring; with key_threads the jobs keep
+    anchoring on, which keeps the pinned line (and passes the settings' check). Fails if every
+    job is pinned with anchor off (refused: key_threads needs the anchor)."""
+    from omegaconf import OmegaConf
+
+    from ernas.bench.plan import job_nodes
+
+    lat = {"backend": ORT, "anchor": True}
+    for key_threads, anchored in ((1, True), (None, False), (2, False)):
+        cfg = OmegaConf.create({"task": {}, "latency": {**lat, "key_threads": key_threads}})
+        node = job_nodes(cfg, "t.csv")["latency"]
+        assert node["anchor"] is anchored and node["trust_table"] and node["table"] == "t.csv"
+        LatencySettings.from_config(node)
+
+
+def test_evaluate_from_a_search_copy_takes_its_key_threads(t1_table, tmp_path):
+    """``ernas-evaluate checkpoint=<search run>`` predicts from the run's copy; a copy of keys
+    timed at 1 thread with a line anchored at 2 serves a 2-thread request with key_threads=1,
+    and a 1-thread request without. Fails if the copy's key_threads is not carried over."""
+    from ernas.cli.evaluate import search_table
+    from ernas.cli.search import RUN_TABLE
+
+    tiny = ernas.load_space(SEARCH_SPACES / "nafnet_tiny.yaml")
+    table = LatencyTable.load(t1_table)
+    anchor_table(table, tiny, make_backend(ORT), SHAPE, "block", FAST, samples=1)
+    table.save(tmp_path / RUN_TABLE)
+    two = search_table({"backend": ORT, "table": "auto"}, tmp_path)
+    assert two["key_threads"] == 1 and two["table"] == str(tmp_path / RUN_TABLE)
+    one = search_table({"backend": {**ORT, "threads": 1}, "table": "auto"}, tmp_path)
+    assert "key_threads" not in one and one["trust_table"]
+
+
 @pytest.mark.parametrize("changes, phrase", [
     ({"key_threads": 0}, "latency.key_threads=0 must be an integer >= 1"),
     ({"key_threads": True}, "latency.key_threads=True must be an integer"),
     ({"key_threads": 1, "anchor": False}, "needs latency.anchor=true"),
     ({"key_threads": 1, "backend": {"name": "command", "preset": "local_onnx"}},
-     "needs a backend with a threads setting"),
+     "needs a CPU backend with a threads setting"),
+    ({"key_threads": 1, "backend": {"name": "torch", "device": "cuda", "threads": 2}},
+     "needs a CPU backend"),
 ])
 def test_key_threads_refusals(changes, phrase):
     """Each bad combination is one paragraph naming the field."""
     with pytest.raises(ErnasError, match=phrase):
         LatencySettings(**{"backend": ORT, **changes})
+
+
+def test_write_corrected_is_refused_with_key_threads(tmp_path):
+    """A corrected copy would label 1-thread keys with a 2-thread line: refused, exit 2, before
+    anything is timed or written."""
+    r = subprocess.run([sys.executable, "-m", "ernas.cli.profile", *FAST_CLI, "mode=validate",
+                        "latency.backend.threads=2", "latency.key_threads=1",
+                        "validate.write_corrected=true", f"hydra.run.dir={tmp_path}/v"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "validate.write_corrected" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "v" / "validation.csv").exists()
 
 
 def test_key_threads_equal_to_threads_changes_nothing():
@@ -121,30 +189,37 @@ def test_validate_cli_measures_networks_at_the_backends_threads(t1_table, tmp_pa
     assert s["anchored"]["n"] == 4
 
 
-def _key_threads_bench(validation, measured, *tables):
+def _key_threads_bench(space, shape, validation, measured, *tables):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import key_threads
     finally:
         sys.path.pop(0)
-    return key_threads.main(["--space", "unet_demo", "--input", "1,1,96,80", "--validation",
-                             str(validation), "--measured-table", str(measured),
+    return key_threads.main(["--space", space, "--input", shape.replace("x", ","),
+                             "--validation", str(validation), "--measured-table", str(measured),
                              "--table", *map(str, tables)])
 
 
-def test_rescoring_reproduces_the_shipped_validation():
-    """benchmarks/key_threads.py redraws the shipped 2-thread validation's networks, reproduces
-    its own anchored figure (docs/results/latency_fidelity_executorch_amd.csv) and refuses a
-    table that did not price it. Fails if the draws, the anchors or the twins drift."""
+@pytest.mark.parametrize("space, shape", [("unet_demo", "1x1x96x80"),
+                                          ("nafnet_tiny", "1x3x256x256")])
+def test_rescoring_reproduces_the_shipped_figures(space, shape):
+    """benchmarks/key_threads.py redraws each shipped 2-thread validation's networks, reproduces
+    its own anchored figures (docs/results/latency_fidelity_executorch_amd.csv) and the shipped
+    re-scoring (latency_key_threads_executorch_amd.csv), and refuses a table that did not price
+    it. Fails if the draws, the anchors or the twins drift, or the shipped figures are stale."""
     import pandas as pd
 
-    stem = "unet_demo_executorch_xnnpack_AMD-EPYC_1x1x96x80_block_t{}.csv"
-    val = ROOT / "docs/results/latency_validation_executorch_unet_demo_t2.csv"
-    out = _key_threads_bench(val, LATENCY_TABLES / stem.format(2), LATENCY_TABLES / stem.format(1))
+    stem = f"{space}_executorch_xnnpack_AMD-EPYC_{shape}_block_t{{}}.csv"
+    val = ROOT / f"docs/results/latency_validation_executorch_{space}_t2.csv"
+    out = _key_threads_bench(space, shape, val, LATENCY_TABLES / stem.format(2),
+                             LATENCY_TABLES / stem.format(1))
     fid = pd.read_csv(ROOT / "docs/results/latency_fidelity_executorch_amd.csv")
-    shipped = fid[(fid["space"] == "unet_demo") & (fid["threads"] == 2)].iloc[0]
-    assert out.loc[0, "within_10"] == pytest.approx(shipped["anchored_within_10"])
-    assert out.loc[0, "mape"] == pytest.approx(shipped["anchored_mape"])
-    assert out["key_threads"].tolist() == [2, 1] and out["scored_on"].tolist() == [31, 31]
+    own = fid[(fid["space"] == space) & (fid["threads"] == 2)].iloc[0]
+    assert out.loc[0, "within_10"] == pytest.approx(own["anchored_within_10"])
+    assert out.loc[0, "mape"] == pytest.approx(own["anchored_mape"])
+    shipped = pd.read_csv(ROOT / "docs/results/latency_key_threads_executorch_amd.csv")
+    shipped = shipped[shipped["space"] == space].reset_index(drop=True)
+    pd.testing.assert_frame_equal(out, shipped, check_dtype=False)
     with pytest.raises(SystemExit, match="do not reproduce"):
-        _key_threads_bench(val, LATENCY_TABLES / stem.format(1), LATENCY_TABLES / stem.format(2))
+        _key_threads_bench(space, shape, val, LATENCY_TABLES / stem.format(1),
+                           LATENCY_TABLES / stem.format(2))
