@@ -61,6 +61,8 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--anchor-samples", type=int, default=ANCHOR_SAMPLES)
     ap.add_argument("--granularity", default="block")
+    ap.add_argument("--threads", type=int,
+                    help="threads the networks ran at (default: the measured table's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     shape = tuple(int(v) for v in args.input.split(","))
@@ -77,7 +79,8 @@ def main(argv=None) -> pd.DataFrame:
         raise SystemExit(f"{args.validation}: the redrawn networks do not reproduce its sum_ms "
                          f"under {args.measured_table} (max gap "
                          f"{np.max(np.abs(own - df['sum_ms'])):.3g} ms): another draw or table")
-    rows, threads = [], LatencyTable.load(args.measured_table).metadata.get("threads")
+    rows = []
+    threads = args.threads or LatencyTable.load(args.measured_table).metadata.get("threads")
     for path in [args.measured_table, *args.table]:
         table = LatencyTable.load(path)
         fit = rescore(df, keys, table)
