@@ -26,7 +26,7 @@ from ernas.progress import progress as progress_bar
 from ernas.scalars import Scalars
 from ernas.space import Arch
 
-__all__ = ["FORMAT", "run_training", "state_digest", "validate"]
+__all__ = ["FORMAT", "improves", "run_training", "state_digest", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ def validate(net: nn.Module, dataset, device, task) -> float:
                   item["name"])
     net.train(was)
     return float(ev.compute()[task.metric])
+
+
+def improves(value: float, best: float | None) -> bool:
+    """Whether a validation ``value`` replaces ``best`` in ``best.pt``: the first validation
+    does; a finite value beats a non-finite best or a lower one; a non-finite value (a network
+    that gave NaN/inf on some validation image) never replaces a finite best."""
+    if best is None or not np.isfinite(best):
+        return best is None or bool(np.isfinite(value))
+    return bool(np.isfinite(value)) and value > best
 
 
 def state_digest(module: nn.Module) -> str:
@@ -207,7 +216,11 @@ class _Training:
         st, m = self.st, self.task.metric
         v = validate(self.model, val_set, self.device, self.task)
         st.log[-1][f"val_{m}"] = st.last_val = v
-        if st.best_val is None or v > st.best_val:
+        if not np.isfinite(v):
+            log.warning("retrain step %d: val %s is not finite: the network gave non-finite "
+                        "outputs on a validation image; such a checkpoint never replaces a "
+                        "finite best.", st.step, m)
+        if improves(v, st.best_val):
             st.best_val, st.best_step = v, st.step
             atomic_torch_save({"format": FORMAT, "arch": self.arch.to_dict(),
                                "arch_name": self.arch.name, "model": self.model.state_dict(),

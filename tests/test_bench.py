@@ -295,3 +295,20 @@ def test_a_protocol_reference_can_be_a_smaller_network_of_the_space():
                                                           ("stage4", "fourth_branch", "fuse4")}},
                        change)
     assert full.to_dict()["blocks"] == reference_arch(space).to_dict()["blocks"]
+
+
+@pytest.mark.parametrize("val_crop,eval_tile,warns", [
+    (128, None, True), (None, None, False), (128, 128, False), (64, 128, True)])
+def test_validation_on_crops_while_test_scores_whole_images_is_warned(caplog, val_crop,
+                                                                       eval_tile, warns):
+    """Cropped validation hid a BatchNorm NAFNet that gave NaN on whole images: a protocol
+    that validates otherwise than its test scores is told so when it is prepared."""
+    import logging
+
+    from ernas.bench.run import _warn_cropped_validation
+
+    plan = {"jobs": {"train_reference_seed0": {"command": "retrain",
+                                               "overrides": {"val_crop": val_crop}}}}
+    with caplog.at_level(logging.WARNING, logger="ernas.bench.run"):
+        _warn_cropped_validation(plan, eval_tile)
+    assert ("centre crops" in caplog.text) is warns

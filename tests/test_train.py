@@ -232,3 +232,17 @@ def test_cli_stop_and_resume(tmp_path):
     assert s["steps"] == 8 and s["finished"]
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["resumed_run"] == \
         str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("value,best,replaces", [
+    (20.0, None, True), (float("nan"), None, True),   # the first validation always writes best.pt
+    (21.0, 20.0, True), (19.0, 20.0, False), (20.0, 20.0, False),
+    (20.0, float("nan"), True),                       # a finite value replaces a NaN best
+    (float("nan"), 20.0, False), (float("inf"), 20.0, False), (float("nan"), float("nan"), False),
+])
+def test_non_finite_validation_never_holds_best(value, best, replaces):
+    """A network that gave NaN on a validation image at its first validation must not keep
+    ``best.pt`` once it validates finite (``v > nan`` is always false)."""
+    from ernas.train_loop import improves
+
+    assert improves(value, best) is replaces

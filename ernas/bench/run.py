@@ -61,12 +61,29 @@ def prepare(cfg, out: Path) -> None:
         _say(f"latency table {source} ({table.probe.get('action') if table.probe else 'used'})")
     plan, archs = build_plan(cfg, table, out)
     check_jobs(plan)
+    _warn_cropped_validation(plan, cfg.task.get("eval_tile"))
     atomic_write_text(out / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     table.metadata = {**table.metadata, "bench_protocol": str(cfg.protocol)}
     table.save(out / TABLE)
     for path, arch in archs.items():
         arch.save(path)
     atomic_write_json(out / PLAN, plan)
+
+
+def _warn_cropped_validation(plan: dict, eval_tile) -> None:
+    """Warn when the trainings validate on centre crops while the test stage scores whole images
+    (or tiles of another size): validation then never sees what only whole images provoke."""
+    from ernas.api import compose
+
+    job = next((j for j in plan["jobs"].values() if j["command"] == "retrain"), None)
+    crop = compose("retrain", job["overrides"]).val_crop if job else None
+    if crop is not None and crop != eval_tile:
+        log.warning(f"the trainings validate on {crop}x{crop} centre crops (train.overrides."
+                    f"val_crop) but the test stage scores "
+                    f"{'whole images' if eval_tile is None else f'{eval_tile}x{eval_tile} tiles'}"
+                    f": a network that fails only there (e.g. non-finite outputs) passes "
+                    f"validation and is selected. State val_crop: null (or the test's tile) in "
+                    f"a new protocol file to validate as the test scores.")
 
 
 def selection(cfg, out: Path) -> dict:

@@ -32,7 +32,7 @@ from ernas.space import find_space, load_arch
 log = logging.getLogger(__name__)
 
 
-def _validate(cfg: DictConfig, settings: LatencySettings, space, shape, protocol,
+def _validate(cfg: DictConfig, settings: LatencySettings, space, shape, protocol, backend,
               out: Path) -> dict:
     from ernas.latency.validation import validate_table
 
@@ -44,7 +44,6 @@ def _validate(cfg: DictConfig, settings: LatencySettings, space, shape, protocol
     explicit = cfg.output or (lat.table if lat.table not in (None, "auto") else None)
     table, path = resolve_from_config(space, shape, settings.key_settings().replace(
         anchor=False, **({"trust_table": True} if explicit else {})), cfg.progress, explicit)
-    backend = make_backend(lat.backend)
     if settings.keys_elsewhere:
         print(f"keys timed at {settings.key_threads} thread(s), networks measured at "
               f"{lat.backend.threads}: only the anchored figures predict these networks")
@@ -116,7 +115,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     log_start("profile", out, backend=backend, mode=cfg.mode,
               space=space.name, input_shape=shape, output=cfg.output)
     if cfg.mode == "validate":
-        return _validate(cfg, settings, space, shape, protocol, out)
+        return _validate(cfg, settings, space, shape, protocol, backend, out)
     path = Path(cfg.output) if cfg.output else profile_path(
         space, backend, shape, lat.granularity, lat.cache_dir, arch_keys)
     t0 = time.perf_counter()

@@ -1,0 +1,121 @@
+"""Where does a trained denoiser stop giving finite outputs, and does validation see it?
+
+For a retrain run directory (``arch.yaml`` + ``best.pt``) and each photo of a split of the
+denoise task (noise σ, seeded as evaluation seeds it), the network is run three ways:
+
+- ``whole``: the whole image, the network in eval mode (what the test stage scores);
+- ``crop``: its ``--crop`` x ``--crop`` centre crop (what ``val_crop`` validates on);
+- ``batch_stats``: the whole image with every BatchNorm normalising with the image's own
+  statistics instead of its running ones (no BatchNorm: the same as ``whole``).
+
+Per image and way: whether every output is finite, and the largest |activation| after each
+depth-2 module (``encoders.0``, ``middle_blks.1``, …, in execution order), which shows where a
+value grows: running-statistics BatchNorm rescales by fixed factors, so an activation that
+leaves the training range is not brought back, and a multiplicative gate can square it block by
+block::
+
+    python benchmarks/nonfinite.py runs/retrain/<run> --split val --crop 128 --out nonfinite.csv
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+WAYS = ("whole", "crop", "batch_stats")
+
+
+def _largest_per_module(model: torch.nn.Module) -> tuple[dict, list]:
+    """Forward hooks recording max |output| of each depth-2 module, in call order."""
+    seen: dict[str, float] = {}
+    hooks = [m.register_forward_hook(
+        lambda _m, _i, out, name=name: seen.__setitem__(name, float(out.detach().abs().max())))
+        for name, m in model.named_modules() if name.count(".") == 1]
+    return seen, hooks
+
+
+def _on_batch_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose BatchNorm layers normalise with each input's own statistics
+    and leave their running statistics as they are (momentum 0)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.momentum = 0.0
+    return twin
+
+
+def _centre(x: torch.Tensor, side: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return x[..., top:top + side, left:left + side]
+
+
+def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
+          seed: int) -> list[dict]:
+    """One row per (image, way): ``finite``, ``output_max`` and ``max_<module>`` columns."""
+    from ernas import load_arch
+    from ernas.checkpoint import load_model
+    from ernas.task import make_task
+
+    model = load_model(load_arch(run / "arch.yaml"), run / "best.pt").eval()
+    task = make_task({"name": "denoise", "max_side": max_side, "sigma": sigma})
+    data = task.dataset(split, None, seed)
+    nets = {"whole": model, "crop": model, "batch_stats": _on_batch_stats(model)}
+    rows = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            for way in WAYS:
+                x = item["input"][None]
+                seen, hooks = _largest_per_module(nets[way])
+                y = nets[way](_centre(x, crop) if way == "crop" else x)
+                for h in hooks:
+                    h.remove()
+                rows.append({"image": item["name"], "way": way,
+                             "finite": bool(torch.isfinite(y).all()),
+                             "output_max": float(y.abs().max()),
+                             **{f"max_{k}": v for k, v in seen.items()}})
+    return rows
+
+
+def _line(row: dict) -> str:
+    growth = " ".join(f"{k[4:]}:{v:.2g}" for k, v in row.items()
+                      if k.startswith("max_") and (math.isnan(v) or v > 10))
+    return (f"{row['image']:>20} {row['way']:>11}: {'finite' if row['finite'] else 'NON-FINITE'}"
+            + (f"  (|x| > 10 at {growth})" if growth else ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("run", type=Path, help="retrain run directory (arch.yaml + best.pt)")
+    ap.add_argument("--split", default="val", choices=("train", "val", "test"))
+    ap.add_argument("--crop", type=int, default=128, help="side of the centre crop (val_crop)")
+    ap.add_argument("--max-side", type=int, default=512, help="the task's max_side")
+    ap.add_argument("--sigma", type=float, default=25.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, help="write the rows as CSV")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    rows = probe(a.run, a.split, a.crop, a.max_side, a.sigma, a.seed)
+    for row in rows:
+        print(_line(row))
+    for way in WAYS:
+        bad = [r["image"] for r in rows if r["way"] == way and not r["finite"]]
+        print(f"{way}: {len(bad)} of {len(rows) // len(WAYS)} images non-finite"
+              + (f" ({', '.join(bad)})" if bad else ""))
+    if a.out:
+        import pandas as pd
+
+        from ernas.io import atomic_write_text
+
+        atomic_write_text(a.out, pd.DataFrame(rows).to_csv(index=False))
+
+
+if __name__ == "__main__":
+    main()
