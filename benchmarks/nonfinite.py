@@ -4,7 +4,8 @@ For a retrain run directory (``arch.yaml`` + ``best.pt``) and each photo of a sp
 denoise task (noise σ, seeded as evaluation seeds it), the network is run three ways:
 
 - ``whole``: the whole image, the network in eval mode (what the test stage scores);
-- ``crop``: its ``--crop`` x ``--crop`` centre crop (what ``val_crop`` validates on);
+- ``crop``: its ``--crop`` x ``--crop`` centre crop, as the task's dataset gives it to
+  validation (``val_crop``);
 - ``batch_stats``: the whole image with every BatchNorm normalising with the image's own
   statistics instead of its running ones (no BatchNorm: the same as ``whole``).
 
@@ -49,12 +50,6 @@ def _on_batch_stats(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-def _centre(x: torch.Tensor, side: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
-    return x[..., top:top + side, left:left + side]
-
-
 def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
           seed: int) -> list[dict]:
     """One row per (image, way): ``finite``, ``output_max`` and ``max_<module>`` columns."""
@@ -64,16 +59,16 @@ def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
 
     model = load_model(load_arch(run / "arch.yaml"), run / "best.pt").eval()
     task = make_task({"name": "denoise", "max_side": max_side, "sigma": sigma})
-    data = task.dataset(split, None, seed)
+    data, crops = task.dataset(split, None, seed), task.dataset(split, crop, seed)
     nets = {"whole": model, "crop": model, "batch_stats": _on_batch_stats(model)}
     rows = []
     with torch.no_grad():
         for i in range(len(data)):
             item = data[i]
             for way in WAYS:
-                x = item["input"][None]
+                x = (crops if way == "crop" else data)[i]["input"][None]
                 seen, hooks = _largest_per_module(nets[way])
-                y = nets[way](_centre(x, crop) if way == "crop" else x)
+                y = nets[way](x)
                 for h in hooks:
                     h.remove()
                 rows.append({"image": item["name"], "way": way,
