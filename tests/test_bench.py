@@ -91,6 +91,9 @@ def test_every_arm_is_reported_and_finished_jobs_are_kept(tiny_protocol):
         n: 2 if n in multi else 1 for n in plan["networks"]}
     comps = pd.read_csv(out / "comparisons.csv")
     assert len(comps) == 4 and comps["alpha_each"].eq(0.05 / 4).all()
+    # the test-units-only interval beside every judged one
+    assert comps[["units_ci_low", "units_ci_high"]].notna().all().all()
+    assert (comps["units_ci_low"] <= comps["units_ci_high"]).all()
     assert (out / "pareto.png").stat().st_size > 0
     assert "## Verdicts" in (out / "report.md").read_text()
 
@@ -153,6 +156,19 @@ def test_overlapping_intervals_are_a_tie_and_clear_gaps_are_not():
     assert stats.paired_interval({0: base}, better, 0.05, 2000).verdict == "below"
     assert stats.majority(["above", "tie", "above"]) == "above"
     assert stats.majority(["above", "tie"]) == "tie"
+
+
+def test_the_units_only_interval_leaves_the_training_seed_spread_out():
+    """Bug caught: ``seed_mean`` keeping one seed (or resampling seeds), so the test-units-only
+    interval would show the seed spread it is there to separate out."""
+    base = np.random.default_rng(1).normal(30, 2, size=12)
+    wobbly = {0: base + 1.0, 1: base - 0.6, 2: base + 0.5}  # seed spread 1.6 dB, mean +0.3
+    steady = {0: base, 1: base.copy(), 2: base.copy()}
+    full = stats.paired_interval(wobbly, steady, 0.05, 2000)
+    units = stats.paired_interval(stats.seed_mean(wobbly), stats.seed_mean(steady), 0.05, 2000)
+    assert full.verdict == "tie" and full.high - full.low > 1.5
+    assert units.estimate == pytest.approx(0.3) == full.estimate
+    assert units.high - units.low < 1e-9 and units.verdict == "above"
 
 
 def test_a_network_without_finite_scores_is_not_scored_never_a_tie():

@@ -9,6 +9,10 @@ checkpoint ``best.pt``), over the seeds every network shares (``train.others_see
   at least ``(1 − select.headline_drop)`` times the reference's (else the largest target's);
 - the scaled front: hand-made networks that beat every faster hand-made one on validation.
 
+Each comparison also carries ``units_ci_*``: the same interval with each network's training
+seeds averaged first (test units alone). It judges nothing; beside ``ci_*`` it shows whether the
+test set or the training seeds set the interval's width.
+
 Comparisons (``ernas.bench.stats``), at each target: selected searched − selected random,
 selected searched − random mean, selected searched − scaled front at its measured latency; and
 the headline network − reference, judged as non-inferior when the lower bound is at least
@@ -117,10 +121,13 @@ def comparisons(plan: dict, sel: dict, scores: dict, measured: dict[str, float],
 
     def add(what, target, a_name, b_label, a, b, threshold=0.0):
         iv = stats.paired_interval(a, b, alpha, boot.samples, seed=len(rows))
+        units = stats.paired_interval(stats.seed_mean(a), stats.seed_mean(b), alpha,
+                                      boot.samples, seed=len(rows))
         verdict = iv.verdict if threshold == 0 else (
             "non-inferior" if iv.low >= threshold else "not shown")
         rows.append({"comparison": what, "target": target, "network": a_name, "versus": b_label,
                      "difference": iv.estimate, "ci_low": iv.low, "ci_high": iv.high,
+                     "units_ci_low": units.low, "units_ci_high": units.high,
                      "alpha_each": alpha, "threshold": threshold, "verdict": verdict})
 
     for i in range(n_targets):

@@ -146,7 +146,10 @@ def markdown(cfg_text: str, plan: dict, arms: pd.DataFrame, comps: pd.DataFrame,
              f"peak_mem_mib: resident-set high-water mark above the runtime's empty session, "
              f"median of fresh processes (`ernas.memory`); "
              f"intervals: bootstrap over test images and training seeds, family-wise "
-             f"alpha {meta['alpha']} split over {len(comps)} comparisons (Bonferroni).", "",
+             f"alpha {meta['alpha']} split over {len(comps)} comparisons (Bonferroni); "
+             f"units_ci: the same interval with each network's training seeds averaged first "
+             f"(test units alone; it judges nothing: where it is much narrower than ci, the "
+             f"training seeds set the width).", "",
              "## Verdicts", "", *[f"- {v}" for v in verdicts], "",
              f"Selection (validation only): {meta['headline_rule']}.", "",
              *_tuning_lines(meta.get("tuning"), arms, plan),

@@ -63,6 +63,13 @@ def paired_interval(a: Scores, b: Scores, alpha: float, samples: int, seed: int 
     return Interval(float(A.mean() - B.mean()), float(low), float(high))
 
 
+def seed_mean(scores: Scores) -> Scores:
+    """One pseudo-seed holding the mean over training seeds, image by image: an interval of
+    ``seed_mean(A)`` against ``seed_mean(B)`` resamples the test units alone, which shows how much
+    of a comparison's width the test set sets and how much the training seeds do."""
+    return {0: _seed_matrix(scores).mean(axis=0)}
+
+
 def mixture(parts: list[tuple[float, Scores]]) -> Scores:
     """Seed-wise weighted sum ``Σ w·S`` of networks (their common seeds; the first seed of a
     network trained once is used with every seed of the others)."""
