@@ -91,9 +91,16 @@ def test_every_arm_is_reported_and_finished_jobs_are_kept(tiny_protocol):
         n: 2 if n in multi else 1 for n in plan["networks"]}
     comps = pd.read_csv(out / "comparisons.csv")
     assert len(comps) == 4 and comps["alpha_each"].eq(0.05 / 4).all()
-    # the test-units-only interval beside every judged one
-    assert comps[["units_ci_low", "units_ci_high"]].notna().all().all()
-    assert (comps["units_ci_low"] <= comps["units_ci_high"]).all()
+    # beside every judged interval, the one over test images alone: the headline's, rebuilt
+    # from the per-image files with each network's seeds averaged
+    head = comps.iloc[3]
+    summary = json.loads((out / "summary.json").read_text())
+    scores = {n: analysis.test_scores(plan, n, summary["set"], summary["metric"])
+              for n in (sel["headline"], "reference")}
+    units = stats.paired_interval(stats.seed_mean(scores[sel["headline"]]),
+                                  stats.seed_mean(scores["reference"]), 0.05 / 4, 200, seed=3)
+    assert (head["units_ci_low"], head["units_ci_high"]) == pytest.approx((units.low, units.high))
+    assert head["difference"] == pytest.approx(units.estimate)
     assert (out / "pareto.png").stat().st_size > 0
     assert "## Verdicts" in (out / "report.md").read_text()
 
@@ -160,15 +167,35 @@ def test_overlapping_intervals_are_a_tie_and_clear_gaps_are_not():
 
 def test_the_units_only_interval_leaves_the_training_seed_spread_out():
     """Bug caught: ``seed_mean`` keeping one seed (or resampling seeds), so the test-units-only
-    interval would show the seed spread it is there to separate out."""
-    base = np.random.default_rng(1).normal(30, 2, size=12)
-    wobbly = {0: base + 1.0, 1: base - 0.6, 2: base + 0.5}  # seed spread 1.6 dB, mean +0.3
+    interval would show the seed spread it is there to separate out, or not resample images."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(30, 2, size=40)
+    image_noise = rng.normal(0, 0.2, size=40)  # the paired difference varies image by image
+    wobbly = {0: base + 1.0 + image_noise, 1: base - 0.6 + image_noise,
+              2: base + 0.5 + image_noise}  # seed spread 1.6 dB, mean +0.3 + noise
     steady = {0: base, 1: base.copy(), 2: base.copy()}
-    full = stats.paired_interval(wobbly, steady, 0.05, 2000)
-    units = stats.paired_interval(stats.seed_mean(wobbly), stats.seed_mean(steady), 0.05, 2000)
+    full = stats.paired_interval(wobbly, steady, 0.05, 4000)
+    units = stats.paired_interval(stats.seed_mean(wobbly), stats.seed_mean(steady), 0.05, 4000)
     assert full.verdict == "tie" and full.high - full.low > 1.5
-    assert units.estimate == pytest.approx(0.3) == full.estimate
-    assert units.high - units.low < 1e-9 and units.verdict == "above"
+    assert units.estimate == pytest.approx(full.estimate)
+    assert units.estimate == pytest.approx(0.3 + image_noise.mean())
+    # over the images alone: about ±1.96·sd/√n of the per-image differences
+    half = 1.96 * image_noise.std() / np.sqrt(40)
+    assert (units.high - units.low) / 2 == pytest.approx(half, rel=0.2)
+
+
+def test_a_mixture_counts_every_seed_of_its_networks_once():
+    """Bug caught: a network trained with seeds 0 and 1 entering a three-seed mixture's seed 2
+    with its seed 0, so seed 0 weighed twice in the front's scores."""
+    a = {0: np.array([1.0, 2.0]), 1: np.array([3.0, 4.0]), 2: np.array([5.0, 6.0])}
+    b = {0: np.array([0.0, 0.0]), 1: np.array([10.0, 10.0])}
+    mix = stats.mixture([(0.5, a), (0.5, b)])
+    assert sorted(mix) == [0, 1, 2]
+    np.testing.assert_allclose(mix[2], 0.5 * a[2] + 0.5 * np.array([5.0, 5.0]))
+    np.testing.assert_allclose(stats.seed_mean(mix)[0],
+                               0.5 * stats.seed_mean(a)[0] + 0.5 * stats.seed_mean(b)[0])
+    once = {0: np.array([7.0, 8.0])}  # a network trained once enters every seed with that run
+    np.testing.assert_allclose(stats.mixture([(1.0, once), (0.0, a)])[2], once[0])
 
 
 def test_a_network_without_finite_scores_is_not_scored_never_a_tie():

@@ -65,20 +65,21 @@ def paired_interval(a: Scores, b: Scores, alpha: float, samples: int, seed: int 
 
 def seed_mean(scores: Scores) -> Scores:
     """One pseudo-seed holding the mean over training seeds, image by image: an interval of
-    ``seed_mean(A)`` against ``seed_mean(B)`` resamples the test units alone, which shows how much
-    of a comparison's width the test set sets and how much the training seeds do."""
+    ``seed_mean(A)`` against ``seed_mean(B)`` resamples the test units alone. It is conditional
+    on the trainings that ran (it covers neither another training run nor the mean over seeds);
+    beside the judged interval it shows how much of the width the training seeds set."""
     return {0: _seed_matrix(scores).mean(axis=0)}
 
 
 def mixture(parts: list[tuple[float, Scores]]) -> Scores:
-    """Seed-wise weighted sum ``Σ w·S`` of networks (their common seeds; the first seed of a
-    network trained once is used with every seed of the others)."""
+    """Seed-wise weighted sum ``Σ w·S`` of networks over the union of their seeds; a network
+    without a given seed enters that seed with its mean over its own seeds (for a network trained
+    once: its one training), so ``seed_mean(mixture) = Σ w·seed_mean`` and no seed counts twice."""
     seeds = sorted(set().union(*(set(s) for _, s in parts)))
-    out = {}
-    for seed in seeds:
-        out[seed] = sum(w * np.asarray(s[seed] if seed in s else s[sorted(s)[0]], np.float64)
-                        for w, s in parts)
-    return out
+    means = [seed_mean(s)[0] for _, s in parts]
+    return {seed: sum(w * (np.asarray(s[seed], np.float64) if seed in s else m)
+                      for (w, s), m in zip(parts, means))
+            for seed in seeds}
 
 
 def mean_of(networks: list[Scores]) -> Scores:
