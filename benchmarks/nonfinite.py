@@ -66,7 +66,7 @@ def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
         for i in range(len(data)):
             item = data[i]
             for way in WAYS:
-                x = (crops if way == "crop" else data)[i]["input"][None]
+                x = (crops[i] if way == "crop" else item)["input"][None]
                 seen, hooks = _largest_per_module(nets[way])
                 y = nets[way](x)
                 for h in hooks:
