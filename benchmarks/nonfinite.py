@@ -13,9 +13,12 @@ Per image and way: whether every output is finite, and the largest |activation| 
 depth-2 module (``encoders.0``, ``middle_blks.1``, …, in execution order), which shows where a
 value grows: running-statistics BatchNorm rescales by fixed factors, so an activation that
 leaves the training range is not brought back, and a multiplicative gate can square it block by
-block::
+block. ``largest_activation`` and ``largest_at`` give a row's largest of them and its module;
+``batchnorm_layers`` counts the network's BatchNorm layers. Several runs give one CSV, its rows
+named by each run's network (``network``)::
 
-    python benchmarks/nonfinite.py runs/retrain/<run> --split val --crop 128 --out nonfinite.csv
+    python benchmarks/nonfinite.py runs/retrain/<run> [<run> ...] --split val --crop 128 \
+        --out nonfinite.csv
 """
 from __future__ import annotations
 
@@ -50,14 +53,25 @@ def _on_batch_stats(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
+def _largest(seen: dict) -> tuple[float, str]:
+    """The largest recorded |activation| and its module (NaN counts as largest)."""
+    if not seen:
+        return math.nan, ""
+    name = max(seen, key=lambda k: math.inf if math.isnan(seen[k]) else seen[k])
+    return seen[name], name
+
+
 def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
           seed: int) -> list[dict]:
-    """One row per (image, way): ``finite``, ``output_max`` and ``max_<module>`` columns."""
+    """One row per (image, way): ``network``, ``batchnorm_layers``, ``finite``, ``output_max``,
+    ``largest_activation``, ``largest_at`` and ``max_<module>`` columns."""
     from ernas import load_arch
     from ernas.checkpoint import load_model
     from ernas.task import make_task
 
-    model = load_model(load_arch(run / "arch.yaml"), run / "best.pt").eval()
+    arch = load_arch(run / "arch.yaml")
+    model = load_model(arch, run / "best.pt").eval()
+    bn_layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     task = make_task({"name": "denoise", "max_side": max_side, "sigma": sigma})
     data, crops = task.dataset(split, None, seed), task.dataset(split, crop, seed)
     nets = {"whole": model, "crop": model, "batch_stats": _on_batch_stats(model)}
@@ -71,9 +85,12 @@ def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
                 y = nets[way](x)
                 for h in hooks:
                     h.remove()
-                rows.append({"image": item["name"], "way": way,
+                largest, where = _largest(seen)
+                rows.append({"network": arch.name, "batchnorm_layers": bn_layers,
+                             "image": item["name"], "way": way,
                              "finite": bool(torch.isfinite(y).all()),
                              "output_max": float(y.abs().max()),
+                             "largest_activation": largest, "largest_at": where,
                              **{f"max_{k}": v for k, v in seen.items()}})
     return rows
 
@@ -81,13 +98,16 @@ def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
 def _line(row: dict) -> str:
     growth = " ".join(f"{k[4:]}:{v:.2g}" for k, v in row.items()
                       if k.startswith("max_") and (math.isnan(v) or v > 10))
-    return (f"{row['image']:>20} {row['way']:>11}: {'finite' if row['finite'] else 'NON-FINITE'}"
+    return (f"{row['network']:>24} {row['image']:>14} {row['way']:>11}: "
+            f"{'finite' if row['finite'] else 'NON-FINITE'}, largest |x| "
+            f"{row['largest_activation']:.3g} at {row['largest_at']}"
             + (f"  (|x| > 10 at {growth})" if growth else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("run", type=Path, help="retrain run directory (arch.yaml + best.pt)")
+    ap.add_argument("runs", type=Path, nargs="+",
+                    help="retrain run directories (arch.yaml + best.pt)")
     ap.add_argument("--split", default="val", choices=("train", "val", "test"))
     ap.add_argument("--crop", type=int, default=128, help="side of the centre crop (val_crop)")
     ap.add_argument("--max-side", type=int, default=512, help="the task's max_side")
@@ -97,13 +117,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the rows as CSV")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    rows = probe(a.run, a.split, a.crop, a.max_side, a.sigma, a.seed)
-    for row in rows:
-        print(_line(row))
-    for way in WAYS:
-        bad = [r["image"] for r in rows if r["way"] == way and not r["finite"]]
-        print(f"{way}: {len(bad)} of {len(rows) // len(WAYS)} images non-finite"
-              + (f" ({', '.join(bad)})" if bad else ""))
+    rows = []
+    for run in a.runs:
+        found = probe(run, a.split, a.crop, a.max_side, a.sigma, a.seed)
+        for row in found:
+            print(_line(row))
+        for way in WAYS:
+            bad = [r["image"] for r in found if r["way"] == way and not r["finite"]]
+            print(f"{found[0]['network']} {way}: {len(bad)} of {len(found) // len(WAYS)} "
+                  f"images non-finite" + (f" ({', '.join(bad)})" if bad else ""))
+        rows += found
     if a.out:
         import pandas as pd
 

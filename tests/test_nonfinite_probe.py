@@ -37,10 +37,10 @@ def _run_dir(folder: Path, norm: str) -> Path:
     return folder
 
 
-def _probe(run: Path, out: Path) -> pd.DataFrame:
-    r = subprocess.run([sys.executable, str(SCRIPT), str(run), "--split", "val", "--crop", "16",
-                        "--max-side", "48", "--out", str(out)], capture_output=True, text=True,
-                       timeout=300)
+def _probe(run: Path, out: Path, *more: Path) -> pd.DataFrame:
+    r = subprocess.run([sys.executable, str(SCRIPT), str(run), *map(str, more), "--split", "val",
+                        "--crop", "16", "--max-side", "48", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "whole:" in r.stdout and "batch_stats:" in r.stdout
     return pd.read_csv(out)
@@ -79,3 +79,25 @@ def test_the_batch_statistics_pass_leaves_running_statistics_alone():
         assert torch.equal(bn.running_mean, torch.zeros(4))
         assert torch.equal(bn.running_var, torch.ones(4))
     assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-5   # normalised with the batch's own mean
+
+
+def test_several_runs_share_one_table_named_by_network(tmp_path):
+    """Fails if rows of one run are dropped or mislabelled when several runs are probed, if the
+    BatchNorm count is wrong, or if ``largest_activation`` is not the row's largest module
+    figure (NaN, where the output overflowed, counting as the largest)."""
+    rows = _probe(_run_dir(tmp_path / "ln", "layernorm"), tmp_path / "both.csv",
+                  _run_dir(tmp_path / "bn", "batchnorm"))
+    assert list(rows["network"].unique()) == ["layernorm", "batchnorm"]
+    per_net = rows.groupby("network").size()
+    assert per_net["layernorm"] == per_net["batchnorm"] == 3 * rows["image"].nunique()
+    bn_layers = rows.groupby("network")["batchnorm_layers"].first()
+    assert bn_layers["layernorm"] == 0 and bn_layers["batchnorm"] > 0
+    modules = [c for c in rows.columns if c.startswith("max_")]
+    ln = rows[rows["network"] == "layernorm"]
+    assert (ln["largest_activation"] == ln[modules].max(axis=1)).all()
+    at = ln.apply(lambda r: r["max_" + r["largest_at"]], axis=1)
+    assert (at == ln["largest_activation"]).all()
+    bad = rows[(rows["network"] == "batchnorm") & (rows["way"] == "whole")]
+    assert not bad["finite"].any()
+    assert (bad["largest_activation"].isna() | (bad["largest_activation"] > 1e6)).all()
+    assert bad["largest_at"].isin([m[4:] for m in modules]).all()
