@@ -101,6 +101,16 @@ def test_every_arm_is_reported_and_finished_jobs_are_kept(tiny_protocol):
                                   stats.seed_mean(scores["reference"]), 0.05 / 4, 200, seed=3)
     assert (head["units_ci_low"], head["units_ci_high"]) == pytest.approx((units.low, units.high))
     assert head["difference"] == pytest.approx(units.estimate)
+    # the units behind every interval, in one file: each network's rows for each training seed,
+    # whose mean over the primary set is arms.csv's test figure
+    rows = pd.read_csv(out / "test_per_image.csv")
+    tested = {j.removeprefix("test_") for j in plan["jobs"] if j.startswith("test_")}
+    assert {f"{n}_seed{s}" for n, s in zip(rows.network, rows.train_seed)} == tested
+    assert dict(zip(rows.network, rows.arm)) == dict(zip(arms.network, arms.arm))
+    primary = rows[rows["set"] == summary["set"]]
+    per_seed = primary.groupby(["network", "train_seed"])[summary["metric"]].mean()
+    assert per_seed.groupby("network").mean().to_dict() == pytest.approx(
+        dict(zip(arms.network, arms.test)))
     assert (out / "pareto.png").stat().st_size > 0
     assert "## Verdicts" in (out / "report.md").read_text()
 

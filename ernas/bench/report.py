@@ -1,7 +1,7 @@
 """The protocol's report: ``arms.csv`` (one row per network), ``comparisons.csv`` (every paired
-comparison with its interval and verdict), ``tuning.csv`` (the λ tuning searches, when the
-protocol tunes λ), ``pareto.png`` (test score vs measured latency with
-bootstrap intervals) and ``report.md``."""
+comparison with its interval and verdict), ``test_per_image.csv`` (the test units' scores per
+network and training seed), ``tuning.csv`` (the λ tuning searches, when the protocol tunes λ),
+``pareto.png`` (test score vs measured latency with bootstrap intervals) and ``report.md``."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,22 @@ def _test_columns(plan: dict, name: str) -> dict:
         for m in metrics:
             out[f"test_{m}_{set_name}"] = float(g[m].mean())
     return out
+
+
+def per_image_table(plan: dict) -> pd.DataFrame:
+    """Every test evaluation's per-unit rows (``set``, ``name`` and the metrics), with the
+    network, its arm and its training seed: the units every interval of the report resamples."""
+    frames = []
+    for job in plan["jobs"].values():
+        if job["command"] != "evaluate":
+            continue
+        name = job["overrides"]["name"]
+        rows = pd.read_csv(Path(job["run_dir"]) / "per_image.csv").drop(columns="model")
+        rows.insert(0, "train_seed", int(plan["jobs"][job["after"]]["overrides"]["seed"]))
+        rows.insert(0, "arm", plan["networks"][name]["arm"])
+        rows.insert(0, "network", name)
+        frames.append(rows)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _costs(plan: dict, name: str, rec: dict) -> dict:
@@ -184,6 +200,7 @@ def write(out: Path, cfg_text: str, plan: dict, arms: pd.DataFrame, comps: list[
     comps_df = pd.DataFrame(comps)
     atomic_write_text(out / "arms.csv", arms.to_csv(index=False))
     atomic_write_text(out / "comparisons.csv", comps_df.to_csv(index=False))
+    atomic_write_text(out / "test_per_image.csv", per_image_table(plan).to_csv(index=False))
     if meta.get("tuning"):
         atomic_write_text(out / "tuning.csv", pd.DataFrame(meta["tuning"]["rows"]).to_csv(
             index=False))
