@@ -165,7 +165,8 @@ def finish(cfg, out: Path, sel: dict, lat: dict) -> dict:
     atomic_write_json(out / "summary.json", summary)
     for v in verdicts:
         _say(v)
-    _say(f"report: {out / 'report.md'} (arms.csv, comparisons.csv, pareto.png)")
+    _say(f"report: {out / 'report.md'} (arms.csv, comparisons.csv, test_per_image.csv, "
+         "pareto.png)")
     return summary
 
 
