@@ -15,7 +15,7 @@ value grows: running-statistics BatchNorm rescales by fixed factors, so an activ
 leaves the training range is not brought back, and a multiplicative gate can square it block by
 block. ``largest_activation`` and ``largest_at`` give a row's largest of them and its module;
 ``batchnorm_layers`` counts the network's BatchNorm layers. Several runs give one CSV, its rows
-named by each run's network (``network``)::
+named by the run's folder (``run``) and its network (``network``)::
 
     python benchmarks/nonfinite.py runs/retrain/<run> [<run> ...] --split val --crop 128 \
         --out nonfinite.csv
@@ -63,8 +63,8 @@ def _largest(seen: dict) -> tuple[float, str]:
 
 def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
           seed: int) -> list[dict]:
-    """One row per (image, way): ``network``, ``batchnorm_layers``, ``finite``, ``output_max``,
-    ``largest_activation``, ``largest_at`` and ``max_<module>`` columns."""
+    """One row per (image, way): ``run``, ``network``, ``batchnorm_layers``, ``finite``,
+    ``output_max``, ``largest_activation``, ``largest_at`` and ``max_<module>`` columns."""
     from ernas import load_arch
     from ernas.checkpoint import load_model
     from ernas.task import make_task
@@ -86,7 +86,8 @@ def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
                 for h in hooks:
                     h.remove()
                 largest, where = _largest(seen)
-                rows.append({"network": arch.name, "batchnorm_layers": bn_layers,
+                rows.append({"run": run.name, "network": arch.name,
+                             "batchnorm_layers": bn_layers,
                              "image": item["name"], "way": way,
                              "finite": bool(torch.isfinite(y).all()),
                              "output_max": float(y.abs().max()),
@@ -98,7 +99,7 @@ def probe(run: Path, split: str, crop: int, max_side: int | None, sigma: float,
 def _line(row: dict) -> str:
     growth = " ".join(f"{k[4:]}:{v:.2g}" for k, v in row.items()
                       if k.startswith("max_") and (math.isnan(v) or v > 10))
-    return (f"{row['network']:>24} {row['image']:>14} {row['way']:>11}: "
+    return (f"{row['run']:>28} {row['image']:>14} {row['way']:>11}: "
             f"{'finite' if row['finite'] else 'NON-FINITE'}, largest |x| "
             f"{row['largest_activation']:.3g} at {row['largest_at']}"
             + (f"  (|x| > 10 at {growth})" if growth else ""))
@@ -124,7 +125,7 @@ def main() -> None:
             print(_line(row))
         for way in WAYS:
             bad = [r["image"] for r in found if r["way"] == way and not r["finite"]]
-            print(f"{found[0]['network']} {way}: {len(bad)} of {len(found) // len(WAYS)} "
+            print(f"{run.name} {way}: {len(bad)} of {len(found) // len(WAYS)} "
                   f"images non-finite" + (f" ({', '.join(bad)})" if bad else ""))
         rows += found
     if a.out:

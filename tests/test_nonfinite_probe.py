@@ -88,6 +88,7 @@ def test_several_runs_share_one_table_named_by_network(tmp_path):
     rows = _probe(_run_dir(tmp_path / "ln", "layernorm"), tmp_path / "both.csv",
                   _run_dir(tmp_path / "bn", "batchnorm"))
     assert list(rows["network"].unique()) == ["layernorm", "batchnorm"]
+    assert list(rows["run"].unique()) == ["ln", "bn"]
     per_net = rows.groupby("network").size()
     assert per_net["layernorm"] == per_net["batchnorm"] == 3 * rows["image"].nunique()
     bn_layers = rows.groupby("network")["batchnorm_layers"].first()
