@@ -10,12 +10,21 @@ Both use one YAML schema::
       middle_blks: {norm: layernorm, kernel: 3, keep: true}     # a group: fixed
       encoders.3:  {kernel: [3, 5]}                             # one level
       encoders.3.7: {keep: true}                                # one block position
+    geometries: {w32: {}, w24: {width: 24}}  # optional: geometry alternatives, by name
 
 Each position (``encoders.i.j``, ``middle_blks.j``, ``decoders.i.j``, named like the official
 NAFNet parameters) starts from the family's reference block and is refined by every entry of
 ``blocks`` whose key is ``all`` or a dotted prefix of the position, less specific first. A value is
 either one choice or a list of candidates. An **Arch** is a file whose every decision resolves to a
 single value; a **SearchSpace** may hold several candidates per decision.
+
+``geometries`` (optional) names alternatives of the backbone, each a change of ``geometry``
+(``{}``: ``geometry`` itself) that keeps the block positions. The space is then the union of one
+single-geometry space per alternative (``space.alternative(name)``, or ``find_space("<space>:
+<name>")``), each with the same decisions: its op keys cover every alternative, ``sample`` draws
+the alternative uniformly and then each decision (uniform over the union, as the alternatives are
+equally large), and a search runs on one alternative. ``reference``, ``smallest`` and
+``largest`` are of ``geometry``.
 """
 from __future__ import annotations
 
@@ -32,15 +41,12 @@ import yaml
 from ernas import footprint
 from ernas.errors import ErnasError
 from ernas.family import Family, get_family
+from ernas.space_checks import (check_geometries, fmt_values, no_position_message,
+                                 warn_unset_decisions)
 
 
 def _same(value, allowed) -> bool:
     return type(value) is type(allowed) and value == allowed
-
-
-def _fmt(values) -> str:
-    return ", ".join(yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
-                     for v in values)
 
 
 @dataclass
@@ -53,6 +59,7 @@ class SearchSpace:
     name: str = "space"
     source: str = "<memory>"
     blocks: dict = field(default_factory=dict, repr=False)  # the file's `blocks` section
+    geometries: dict = field(default_factory=dict)  # alternative name -> change of `geometry`
 
     @property
     def spec(self) -> Family:
@@ -70,7 +77,20 @@ class SearchSpace:
 
     @property
     def is_arch(self) -> bool:
-        return not self.searchable
+        return not self.searchable and len(self.geometries) <= 1
+
+    def alternative(self, name: str) -> "SearchSpace":
+        """The single-geometry space of the alternative ``name`` (``geometries[name]`` applied)."""
+        if name not in self.geometries:
+            raise ErnasError(f"space {self.name} ({self.source}) has no geometry alternative "
+                             f"{name!r}; its alternatives are "
+                             f"{', '.join(self.geometries) or 'none (it has one geometry)'}.")
+        return SearchSpace(self.family, {**self.geometry, **self.geometries[name]}, self.choices,
+                           name=f"{self.name}_{name}", source=self.source, blocks=self.blocks)
+
+    def members(self) -> list["SearchSpace"]:
+        """The single-geometry spaces of this space: one per alternative, else itself."""
+        return [self.alternative(n) for n in self.geometries] or [self]
 
     def combos(self, position: str) -> list[dict]:
         """Every choice (decision -> value) a position can take, in a fixed order."""
@@ -86,11 +106,15 @@ class SearchSpace:
         return active + (1 if active < len(combos) else 0)
 
     def size(self) -> int:
-        """Number of distinct architectures (a skipped block's other decisions do not count)."""
-        return math.prod(self.distinct_combos(p) for p in self.positions)
+        """Number of distinct architectures (a skipped block's other decisions do not count),
+        summed over the geometry alternatives."""
+        return max(len(self.geometries), 1) * math.prod(self.distinct_combos(p)
+                                                        for p in self.positions)
 
     def sample(self, rng: random.Random | int | None = None) -> "Arch":
         rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        if self.geometries:
+            return self.alternative(rng.choice(list(self.geometries))).sample(rng)
         return self._pick(lambda pos, d, cands: rng.choice(cands), "sample")
 
     def smallest(self) -> "Arch":
@@ -115,14 +139,17 @@ class SearchSpace:
         return Arch(self.family, dict(self.geometry), values, name=f"{self.name}_{kind}")
 
     def contains(self, arch: "Arch") -> bool:
+        if self.geometries:
+            return any(m.contains(arch) for m in self.members())
         if arch.family != self.family or arch.geometry != self.geometry:
             return False
         return all(any(_same(arch.values[p][d], c) for c in cands)
                    for p, ch in self.choices.items() for d, cands in ch.items())
 
     def to_dict(self) -> dict:
-        return {"family": self.family, "name": self.name, "geometry": dict(self.geometry),
+        data = {"family": self.family, "name": self.name, "geometry": dict(self.geometry),
                 "blocks": self.blocks}
+        return {**data, "geometries": dict(self.geometries)} if self.geometries else data
 
     def order(self, decision: str) -> tuple:
         """The family's values of ``decision``, cheapest first."""
@@ -139,7 +166,10 @@ class SearchSpace:
                                             granularity))
 
     def op_keys(self, input_shape, granularity: str = "block") -> list[str]:
-        """Every unique op key reachable in the space, in first-seen order."""
+        """Every unique op key reachable in the space (every alternative), in first-seen order."""
+        if self.geometries:
+            return list(dict.fromkeys(k for m in self.members()
+                                      for k in m.op_keys(input_shape, granularity)))
         keys = self.fixed_keys(input_shape, granularity)
         for p in self.positions:
             for combo in self.combos(p):
@@ -214,10 +244,10 @@ def _read_yaml(path: str | Path, what: str) -> dict:
 
 def space_from_dict(data: dict, source: str = "<memory>", name: str | None = None) -> SearchSpace:
     """Validate a space/arch mapping and resolve each position's candidates."""
-    unknown = set(data) - {"family", "name", "geometry", "blocks", "description"}
+    unknown = set(data) - {"family", "name", "geometry", "blocks", "description", "geometries"}
     if unknown:
         raise ErnasError(f"{source}: unknown top-level field(s) {sorted(unknown)}; the allowed "
-                         f"fields are family, name, description, geometry, blocks.")
+                         f"fields are family, name, description, geometry, blocks, geometries.")
     spec = get_family(data.get("family", "nafnet"), source)
     geometry = dict(spec.geometry_defaults)
     given = data.get("geometry") or {}
@@ -246,7 +276,7 @@ def space_from_dict(data: dict, source: str = "<memory>", name: str | None = Non
         entry = blocks[key]
         hit = [p for p in positions if matches(str(key), p)]
         if not hit:
-            raise ErnasError(_no_position_message(source, key, positions))
+            raise ErnasError(no_position_message(source, key, positions))
         if not isinstance(entry, dict):
             raise ErnasError(f"{source}: block {key!r} must map decisions to a value or a list of "
                              f"candidates, e.g. {{kernel: [3, 5]}}.")
@@ -258,40 +288,28 @@ def space_from_dict(data: dict, source: str = "<memory>", name: str | None = Non
             cands = tuple(v) if isinstance(v, (list, tuple)) else (v,)
             if not cands:
                 raise ErnasError(f"{source}: block {key!r}, field {d!r} has an empty candidate "
-                                 f"list; give at least one of {_fmt(spec.decisions[d])}.")
+                                 f"list; give at least one of {fmt_values(spec.decisions[d])}.")
             for c in cands:
                 if not any(_same(c, a) for a in spec.decisions[d]):
                     raise ErnasError(
-                        f"{source}: block {key!r}, field {d!r}: value {_fmt([c])} is not allowed; "
-                        f"the allowed values are {_fmt(spec.decisions[d])}.")
+                        f"{source}: block {key!r}, field {d!r}: value {fmt_values([c])} is not allowed; "
+                        f"the allowed values are {fmt_values(spec.decisions[d])}.")
             if len(set(map(repr, cands))) != len(cands):
                 raise ErnasError(f"{source}: block {key!r}, field {d!r} lists a candidate twice "
-                                 f"({_fmt(cands)}); list each value once.")
+                                 f"({fmt_values(cands)}); list each value once.")
             for p in hit:
                 choices[p][d] = cands
     name = name or data.get("name") or (Path(source).stem if source != "<memory>" else "space")
-    space = SearchSpace(spec.name, geometry, choices, name=name, source=source, blocks=blocks)
-    largest = space.largest()
-    size = footprint.check(largest, source, "network" if space.is_arch else "largest network")
+    space = SearchSpace(spec.name, geometry, choices, name=name, source=source, blocks=blocks,
+                        geometries=check_geometries(data.get("geometries"), spec, geometry, source))
+    for member in space.members():
+        size = footprint.check(member.largest(), source,
+                               "network" if space.is_arch else "largest network")
     if "geometry" not in data:
         warnings.warn(f"{source} gives no 'geometry', so the family's default geometry is built "
-                      f"({_fmt([geometry])}: {size.describe()}); write the geometry in the file "
+                      f"({fmt_values([geometry])}: {size.describe()}); write the geometry in the file "
                       f"to choose another or to silence this warning.", stacklevel=2)
     return space
-
-
-def _no_position_message(source: str, key, positions: list[str]) -> str:
-    """The paragraph for a ``blocks`` key that matches no block position of the geometry."""
-    fix = ("Check the block counts in 'geometry' (e.g. enc_blk_nums, middle_blk_num, "
-           "dec_blk_nums)")
-    if not positions:
-        return (f"{source}: block key {key!r} matches no block position: this geometry has no "
-                f"block positions at all (every block count is 0), so 'blocks' has nothing to "
-                f"set. {fix}, or remove the 'blocks' section.")
-    groups = ", ".join(sorted({p.split(".")[0] for p in positions}))
-    return (f"{source}: block key {key!r} matches no block position of this geometry; valid keys "
-            f"are 'all', a group ({groups}), a level or a position such as {positions[0]!r} .. "
-            f"{positions[-1]!r}. {fix}.")
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -300,10 +318,14 @@ def load_space(path: str | Path) -> SearchSpace:
 
 
 def find_space(ref: str | Path) -> SearchSpace:
-    """A search space by path, or by the name of a shipped space (``search_spaces/<name>.yaml``)."""
+    """A search space by path, or by the name of a shipped space (``search_spaces/<name>.yaml``);
+    ``<space>:<name>`` is the single-geometry space of one of its ``geometries``."""
     from ernas.paths import SEARCH_SPACES
 
     p = Path(str(ref))
+    if not p.exists() and ":" in str(ref):
+        base, alternative = str(ref).rsplit(":", 1)
+        return find_space(base).alternative(alternative)
     if not p.exists() and not p.suffix:
         named = SEARCH_SPACES / f"{ref}.yaml"
         if not named.exists():
@@ -322,41 +344,10 @@ def load_arch(path: str | Path) -> Arch:
         p, d, c = multi[0]
         raise ErnasError(
             f"{path}: this is an architecture file, so every decision needs a single value, but "
-            f"block {p!r}, field {d!r} lists {_fmt(c)} ({len(multi)} such fields in all). Pick "
+            f"block {p!r}, field {d!r} lists {fmt_values(c)} ({len(multi)} such fields in all). Pick "
             f"one value, or load it as a search space with load_space.")
     warn_unset_decisions(space)
     return arch_of(space)
-
-
-def warn_unset_decisions(space: SearchSpace) -> None:
-    """Warn when an architecture file leaves a decision unset at some positions: those take
-    the family's reference value, which the file does not say."""
-    def covers(key: str, pos: str) -> bool:
-        return key == "all" or pos == key or pos.startswith(key + ".")
-
-    unset: dict[str, list[str]] = {}
-    for pos in space.positions:
-        given = {d for key, entry in space.blocks.items() if covers(str(key), pos)
-                 for d in (entry or {})}
-        for d in space.choices[pos]:
-            if d not in given:
-                unset.setdefault(d, []).append(pos)
-    if not unset:
-        return
-    ref = space.spec.reference
-    parts = [f"{d}={_fmt([ref[d]])} at {_positions(ps, len(space.positions))}"
-             for d, ps in unset.items()]
-    warnings.warn(f"{space.source}: this architecture does not set every decision, so the "
-                  f"family's reference values are taken: {'; '.join(parts)}. Write them in "
-                  f"'blocks' (e.g. under 'all') to make the file say what is built.",
-                  stacklevel=2)
-
-
-def _positions(ps: list[str], total: int) -> str:
-    if len(ps) == total:
-        return f"every position ({total})"
-    shown = ", ".join(ps[:6])
-    return f"{len(ps)} positions ({shown}{', ...' if len(ps) > 6 else ''})"
 
 
 def arch_of(space: SearchSpace) -> Arch:

@@ -28,6 +28,7 @@ from torch import nn
 from ernas.errors import ErnasError
 from ernas.nn.mixed import SuperBlock, index_of
 from ernas.space import Arch, SearchSpace
+from ernas.space_checks import single_geometry_message
 
 
 def _safe(position: str, decision: str) -> str:
@@ -48,6 +49,8 @@ class SuperNet(nn.Module):
                  gumbel: bool = False):
         super().__init__()
         family = space.spec
+        if space.geometries:
+            raise ErnasError(single_geometry_message(space, "supernet", "space"))
         if mode not in family.super_modes:
             raise ErnasError(f"SuperNet mode {mode!r} is not available for family "
                              f"{family.name!r}; use one of {', '.join(family.super_modes)} "

@@ -6,9 +6,12 @@ Networks (``plan["networks"]``, name -> record):
   ``{geometry, blocks}`` change, e.g. a smaller hand-made network of the same space);
 - ``searched_t<i>_s<k>``: the search at target i (fraction f_i of the reference's predicted
   latency L_ref, so T_i = f_i·L_ref) with search seed k; its arch is the search's ``arch.yaml``
-  (with ``tune.lams``: the searches are added once λ is chosen, ``ernas.bench.tune``);
-- ``random_t<i>_d<j>``: uniform samples of the space accepted when |L̂(a)/T_i − 1| ≤ tolerance,
-  drawn in order from one seeded generator per target;
+  (with ``tune.lams``: the searches are added once λ is chosen, ``ernas.bench.tune``). A space
+  with geometry alternatives (``geometries``) gets one search per alternative g and seed,
+  ``searched_t<i>_<g>_s<k>``, on the single-geometry space ``<space>:<g>``; validation chooses
+  among all of them as among seeds;
+- ``random_t<i>_d<j>``: uniform samples of the space (of the union of its alternatives)
+  accepted when |L̂(a)/T_i − 1| ≤ tolerance, drawn in order from one seeded generator per target;
 - ``scaled_<name>``: the protocol's reference with the stated geometry and block values changed.
 
 Jobs (``plan["jobs"]``, id -> record): tuning searches (``tune_t<i>_l<j>``: target i, λ_j of
@@ -95,6 +98,11 @@ def _node(cfg, key: str) -> dict:
 def hand_made(cfg, space) -> tuple[Arch, list[Arch]]:
     """The protocol's reference and its scaled variants; a change the space or family refuses
     raises ErnasError (``ernas-bench`` calls this before it claims a run directory)."""
+    if space.geometries and cfg.tune.lams:
+        raise ErnasError(f"bench config: tune.lams chooses λ with one search per target, but "
+                         f"space {space.name} holds geometry alternatives "
+                         f"({', '.join(space.geometries)}), each searched separately; state "
+                         f"search.lam and set tune.lams=[].")
     change = _node(cfg, "reference")
     return reference_arch(space, change), [scaled_arch(space, spec, change)
                                            for spec in _node(cfg, "scaled")]
@@ -109,14 +117,16 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
     ref_ms = predict_ms(table, ref, shape)
     archs = bench / "archs"
     networks = {"reference": {"arm": "reference", "arch": str(archs / "reference.yaml"),
-                              "predicted_ms": ref_ms}}
+                              "predicted_ms": ref_ms, **_alternative(space, ref)}}
     written = {"reference": ref}
     targets = [{"fraction": float(f), "ms": float(f) * ref_ms} for f in cfg.targets]
     for i, t in enumerate(targets):
         for k in cfg.search.seeds:
-            networks[f"searched_t{i}_s{k}"] = {
-                "arm": "searched", "target": i, "search_seed": int(k),
-                "arch": str(bench / "jobs" / f"search_t{i}_s{k}" / "arch.yaml")}
+            for g in list(space.geometries) or [None]:
+                tag = f"t{i}_s{k}" if g is None else f"t{i}_{g}_s{k}"
+                networks[f"searched_{tag}"] = {
+                    "arm": "searched", "target": i, "search_seed": int(k), "geometry": g,
+                    "arch": str(bench / "jobs" / f"search_{tag}" / "arch.yaml")}
         drawn = random_archs(space, table, shape, t["ms"], cfg.random.draws,
                              cfg.random.tolerance, cfg.random.seed + 1000 * i,
                              cfg.random.max_tries, f"target {t['fraction']}")
@@ -125,11 +135,12 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
             a.name = name
             written[name] = a
             networks[name] = {"arm": "random", "target": i, "draw": j, "predicted_ms": ms,
-                              "arch": str(archs / f"{name}.yaml")}
+                              "arch": str(archs / f"{name}.yaml"), **_alternative(space, a)}
     for a in scaled:
         written[a.name] = a
         networks[a.name] = {"arm": "scaled", "arch": str(archs / f"{a.name}.yaml"),
-                            "predicted_ms": _predicted_or_none(table, a, shape)}
+                            "predicted_ms": _predicted_or_none(table, a, shape),
+                            **_alternative(space, a)}
     plan = {"protocol": cfg.protocol, "reference_ms": ref_ms, "targets": targets,
             "networks": networks, "jobs": {}, "nodes": job_nodes(cfg, bench / TABLE)}
     for i, t in enumerate(targets):
@@ -138,13 +149,23 @@ def build_plan(cfg, table, bench: Path) -> tuple[dict, dict[str, Arch]]:
                 add_job(plan, bench, f"tune_t{i}_l{j}", "search",
                         {**search_overrides(cfg, t, cfg.tune.seed), "search.lam": float(lam)})
             continue
-        for k in cfg.search.seeds:
-            add_job(plan, bench, f"search_t{i}_s{k}", "search", search_overrides(cfg, t, k))
+        for name, rec in networks.items():
+            if rec["arm"] == "searched" and rec["target"] == i:
+                job = name.replace("searched_", "search_", 1)
+                add_job(plan, bench, job, "search",
+                        search_overrides(cfg, t, rec["search_seed"], rec["geometry"]))
     for name in networks:
         seeds = cfg.train.seeds if name == "reference" else cfg.train.others_seeds
         for s in seeds:
             add_training(plan, bench, cfg, name, int(s))
     return plan, {str(archs / f"{name}.yaml"): a for name, a in written.items()}
+
+
+def _alternative(space, arch: Arch) -> dict:
+    """``{"geometry": g}`` for the space's alternative g whose geometry ``arch`` has (none for a
+    space without alternatives, or a geometry outside them)."""
+    names = [g for g in space.geometries if space.alternative(g).geometry == arch.geometry]
+    return {"geometry": names[0]} if names else {}
 
 
 def job_nodes(cfg, table_path) -> dict:
@@ -162,8 +183,10 @@ def _predicted_or_none(table, arch, shape):
     return predict_ms(table, arch, shape) if all(k in table for k in keys) else None
 
 
-def search_overrides(cfg, target: dict, seed: int) -> dict:
-    return {**_node(cfg.search, "overrides"), "space": str(cfg.space),
+def search_overrides(cfg, target: dict, seed: int, geometry: str | None = None) -> dict:
+    """A search job's overrides (``geometry``: the space's alternative it searches)."""
+    space = str(cfg.space) if geometry is None else f"{cfg.space}:{geometry}"
+    return {**_node(cfg.search, "overrides"), "space": space,
             "input_shape": [int(s) for s in cfg.input_shape], "seed": int(seed),
             "search.target_ms": round(target["ms"], 6), "threads": cfg.threads,
             "progress": False}

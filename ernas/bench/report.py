@@ -87,7 +87,8 @@ def arms_table(plan: dict, sel: dict, scores: dict, measured: dict, passes: dict
         rows.append({
             "network": name, "arm": rec["arm"],
             "target": None if t is None else plan["targets"][t]["fraction"],
-            "search_seed": rec.get("search_seed"), "draw": rec.get("draw"),
+            "search_seed": rec.get("search_seed"), "geometry": rec.get("geometry"),
+            "draw": rec.get("draw"),
             "selected": ("headline, " if name == sel["headline"] else "")
             + selected.get(name, "front" if name in front_names else ""),
             "train_seeds": len(s), "val": sel["validation"][name],

@@ -6,7 +6,8 @@ import math
 
 from ernas.cli.common import user_errors
 from ernas.api import find_space
-from ernas.space import arch_of, warn_unset_decisions
+from ernas.space import arch_of
+from ernas.space_checks import warn_unset_decisions
 
 
 @user_errors
@@ -25,7 +26,10 @@ def main(argv=None) -> None:
         kind = "architecture" if space.is_arch else "search space"
         size = space.size()
         arch = arch_of(space) if space.is_arch else space.reference()
-        print(f"{f}: {kind} of family {space.family}, {len(space.positions)} block positions, "
+        alternatives = (f"{len(space.geometries)} geometry alternatives "
+                        f"({', '.join(space.geometries)}), " if space.geometries else "")
+        print(f"{f}: {kind} of family {space.family}, {alternatives}{len(space.positions)} block "
+              f"positions, "
               f"{len(space.searchable)} searchable, {size} distinct architectures "
               f"(10^{math.log10(size):.1f}); {'parameters' if space.is_arch else 'reference parameters'} "
               f"{count_params(build_model(arch)):,}")

@@ -20,6 +20,7 @@ from ernas.latency.table import LatencyTable
 from ernas.search import SearchConfig, run_search
 from ernas.search.config import RESUME_FREE as SEARCH_RESUME_FREE
 from ernas.space import find_space
+from ernas.space_checks import single_geometry_message
 
 
 # settings of the command line, not of the run: a resumed run always takes this invocation's
@@ -85,6 +86,8 @@ def prepare(cfg: DictConfig, rank: int = 0, out: Path | None = None, device: str
     if space.is_arch:
         raise ErnasError(f"space {space.source} has nothing to search (every decision has one "
                          f"value); give a search space such as nafnet_tiny.")
+    if space.geometries:
+        raise ErnasError(single_geometry_message(space, "search", "space"))
     data_seed = cfg.seed + 1000 * rank
     scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
     # the data first: a data error refuses the run before any latency is timed

@@ -37,9 +37,12 @@ def _digest(obj) -> str:
 
 
 def _space_content(space) -> dict:
-    """What decides a space's op keys and its probe network: family, geometry, choices."""
+    """What decides a space's op keys and its probe network: family, geometry, choices (and
+    the geometry alternatives, where the space has them)."""
     choices = {p: {d: list(c) for d, c in ch.items()} for p, ch in space.choices.items()}
-    return {"family": space.family, "geometry": space.geometry, "choices": choices}
+    content = {"family": space.family, "geometry": space.geometry, "choices": choices}
+    alternatives = getattr(space, "geometries", None)
+    return {**content, "geometries": alternatives} if alternatives else content
 
 
 def space_digest(space) -> str:
