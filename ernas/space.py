@@ -77,7 +77,7 @@ class SearchSpace:
 
     @property
     def is_arch(self) -> bool:
-        return not self.searchable and len(self.geometries) <= 1
+        return not self.searchable and not self.geometries
 
     def alternative(self, name: str) -> "SearchSpace":
         """The single-geometry space of the alternative ``name`` (``geometries[name]`` applied)."""
@@ -339,6 +339,10 @@ def find_space(ref: str | Path) -> SearchSpace:
 def load_arch(path: str | Path) -> Arch:
     """Load an architecture file: the space schema with a single value for every decision."""
     space = space_from_dict(_read_yaml(path, "architecture"), str(path))
+    if space.geometries:
+        raise ErnasError(f"{path}: this is an architecture file, so it has one geometry, but it "
+                         f"lists geometries ({', '.join(space.geometries)}). Remove "
+                         f"'geometries' and write the chosen one in 'geometry'.")
     multi = [(p, d, c) for p in space.searchable for d, c in space.choices[p].items() if len(c) > 1]
     if multi:
         p, d, c = multi[0]

@@ -62,6 +62,16 @@ def test_a_bad_alternative_is_refused_naming_it(tmp_path, geometries, fragment):
         load_space(_union(tmp_path, geometries))
 
 
+def test_an_architecture_file_with_alternatives_is_refused(tmp_path):
+    from ernas.space import load_arch
+
+    data = {**find_space("nafnet_tiny").reference().to_dict(), "geometries": {"w6": {"width": 6}}}
+    path = tmp_path / "arch.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ErnasError, match="architecture file, so it has one geometry"):
+        load_arch(path)
+
+
 def test_an_unknown_alternative_is_refused_with_the_names(tmp_path):
     path = _union(tmp_path, {"w8": {}, "w6": {"width": 6}})
     with pytest.raises(ErnasError, match="no geometry alternative 'w4'; its alternatives are "
