@@ -23,8 +23,8 @@ single value; a **SearchSpace** may hold several candidates per decision.
 single-geometry space per alternative (``space.alternative(name)``, or ``find_space("<space>:
 <name>")``), each with the same decisions: its op keys cover every alternative, ``sample`` draws
 the alternative uniformly and then each decision (uniform over the union, as the alternatives are
-equally large), and a search runs on one alternative. ``reference``, ``smallest`` and
-``largest`` are of ``geometry``.
+equally large), and a search runs on one alternative. ``reference`` is of ``geometry`` (one of
+the alternatives); ``smallest`` and ``largest`` are over all of them.
 """
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ from ernas.space_checks import (check_geometries, fmt_values, no_position_messag
 
 def _same(value, allowed) -> bool:
     return type(value) is type(allowed) and value == allowed
+
+
+def _footprint_order(arch) -> tuple:
+    """Networks ordered by activation memory, then parameters (``footprint.estimate``)."""
+    f = footprint.estimate(arch)
+    return (f.activation_bytes or 0, f.params)
 
 
 @dataclass
@@ -82,11 +88,14 @@ class SearchSpace:
     def alternative(self, name: str) -> "SearchSpace":
         """The single-geometry space of the alternative ``name`` (``geometries[name]`` applied)."""
         if name not in self.geometries:
-            raise ErnasError(f"space {self.name} ({self.source}) has no geometry alternative "
-                             f"{name!r}; its alternatives are "
-                             f"{', '.join(self.geometries) or 'none (it has one geometry)'}.")
+            names = list(self.geometries)
+            raise ErnasError(f"field 'space': {self.source} has no geometry alternative {name!r}; "
+                             + (f"its alternatives are {', '.join(names)}: use e.g. space="
+                                f"{self.source}:{names[0]}." if names else
+                                f"it has one geometry: use space={self.source}."))
         return SearchSpace(self.family, {**self.geometry, **self.geometries[name]}, self.choices,
-                           name=f"{self.name}_{name}", source=self.source, blocks=self.blocks)
+                           name=f"{self.name}_{name}", source=f"{self.source}:{name}",
+                           blocks=self.blocks)
 
     def members(self) -> list["SearchSpace"]:
         """The single-geometry spaces of this space: one per alternative, else itself."""
@@ -118,9 +127,15 @@ class SearchSpace:
         return self._pick(lambda pos, d, cands: rng.choice(cands), "sample")
 
     def smallest(self) -> "Arch":
+        """Cheapest value everywhere; over alternatives, the one of least footprint."""
+        if self.geometries:
+            return min((m.smallest() for m in self.members()), key=_footprint_order)
         return self._pick(lambda pos, d, cands: self._ordered(d, cands)[0], "smallest")
 
     def largest(self) -> "Arch":
+        """Costliest value everywhere; over alternatives, the one of largest footprint."""
+        if self.geometries:
+            return max((m.largest() for m in self.members()), key=_footprint_order)
         return self._pick(lambda pos, d, cands: self._ordered(d, cands)[-1], "largest")
 
     def reference(self) -> "Arch":

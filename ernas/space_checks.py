@@ -37,7 +37,14 @@ def check_geometries(given, spec: Family, geometry: dict, source: str) -> dict:
             raise ErnasError(f"{where} changes the block positions; an alternative may change "
                              f"widths and channels but must keep the block counts of 'geometry', "
                              f"so that every alternative has the same decisions.")
+        if changed in [{**geometry, **c} for c in out.values()]:
+            raise ErnasError(f"{where} gives the same geometry as another alternative; list each "
+                             f"geometry once.")
         out[str(name)] = dict(change or {})
+    if all(any(geometry.get(k) != v for k, v in c.items()) for c in out.values()):
+        raise ErnasError(f"{source}: no entry of 'geometries' is 'geometry' itself, whose "
+                         f"reference network the space compares with; add it, e.g. "
+                         f"geometries: {{base: {{}}, ...}}.")
     return out
 
 
@@ -91,5 +98,5 @@ def single_geometry_message(space, what: str, field: str) -> str:
     names = list(space.geometries)
     return (f"field {field!r}: space {space.name} ({space.source}) holds {len(names)} geometry "
             f"alternatives ({', '.join(names)}) and a {what} runs on one geometry. Fix: name "
-            f"one, e.g. {field}={space.name}:{names[0]}, and run one {what} per alternative "
-            f"(ernas-bench does this for a protocol's space).")
+            f"one, e.g. {field}={space.source}:{names[0]}, and run one {what} per alternative "
+            f"at one search.target_ms (ernas-bench does this for a protocol's space).")

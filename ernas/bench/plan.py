@@ -76,7 +76,7 @@ def random_archs(space, table, shape, target_ms: float, draws: int, tolerance: f
     found, seen = [], set()
     for _ in range(max_tries):
         a = space.sample(rng)
-        digest = repr(sorted(a.values.items()))
+        digest = repr((sorted(a.geometry.items()), sorted(a.values.items())))
         if digest in seen:
             continue
         seen.add(digest)

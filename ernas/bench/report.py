@@ -156,6 +156,8 @@ def markdown(cfg_text: str, plan: dict, arms: pd.DataFrame, comps: pd.DataFrame,
     cols = ["network", "arm", "target", "selected", "train_seeds", "val", "test", "test_ci_low",
             "test_ci_high", "params", "macs", "predicted_ms", "measured_ms", "peak_mem_mib",
             "speedup_vs_reference", "search_seconds", "train_seconds"]
+    if arms["geometry"].notna().any():  # a space with geometry alternatives
+        cols.insert(3, "geometry")
     lines = [f"# Protocol {plan['protocol']}", "",
              f"Set {meta['set']}, metric {meta['metric']}; {len(plan['networks'])} networks, "
              f"{len(plan['jobs'])} jobs; reference predicted {plan['reference_ms']:.2f} ms; "

@@ -66,6 +66,13 @@ class Pair:
 def single_decision_pairs(space, input_shape, granularity: str = "block") -> list[Pair]:
     """Every single-decision pair of ``space`` (see the module docstring), deduplicated."""
     found: dict[tuple, Pair] = {}
+    for one in space.members():  # every geometry alternative
+        _add_pairs(found, one, input_shape, granularity)
+    return list(found.values())
+
+
+def _add_pairs(found: dict, space, input_shape, granularity: str) -> None:
+    """The single-decision pairs of the single-geometry ``space`` into ``found``."""
     for p in space.positions:
         cands = space.choices[p]
         for combo in space.combos(p):
@@ -91,7 +98,6 @@ def single_decision_pairs(space, input_shape, granularity: str = "block") -> lis
                                             old.positions + (p,), ka, kb)
                 else:
                     found[ident] = Pair(d, combo[d], ranked[i + 1], rest, (p,), ka, kb)
-    return list(found.values())
 
 
 def inconsistent_pairs(table: LatencyTable, pairs: list[Pair],

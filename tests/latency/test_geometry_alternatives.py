@@ -40,6 +40,8 @@ def test_the_union_covers_every_alternative_and_searches_name_one(tmp_path):
     assert set(draws) == {6, 8} and 150 < draws[6] < 250  # the alternative drawn uniformly
     assert all(union.contains(union.sample(rng)) for _ in range(20))
     assert not union.contains(_arch_of_width(base, 4))  # width 4 is no alternative
+    assert union.smallest().geometry["width"] == 6 and union.largest().geometry["width"] == 8
+    assert union.reference().geometry["width"] == 8  # the reference is of `geometry`
     # the w8 alternative is the plain space; the union's table is another space's
     assert space_digest(union.alternative("w8")) == space_digest(base) != space_digest(union)
     assert load_space(path).to_dict()["geometries"] == {"w8": {}, "w6": {"width": 6}}
@@ -56,6 +58,8 @@ def _arch_of_width(space, width):
     ({"w8": {}, "bad": {"depth": 3}}, "geometries.bad must map geometry fields"),
     ({"w8": {}, "odd name": {}}, "must be plain"),
     ({}, "must map names to changes"),
+    ({"w6": {"width": 6}, "w4": {"width": 4}}, "no entry of 'geometries' is 'geometry' itself"),
+    ({"w8": {}, "same": {"width": 8}}, "the same geometry as another alternative"),
 ])
 def test_a_bad_alternative_is_refused_naming_it(tmp_path, geometries, fragment):
     with pytest.raises(ErnasError, match=fragment):
@@ -65,7 +69,8 @@ def test_a_bad_alternative_is_refused_naming_it(tmp_path, geometries, fragment):
 def test_an_architecture_file_with_alternatives_is_refused(tmp_path):
     from ernas.space import load_arch
 
-    data = {**find_space("nafnet_tiny").reference().to_dict(), "geometries": {"w6": {"width": 6}}}
+    data = {**find_space("nafnet_tiny").reference().to_dict(),
+            "geometries": {"w8": {}, "w6": {"width": 6}}}
     path = tmp_path / "arch.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ErnasError, match="architecture file, so it has one geometry"):
@@ -74,8 +79,8 @@ def test_an_architecture_file_with_alternatives_is_refused(tmp_path):
 
 def test_an_unknown_alternative_is_refused_with_the_names(tmp_path):
     path = _union(tmp_path, {"w8": {}, "w6": {"width": 6}})
-    with pytest.raises(ErnasError, match="no geometry alternative 'w4'; its alternatives are "
-                                         "w8, w6"):
+    with pytest.raises(ErnasError, match=f"no geometry alternative 'w4'; its alternatives are "
+                                         f"w8, w6: use e.g. space={path}:w8"):
         find_space(f"{path}:w4")
 
 
@@ -83,7 +88,7 @@ def test_a_search_on_the_union_is_refused_before_it_runs(tmp_path):
     from ernas.supernet import SuperNet
 
     path = _union(tmp_path, {"w8": {}, "w6": {"width": 6}})
-    with pytest.raises(ErnasError, match=f"space={path.stem}:w8"):
+    with pytest.raises(ErnasError, match=f"space={path}:w8"):
         SuperNet(load_space(path))
     r = subprocess.run([sys.executable, "-m", "ernas.cli.search", f"space={path}",
                         "search.steps=2", "search.warmup_steps=0", "progress=false"],
@@ -139,3 +144,20 @@ def test_tuning_lambda_with_alternatives_is_refused(tmp_path):
     cfg.tune = OmegaConf.create({"lams": [0.1, 1.0], "seed": 100, "tolerance": 0.05})
     with pytest.raises(ErnasError, match="holds geometry alternatives"):
         hand_made(cfg, load_space(path))
+
+
+def test_the_consistency_check_covers_every_alternative(tmp_path):
+    """A table timed with the w6 keys inverted passes a check that looks at w8 alone."""
+    from ernas.latency.consistency import inconsistent_pairs, single_decision_pairs
+    from ernas.latency.table import LatencyTable
+
+    union = load_space(_union(tmp_path, {"w8": {}, "w6": {"width": 6}}))
+    pairs = single_decision_pairs(union, SHAPE)
+    base = single_decision_pairs(find_space("nafnet_tiny"), SHAPE)
+    assert len(pairs) > len(base)
+    w6_only = set(union.alternative("w6").op_keys(SHAPE)) - set(find_space("nafnet_tiny")
+                                                                 .op_keys(SHAPE))
+    rng, table = random.Random(0), LatencyTable()
+    for key in union.op_keys(SHAPE):  # w8 keys all equal (consistent), w6 keys scrambled
+        table.add(key, [rng.uniform(0.1, 10.0) if key in w6_only else 1.0])
+    assert inconsistent_pairs(table, pairs) and not inconsistent_pairs(table, base)
