@@ -66,9 +66,22 @@ def as_overrides(overrides: Mapping | Sequence[str] | None) -> list[str]:
     return [str(o) for o in overrides]
 
 
-def compose(command: str, overrides: Mapping | Sequence[str] | None = None):
+def compose(command: str, overrides: Mapping | Sequence[str] | None = None,
+            nodes: Mapping | None = None):
     """The composed config of ``command`` (e.g. ``"search"``) with ``overrides``, as the console
-    script would compose it (the ``hydra`` node is left out)."""
+    script would compose it (the ``hydra`` node is left out); ``nodes`` replaces whole config
+    nodes after composition (``{"task": {...}}``: another run's task)."""
+    cfg = _composed(command, overrides)
+    if nodes:
+        from omegaconf import OmegaConf, open_dict
+
+        with open_dict(cfg):
+            for key, node in nodes.items():
+                cfg[key] = OmegaConf.create(dict(node))
+    return cfg
+
+
+def _composed(command: str, overrides):
     import importlib
 
     from hydra import compose as hydra_compose
@@ -103,15 +116,10 @@ def run_command(command: str, overrides=None, run_dir=None, nodes: Mapping | Non
     replaces whole config nodes after composition (``{"task": {...}}``: another run's task)."""
     import importlib
 
-    from omegaconf import OmegaConf, open_dict
-
     if run_dir is None:
         raise ErnasError(f"ernas.{command}: give run_dir=<folder> (a new folder, or the run to "
                          f"continue with overrides={{'resume': <folder>}}).")
-    cfg = compose(command, overrides)
-    with open_dict(cfg):
-        for key, node in (nodes or {}).items():
-            cfg[key] = OmegaConf.create(dict(node))
+    cfg = compose(command, overrides, nodes)
     run = importlib.import_module(f"ernas.cli.{command}").run
     run = getattr(run, "__wrapped__", run)  # the function itself: ErnasError is raised, not exit 2
     summary = run(cfg, Path(run_dir))

@@ -20,3 +20,20 @@ def one_thread():
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def bench_env(tmp_path_factory):
+    """One latency cache for the bench runs of a session (the tiny space's table is profiled
+    once)."""
+    import os
+
+    return {**os.environ, "ERNAS_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_protocol(tmp_path_factory, bench_env):
+    """``tiny_bench.run_tiny_protocol``: the bench dir and the kept searches' digests."""
+    from tiny_bench import run_tiny_protocol
+
+    return run_tiny_protocol(tmp_path_factory.mktemp("bench"), bench_env)

@@ -1,12 +1,8 @@
 """ernas-bench: the tiny protocol end to end (killed after its searches and resumed through the
 joblib launcher), selection on validation only, tie verdicts, and refusals."""
-import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,55 +11,9 @@ import pytest
 
 from ernas.bench import analysis, stats
 from ernas.bench.config import Bootstrap
+from tiny_bench import BENCH, digest as _digest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = [sys.executable, "-m", "ernas.cli.bench", "experiment=protocol_denoise_tiny"]
-
-
-def _digest(paths) -> dict:
-    return {str(p): hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in paths}
-
-
-def _wait_for(paths, proc, limit_s=600):
-    start = time.time()
-    while not all(Path(p).is_file() for p in paths):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() - start < limit_s, "searches did not finish in time"
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One latency cache for the module (the tiny space's table is profiled once)."""
-    return {**os.environ, "ERNAS_CACHE": str(tmp_path_factory.mktemp("cache"))}
-
-
-@pytest.fixture(scope="module")
-def tiny_protocol(tmp_path_factory, env):
-    """The tiny protocol, killed (SIGKILL, whole process group) once both searches finished,
-    then resumed with the joblib launcher; returns the bench dir and the searches' digests."""
-    tmp = tmp_path_factory.mktemp("bench")
-    out = tmp / "run"
-    proc = subprocess.Popen([*BENCH, f"hydra.run.dir={out}"], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    searches = [out / "jobs" / f"search_t0_s{k}" / "summary.json" for k in (0, 1)]
-    _wait_for(searches, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = _digest(p.parent / n for p in searches for n in ("summary.json", "arch.yaml"))
-    resume = [sys.executable, "-m", "ernas.cli.bench", f"resume={out}", "launcher=joblib",
-              "+launcher_settings.n_jobs=2"]
-    r = subprocess.run([*resume, "until=train", f"hydra.run.dir={tmp / 'resume_log'}"], cwd=tmp,
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    # until=train: every training done, nothing measured or tested yet
-    assert (out / "selection.json").is_file() and not (out / "latency.json").exists()
-    assert not any(out.glob("jobs/test_*")) and not (out / "summary.json").exists()
-    r = subprocess.run([*resume, f"hydra.run.dir={tmp / 'resume_log2'}"], cwd=tmp, env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, kept
 
 
 def test_every_arm_is_reported_and_finished_jobs_are_kept(tiny_protocol):
@@ -260,11 +210,11 @@ def test_non_inferiority_uses_the_stated_bound(tmp_path):
     ("targets=[0.01] random.max_tries=500", "random.draws=2"),
     ("scaled=[{name:w3,geometry:{width:3}}]", "'width' must be even"),
 ])
-def test_a_bad_protocol_is_refused_before_anything_is_written(tmp_path, env, override,
+def test_a_bad_protocol_is_refused_before_anything_is_written(tmp_path, bench_env, override,
                                                               fragment):
     out = tmp_path / "run"
     r = subprocess.run([*BENCH, *override.split(), f"hydra.run.dir={out}"], cwd=tmp_path,
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=bench_env)
     # latency notes may come first (the table is resolved before the draws), then the paragraph
     assert r.returncode == 2 and "\nerror: " in "\n" + r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and fragment in " ".join(r.stderr.split())

@@ -245,10 +245,7 @@ def check_jobs(plan: dict) -> None:
     for job in plan["jobs"].values():
         first.setdefault(job["command"], job)
     for command, job in first.items():
-        cfg = compose(command, job["overrides"])
-        OmegaConf.set_struct(cfg, False)
-        for key, node in job["nodes"].items():
-            cfg[key] = OmegaConf.create(node)
+        cfg = compose(command, job["overrides"], job["nodes"])
         validated(cfg, getattr(schema, command.capitalize()), f"bench: the {command} jobs' config")
         if command == "search":
             SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
