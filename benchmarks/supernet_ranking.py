@@ -8,7 +8,9 @@ and random network of its target that is a point of its space, two ways:
   the search's calibration batches (as ``ernas-search`` judges its derived network), scored on
   the validation split as the run's trainings validate (their ``val_crop``, noise seed 0);
 - ``supernet``: the supernet run one-hot on the network over the search's validation batches
-  with BatchNorm on batch statistics: the score ``search.derive=budget`` maximises.
+  with BatchNorm on batch statistics: the score ``search.derive=budget`` maximises;
+- ``alpha``: log p(a) = Σ_(s,d) log softmax(α_(s,d)/τ)[a_(s,d)], the network's log-probability
+  under the search's final architecture distribution (the argmax derivation maximises it).
 
 Beside them, proxies that need no supernet: ``params``, ``macs`` and ``predicted_ms`` (larger
 taken as better). The trained figure y of a network is the mean, over the training seeds every
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -38,6 +41,7 @@ from scipy import stats
 
 log = logging.getLogger("supernet_ranking")
 FREE_PROXIES = ("params", "macs", "predicted_ms")
+SUPERNET_PROXIES = ("inherited", "supernet", "alpha")
 
 
 class RankingInputError(ValueError):
@@ -120,9 +124,19 @@ def _supernet(p: dict, run_dir: Path):
     return net
 
 
+def log_prob(net, arch) -> float:
+    """log p(arch) under ``net``'s architecture distribution softmax(α/τ) (module docstring)."""
+    import torch
+
+    with torch.no_grad():
+        probs, choices = net.probs(sample=False), net.space.choices
+        return float(sum(math.log(float(probs[p][d][choices[p][d].index(arch.values[p][d])]))
+                         for p in probs for d in probs[p] if len(choices[p][d]) > 1))
+
+
 def supernet_scores(job: dict, archs: dict, val_crop) -> dict[str, dict[str, float]]:
-    """{network: {"inherited": ..., "supernet": ...}} for the archs of ``archs`` that are points
-    of the search's space (module docstring)."""
+    """{network: {"inherited": ..., "supernet": ..., "alpha": ...}} for the archs of ``archs``
+    that are points of the search's space (module docstring)."""
     import torch
 
     from ernas.nn.batchnorm import recalibrate_bn
@@ -142,7 +156,7 @@ def supernet_scores(job: dict, archs: dict, val_crop) -> dict[str, dict[str, flo
         model = net.extract(arch)
         recalibrate_bn(model, calibration_batches(p["train_batch"], scfg, device))
         out[name] = {"inherited": validate(model, val_set, device, task),
-                     "supernet": one_hot(arch)}
+                     "supernet": one_hot(arch), "alpha": log_prob(net, arch)}
     return out
 
 
@@ -173,10 +187,9 @@ def score_run(run: Path) -> pd.DataFrame:
         raise RankingInputError(f"{run}: no plan.json here; give the folder of an ernas-bench "
                                 f"run (runs/bench/<date>_<time>).")
     plan = load_plan(run)
-    shape = json.loads(json.dumps(next(j for j in plan["jobs"].values()
-                                       if j["command"] == "search")["overrides"]["input_shape"]))
-    val_crop = next(j for j in plan["jobs"].values()
-                    if j["command"] == "retrain")["overrides"].get("val_crop")
+    first = {j["command"]: j for j in reversed(list(plan["jobs"].values()))}
+    shape = list(first["search"]["overrides"]["input_shape"])
+    val_crop = first["retrain"]["overrides"].get("val_crop")
     rows = []
     for i in range(len(plan["targets"])):
         names = _ranked(plan, i)
@@ -206,7 +219,7 @@ def summarise(scores: pd.DataFrame, boots: int = 2000) -> pd.DataFrame:
     rows = []
     seeds = [c for c in scores.columns if c.startswith("trained_seed")]
     for (target, scorer), g in scores.groupby(["target", "scorer"], sort=True):
-        proxies = FREE_PROXIES if scorer == "-" else ("inherited", "supernet")
+        proxies = FREE_PROXIES if scorer == "-" else SUPERNET_PROXIES
         for proxy in proxies:
             rows.append({"target": target, "proxy": proxy, "scorer": scorer,
                          **agreement(g[proxy], g["trained"], boots)})

@@ -15,7 +15,7 @@ from tiny_bench import digest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "supernet_ranking.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from supernet_ranking import agreement  # noqa: E402
+from supernet_ranking import agreement, summarise  # noqa: E402
 
 
 def test_agreement_reads_order_sign_and_regret():
@@ -31,6 +31,22 @@ def test_agreement_reads_order_sign_and_regret():
     assert swapped["n"] == 5 and swapped["kendall"] == pytest.approx(0.8)
     assert swapped["regret"] == pytest.approx(1) and swapped["ci_low"] <= 0.8 <= swapped["ci_high"]
     assert np.isnan(agreement([1, 2], [1, 2])["kendall"])
+
+
+def test_the_ceiling_sets_one_training_seed_against_the_other():
+    """Fails if the seed-to-seed row reads the mean instead of the two seeds, or if a free proxy
+    is scored against one seed instead of the mean."""
+    seed0, seed1 = np.array([1.0, 2, 3, 4]), np.array([1.0, 2, 4, 3])
+    scores = pd.DataFrame({"target": 0, "scorer": "-", "network": list("abcd"),
+                           "params": [1, 2, 3, 4], "macs": [4, 3, 2, 1],
+                           "predicted_ms": [1, 1, 1, 2], "trained_seed0": seed0,
+                           "trained_seed1": seed1, "trained": (seed0 + seed1) / 2})
+    rows = summarise(scores, boots=100).set_index("proxy")
+    assert rows.loc["training_seed", "scorer"] == "0~1"
+    assert rows.loc["training_seed", "kendall"] == pytest.approx(2 / 3)
+    assert rows.loc["params", "kendall"] == pytest.approx(agreement([1, 2, 3, 4],
+                                                                    (seed0 + seed1) / 2)["kendall"])
+    assert rows.loc["macs", "kendall"] < 0
 
 
 def _rank(run: Path, out: Path):
@@ -64,7 +80,8 @@ def test_every_supernet_scores_its_targets_networks_and_the_run_is_untouched(tin
     for _, g in scores.groupby("scorer"):
         assert sorted(g["network"]) == ranked
     supernet_rows = scores[scores["scorer"] != "-"]
-    assert np.isfinite(supernet_rows[["inherited", "supernet"]].to_numpy()).all()
+    assert np.isfinite(supernet_rows[["inherited", "supernet", "alpha"]].to_numpy()).all()
+    assert (supernet_rows["alpha"] < 0).all()
     for name in ranked:
         row = scores[(scores["scorer"] == "-") & (scores["network"] == name)].iloc[0]
         best = [json.loads((run / "jobs" / f"train_{name}_seed0" / "summary.json").read_text())
@@ -83,7 +100,8 @@ def test_every_supernet_scores_its_targets_networks_and_the_run_is_untouched(tin
                          & (supernet_rows["network"] == "searched_t0_s0")]["inherited"].item()
     assert mine == pytest.approx(own, abs=1e-4)
     summary = pd.read_csv(tmp_path / "out" / "ranking_summary.csv")
-    assert set(summary["proxy"]) == {"params", "macs", "predicted_ms", "inherited", "supernet"}
+    assert set(summary["proxy"]) == {"params", "macs", "predicted_ms", "inherited", "supernet",
+                                      "alpha"}
     assert (summary["n"] == len(ranked)).all()
 
 
@@ -91,3 +109,22 @@ def test_a_folder_that_is_not_a_bench_run_is_refused_with_exit_2(tmp_path):
     r = _rank(tmp_path, tmp_path / "out")
     assert r.returncode == 2 and "plan.json" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_ranking_study_is_protocol_denoise_budget_at_one_of_its_targets():
+    """Fails if the study's searches or training recipe drift from the protocol whose supernets
+    it judges, or if it drops the second training seed the ceiling needs."""
+    from omegaconf import OmegaConf
+
+    from ernas.api import compose
+    from ernas.bench.config import Protocol
+    from ernas.config import validated
+
+    study = compose("bench", ["experiment=ranking_denoise_budget"])
+    base = compose("bench", ["experiment=protocol_denoise_budget"])
+    validated(study, Protocol, "ranking_denoise_budget")
+    for key in ("space", "input_shape", "search", "tune", "task", "latency", "reference"):
+        assert OmegaConf.select(study, key) == OmegaConf.select(base, key), key
+    assert study.train.overrides == base.train.overrides and study.space == "nafnet_ern_small"
+    assert set(study.targets) <= set(base.targets) and study.random.seed == base.random.seed
+    assert len(study.train.others_seeds) >= 2 and study.random.draws >= 8
