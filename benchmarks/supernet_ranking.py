@@ -6,7 +6,8 @@ and random network of its target that is a point of its space, two ways:
 
 - ``inherited``: the network extracted with the supernet's weights, BatchNorm recalibrated on
   the search's calibration batches (as ``ernas-search`` judges its derived network), scored on
-  the validation split as the run's trainings validate (their ``val_crop``, noise seed 0);
+  the validation split as the run's trainings validate (their ``val_crop`` and ``val_tile``,
+  noise seed 0);
 - ``supernet``: the supernet run one-hot on the network over the search's validation batches
   with BatchNorm on batch statistics: the score ``search.derive=budget`` maximises;
 - ``alpha``: log p(a) = Σ_(s,d) log softmax(α_(s,d)/τ)[a_(s,d)], the network's log-probability
@@ -134,9 +135,11 @@ def log_prob(net, arch) -> float:
                          for p in probs for d in probs[p] if len(choices[p][d]) > 1))
 
 
-def supernet_scores(job: dict, archs: dict, val_crop) -> dict[str, dict[str, float]]:
+def supernet_scores(job: dict, archs: dict, val_crop, val_tile=None
+                    ) -> dict[str, dict[str, float]]:
     """{network: {"inherited": ..., "supernet": ..., "alpha": ...}} for the archs of ``archs``
-    that are points of the search's space (module docstring)."""
+    that are points of the search's space (module docstring); ``val_crop`` and ``val_tile``:
+    the run's trainings' (the inherited score validates as they did)."""
     import torch
 
     from ernas.nn.batchnorm import recalibrate_bn
@@ -155,7 +158,7 @@ def supernet_scores(job: dict, archs: dict, val_crop) -> dict[str, dict[str, flo
             continue
         model = net.extract(arch)
         recalibrate_bn(model, calibration_batches(p["train_batch"], scfg, device))
-        out[name] = {"inherited": validate(model, val_set, device, task),
+        out[name] = {"inherited": validate(model, val_set, device, task, val_tile),
                      "supernet": one_hot(arch), "alpha": log_prob(net, arch)}
     return out
 
@@ -190,6 +193,7 @@ def score_run(run: Path) -> pd.DataFrame:
     first = {j["command"]: j for j in reversed(list(plan["jobs"].values()))}
     shape = list(first["search"]["overrides"]["input_shape"])
     val_crop = first["retrain"]["overrides"].get("val_crop")
+    val_tile = first["retrain"]["overrides"].get("val_tile")
     rows = []
     for i in range(len(plan["targets"])):
         names = _ranked(plan, i)
@@ -202,7 +206,7 @@ def score_run(run: Path) -> pd.DataFrame:
         for job_id, job in plan["jobs"].items():
             if job["command"] == "search" and job_id.startswith(f"search_t{i}_"):
                 log.info("%s: scoring %d networks with its supernet", job_id, len(archs))
-                scorers[job_id] = supernet_scores(job, archs, val_crop)
+                scorers[job_id] = supernet_scores(job, archs, val_crop, val_tile)
         for scorer, scores in scorers.items():
             for name, values in scores.items():
                 ys = trained[name]

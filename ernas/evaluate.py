@@ -40,6 +40,7 @@ from ernas import inference_model
 from ernas.progress import progress as progress_bar
 from ernas.checkpoint import load_model, resolve_checkpoint
 from ernas.complexity import count_macs, count_params
+from ernas.data.tiles import stitched
 from ernas.io import atomic_write_json, atomic_write_text
 from ernas.latency.measure import paired_ratio
 from ernas.space import Arch, SearchSpace
@@ -65,9 +66,10 @@ class ModelEntry:
 
 
 @torch.no_grad()
-def quality(model: nn.Module, task, sets: dict, name: str, device="cpu"
+def quality(model: nn.Module, task, sets: dict, name: str, device="cpu", tile: int | None = None
             ) -> tuple[list[dict], dict[str, float]]:
-    """Per-item rows and the metrics ``{f"{metric}_{set}": value}`` of one model, and
+    """Per-item rows and the metrics ``{f"{metric}_{set}": value}`` of one model, each item
+    whole or (``tile``) through stitched tile x tile tiles (``ernas.data.tiles.stitched``), and
     ``nonfinite_<set>``: how many items' outputs hold inf/NaN (a model that overflows; a NaN
     output makes the item's metric and the set's NaN)."""
     model = model.to(device).eval()
@@ -77,7 +79,8 @@ def quality(model: nn.Module, task, sets: dict, name: str, device="cpu"
         nonfinite = 0
         for i in range(len(ds)):
             item = ds[i]
-            out = model(item["input"][None].to(device)).float().cpu()
+            x = item["input"][None].to(device)
+            out = (model(x) if tile is None else stitched(model, x, (tile, tile))).float().cpu()
             nonfinite += int(not torch.isfinite(out).all())
             ev.update(out, item["target"][None], item["name"])
         metrics.update({f"{k}_{label}": v for k, v in ev.compute().items()
@@ -183,7 +186,9 @@ def _report(rows: list[dict], columns: list[str], meta: dict) -> str:
     lines += ["", note] if note else []
     lines += [
         "", "## Definitions", "",
-        f"- **Task** {meta['task']}: {meta['task_description']}.",
+        f"- **Task** {meta['task']}: {meta['task_description']}"
+        + (f"; every image through stitched {meta['tile']}x{meta['tile']} tiles, the size "
+           f"the network was validated at." if meta.get("tile") else "."),
         f"- **MACs**: multiply-accumulates of conv/linear layers plus what blocks report "
         f"(`ernas.complexity.count_macs`) at input {meta['input_shape']}; normalisation, "
         f"additions and activations count 0.",
@@ -221,10 +226,11 @@ def _memories(entries, models, input_shape, latency_cfg, runs, rows) -> str | No
 def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
              latency_cfg: dict | None = None, input_shape=(1, 3, 256, 256),
              predict: bool = True, measure: bool = True, device: str = "cpu",
-             progress: bool = True, memory_runs: int = 0) -> dict:
+             progress: bool = True, memory_runs: int = 0, tile: int | None = None) -> dict:
     """Evaluate ``entries`` (the first is the model under test, the rest baselines) on ``task``
-    and write ``per_image.csv``, ``results.csv``, ``report.md``, ``summary.json`` (and the
-    first entry's ``arch.yaml``) into ``out_dir``. Returns the summary."""
+    (``tile``: through stitched tiles, :func:`quality`) and write ``per_image.csv``,
+    ``results.csv``, ``report.md``, ``summary.json`` (and the first entry's ``arch.yaml``) into
+    ``out_dir``. Returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for e in entries:
@@ -241,7 +247,7 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
     for e in entries:
         model = e.model()
         models[e.name] = model
-        q_rows, q = quality(model, task, sets, e.name, device)
+        q_rows, q = quality(model, task, sets, e.name, device, tile)
         per_item += q_rows
         row = {"name": e.name, "arch": e.arch.name, "arch_source": e.arch.source,
                "checkpoint": e.checkpoint or "", "trained": e.checkpoint is not None,
@@ -268,7 +274,7 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
     columns = [f"{m}_{label}" for label in sets for m in task.metrics if f"{m}_{label}" in rows[0]]
     atomic_write_text(out / "per_image.csv", pd.DataFrame(per_item).to_csv(index=False))
     atomic_write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
-    meta = {"task": task.name, "task_description": task.describe(),
+    meta = {"task": task.name, "task_description": task.describe(), "tile": tile,
             "input_shape": list(input_shape), "backend": backend_meta,
             "statistic": ((latency_cfg or {}).get("measure") or {}).get("statistic"),
             "memory": memory}
@@ -281,7 +287,7 @@ def evaluate(entries: list[ModelEntry], out_dir, task, seed: int = 0,
         "measured_ms": main["measured_ms"], "predicted_ms": main["predicted_ms"],
         "params": main["params"], "macs": main["macs"], "models": rows,
         "peak_mem_mib": main.get("peak_mem_mib"), "memory": memory,
-        "columns": columns, "seed": seed, "input_shape": list(input_shape),
+        "columns": columns, "seed": seed, "tile": tile, "input_shape": list(input_shape),
         "latency_backend": backend_meta, "latency_tables": {r["name"]: r["table"] for r in rows},
         "table_probes": probes,
         "measured_round_ms": {n: st["round_ms"] for n, st in stats.items()},

@@ -5,7 +5,13 @@ Recipe (NAFNet's, by default): AdamW (lr 1e-3, weight decay 0, betas (0.9, 0.9))
 of the learning rate to 1e-7 over ``steps``, the task's loss (``Task.loss``), optional
 gradient-norm clipping and distillation (``ernas.distill``). Initialisation: ``ernas.checkpoint``.
 Model selection: ``best.pt`` holds the weights with the best validation value of the task's
-headline metric (``Task.metric``, higher is better) on the val split.
+headline metric (``Task.metric``, higher is better) on the val split. Train/test consistency
+at validation (both off by default): ``bn_calibration_batches = n`` validates, and keeps in
+``best.pt``, a copy whose BatchNorm statistics are the plain average over the n training batches
+after the last step (precise BatchNorm, Wu & Johnson 2021) instead of the running averages of
+training; ``val_tile = t`` runs whole validation images through stitched t x t tiles, so
+BatchNorm and the global pooling of channel attention see inputs of the size trained on
+(``ernas.data.tiles.stitched``). ``last.pt`` always holds the training state as it is.
 
 Batches are pure functions of (seed, rank, step) (``ernas.batches``), and ``last.pt`` holds the
 model, optimiser, schedule, adapters, log and the task's config, so a run stopped and resumed
@@ -48,6 +54,8 @@ class TrainConfig:
     grad_clip: float | None = None      # max gradient norm; None: no clipping
     val_every: int = 50
     val_crop: int | None = 128          # centre crop of the val images (None: whole images)
+    val_tile: int | None = None         # validate through stitched tiles of this side (None: whole)
+    bn_calibration_batches: int = 0     # precise BatchNorm for validation (0: as trained)
     num_workers: int = 0
     amp: bool = True                    # autocast on CUDA only (bfloat16, else float16)
     log_every: int = 10
@@ -62,6 +70,14 @@ class TrainConfig:
                or getattr(self, f) < 1]
         if self.val_crop is not None and not (isinstance(self.val_crop, int) and self.val_crop > 0):
             bad.append(f"val_crop={self.val_crop!r} must be a positive integer or null")
+        if self.val_tile is not None and (isinstance(self.val_tile, bool) or not isinstance(
+                self.val_tile, int) or self.val_tile < 16):
+            bad.append(f"val_tile={self.val_tile!r} must be an integer >= 16 (e.g. the training "
+                       f"crop) or null")
+        if isinstance(self.bn_calibration_batches, bool) or not isinstance(
+                self.bn_calibration_batches, int) or self.bn_calibration_batches < 0:
+            bad.append(f"bn_calibration_batches={self.bn_calibration_batches!r} must be an "
+                       f"integer >= 0 (0: keep the running statistics as trained)")
         if not self.lr > 0:
             bad.append(f"lr={self.lr} must be > 0")
         if self.weight_decay < 0 or self.eta_min < 0:

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +20,16 @@ from torch import nn
 from ernas import distributed as D
 from ernas.batches import StepBatches
 from ernas.csvlog import CsvLog
+from ernas.data.tiles import stitched
 from ernas.distill import DistillConfig, Distiller, Student
 from ernas.errors import ErnasError
 from ernas.io import atomic_torch_save, atomic_write_json
+from ernas.nn.batchnorm import batchnorms, recalibrate_bn
 from ernas.progress import progress as progress_bar
 from ernas.scalars import Scalars
 from ernas.space import Arch
 
-__all__ = ["FORMAT", "improves", "run_training", "state_digest", "validate"]
+__all__ = ["FORMAT", "improves", "judged", "run_training", "state_digest", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +37,31 @@ FORMAT = "ernas-retrain-v1"
 
 
 @torch.no_grad()
-def validate(net: nn.Module, dataset, device, task) -> float:
-    """The task's headline metric of ``net`` over every item of ``dataset`` (one evaluator)."""
+def validate(net: nn.Module, dataset, device, task, tile: int | None = None) -> float:
+    """The task's headline metric of ``net`` over every item of ``dataset`` (one evaluator),
+    each item whole or (``tile``) through stitched tile x tile tiles."""
     was = net.training
     net.eval()
     ev = task.evaluator()
     for i in range(len(dataset)):
         item = dataset[i]
-        ev.update(net(item["input"][None].to(device)).float().cpu(), item["target"][None],
-                  item["name"])
+        x = item["input"][None].to(device)
+        pred = net(x) if tile is None else stitched(net, x, (tile, tile))
+        ev.update(pred.float().cpu(), item["target"][None], item["name"])
     net.train(was)
     return float(ev.compute()[task.metric])
+
+
+def judged(model: nn.Module, batches: StepBatches, cfg, device) -> nn.Module:
+    """The network validation judges: ``model`` itself, or with ``cfg.bn_calibration_batches``
+    = n a copy whose BatchNorm statistics are averaged over training batches ``cfg.steps`` ..
+    ``cfg.steps + n - 1`` (never trained on; ``ernas.nn.batchnorm.recalibrate_bn``)."""
+    n = cfg.bn_calibration_batches
+    if not n or not batchnorms(model):
+        return model
+    copy = deepcopy(model)
+    recalibrate_bn(copy, (batches[cfg.steps + i][0].to(device) for i in range(n)))
+    return copy
 
 
 def improves(value: float, best: float | None) -> bool:
@@ -211,10 +228,12 @@ class _Training:
         self.st.log.append(row)
         return row
 
-    def validate(self, val_set) -> float:
-        """Validate (rank 0), keep ``best.pt`` when best, save ``last.pt`` and the logs."""
+    def validate(self, val_set, batches: StepBatches) -> float:
+        """Validate (rank 0) the judged network (:func:`judged`), keep it in ``best.pt`` when
+        best, save ``last.pt`` and the logs."""
         st, m = self.st, self.task.metric
-        v = validate(self.model, val_set, self.device, self.task)
+        net = judged(self.model, batches, self.cfg, self.device)
+        v = validate(net, val_set, self.device, self.task, self.cfg.val_tile)
         st.log[-1][f"val_{m}"] = st.last_val = v
         if not np.isfinite(v):
             log.warning("retrain step %d: val %s is not finite: the network gave non-finite "
@@ -223,7 +242,7 @@ class _Training:
         if improves(v, st.best_val):
             st.best_val, st.best_step = v, st.step
             atomic_torch_save({"format": FORMAT, "arch": self.arch.to_dict(),
-                               "arch_name": self.arch.name, "model": self.model.state_dict(),
+                               "arch_name": self.arch.name, "model": net.state_dict(),
                                "step": st.step, f"val_{m}": v}, self.out / "best.pt")
         self.save_last()
         _write_log(st.log, self.out, self.task)
@@ -257,10 +276,12 @@ def _size(arch: Arch, model: nn.Module) -> dict:
             "macs_input_shape": list(shape)}
 
 
-def train_steps(t: _Training, loader, val_set, progress: bool) -> None:
+def train_steps(t: _Training, loader, data: tuple, progress: bool) -> None:
     """Train over ``loader``: a log row every ``log_every`` steps (appended to log.csv at
-    once), validation and checkpoints every ``val_every`` steps and at the last."""
+    once), validation and checkpoints every ``val_every`` steps and at the last. ``data``: the
+    training batches and the validation set (``ernas.train.training_data``)."""
     st, cfg = t.st, t.cfg
+    batches, val_set = data
     bar = progress_bar(cfg.steps, "retrain", initial=st.step, unit="step",
                        enabled=progress and t.main)
     scalars = Scalars(t.out, cfg.logger, enabled=t.main)
@@ -280,7 +301,7 @@ def train_steps(t: _Training, loader, val_set, progress: bool) -> None:
                               "train/distill_feat": row["feat_loss"], "train/lr": lr})
         if validate_now and t.main:
             st.seconds += time.perf_counter() - t0
-            v = t.validate(val_set)
+            v = t.validate(val_set, batches)
             scalars.add(st.step, {f"val/{t.task.metric}": v})
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{v:.3f}")
             t0 = time.perf_counter()
@@ -301,10 +322,9 @@ def run_training(arch: Arch, out: Path, cfg, task, model: nn.Module,
     if ckpt is not None:
         t.restore(ckpt)
     t.wrap_ddp()
-    batches, val_set = data
-    loader = t.loader(batches, stop_at)
+    loader = t.loader(data[0], stop_at)
     size = _size(arch, model)
-    train_steps(t, loader, val_set, progress)
+    train_steps(t, loader, data, progress)
     digests = D.all_gather_object(state_digest(t.student))
     summary = None
     if t.main:

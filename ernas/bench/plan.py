@@ -215,15 +215,17 @@ def add_training(plan: dict, bench: Path, cfg, network: str, seed: int) -> None:
     if train_id in plan["jobs"]:
         return
     arch = plan["networks"][network]["arch"]
+    recipe = _node(cfg.train, "overrides")
     add_job(plan, bench, train_id, "retrain",
-            {**_node(cfg.train, "overrides"), "arch": arch, "seed": seed, "init": "scratch",
-             "threads": cfg.threads, "progress": False})
+            {**recipe, "arch": arch, "seed": seed, "init": "scratch", "threads": cfg.threads,
+             "progress": False})
+    tile = {"tile": recipe["val_tile"]} if recipe.get("val_tile") else {}  # test as validated
     add_job(plan, bench, f"test_{network}_seed{seed}", "evaluate",
             {"checkpoint": str(bench / "jobs" / train_id), "name": network,
              "seed": int(cfg.evaluate.seed), "baseline.enabled": False,
              "predict_latency": False, "measure_latency": False,
              "input_shape": [int(s) for s in cfg.input_shape], "threads": cfg.threads,
-             "progress": False}, after=train_id)
+             "progress": False, **tile}, after=train_id)
 
 
 def add_selected_seeds(plan: dict, bench: Path, cfg, selected: list[str]) -> None:

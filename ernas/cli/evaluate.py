@@ -60,7 +60,7 @@ def run(cfg: DictConfig, out=None) -> dict:
     _log_start(cfg, out, latency, entries)
     summary = evaluate(entries, out, task_of(cfg), cfg.seed, latency, tuple(cfg.input_shape),
                        cfg.predict_latency, cfg.measure_latency, cfg.device, cfg.progress,
-                       params.memory_runs)
+                       params.memory_runs, params.tile)
     print(_line(summary) + f"; wrote {out}/report.md, results.csv")
     return summary
 

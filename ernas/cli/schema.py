@@ -76,6 +76,8 @@ class Retrain:
     grad_clip: Optional[float] = MISSING
     val_every: int = MISSING
     val_crop: Optional[int] = MISSING
+    val_tile: Optional[int] = MISSING
+    bn_calibration_batches: int = MISSING
     num_workers: int = MISSING
     amp: bool = MISSING
     log_every: int = MISSING
@@ -134,6 +136,7 @@ class Evaluate:
     predict_latency: bool = MISSING
     measure_latency: bool = MISSING
     memory_runs: int = MISSING
+    tile: Optional[int] = MISSING
     device: str = MISSING
     threads: Optional[int] = MISSING
     runs: Any = MISSING                 # a list of run dirs, or one glob pattern
@@ -149,6 +152,9 @@ class Evaluate:
         if self.memory_runs < 0:
             bad.append(f"memory_runs={self.memory_runs} must be >= 0 (fresh processes measuring "
                        f"each model's peak memory; 0: not measured)")
+        if self.tile is not None and self.tile < 16:
+            bad.append(f"tile={self.tile} must be >= 16 (the side the network was validated "
+                       f"at, e.g. its retraining's val_tile) or null (whole images)")
         check("evaluate config", bad)
 
 

@@ -8,9 +8,11 @@ image size, the tile size and the stride: every run and machine cuts the same ti
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ernas.errors import ErnasError
 
@@ -70,3 +72,19 @@ def tiled(images: Sequence[tuple[str, np.ndarray]], size: int, stride: int | Non
           ) -> list[tuple[str, np.ndarray]]:
     """The tiles of every image, image by image (see :func:`image_tiles`)."""
     return [tile for name, img in images for tile in image_tiles(name, img, size, stride)]
+
+
+def stitched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, hw) -> torch.Tensor:
+    """``fn`` applied to a whole 1 x C x H x W input through non-overlapping h x w tiles: the
+    input is reflect-padded (replicate where a side is shorter than its padding) at the bottom
+    and right to multiples of (h, w), each tile goes through ``fn`` on its own, and the outputs
+    are stitched and cropped back to H x W (they may have another channel count, e.g. logits)."""
+    h, w = (int(v) for v in hw)
+    H, W = x.shape[-2:]
+    ph, pw = (-H) % h, (-W) % w
+    mode = "reflect" if ph < H and pw < W else "replicate"
+    xp = F.pad(x, (0, pw, 0, ph), mode=mode) if ph or pw else x
+    rows = [torch.cat([fn(xp[..., top:top + h, left:left + w])
+                       for left in range(0, xp.shape[-1], w)], dim=-1)
+            for top in range(0, xp.shape[-2], h)]
+    return torch.cat(rows, dim=-2)[..., :H, :W]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ernas.data.tiles import stitched
 from ernas.errors import ErnasError
 from ernas.latency.onnx_export import export_onnx
 from ernas.task import fit_crop
@@ -116,20 +116,9 @@ def static_hw(path, default=(256, 256)) -> tuple[int, int]:
 
 def run_tiled(sess, x: torch.Tensor, hw) -> torch.Tensor:
     """Output of ``sess`` on a whole 1 x C x H x W input through h x w tiles (see the module
-    docstring); outputs may have another channel count (e.g. class logits)."""
-    h, w = hw
-    H, W = x.shape[-2:]
-    ph, pw = (-H) % h, (-W) % w
-    mode = "reflect" if ph < H and pw < W else "replicate"
-    xp = F.pad(x, (0, pw, 0, ph), mode=mode) if ph or pw else x
-    rows = []
-    for top in range(0, xp.shape[-2], h):
-        cols = []
-        for left in range(0, xp.shape[-1], w):
-            tile = xp[..., top:top + h, left:left + w].numpy()
-            cols.append(torch.from_numpy(sess.run(None, {"input": tile})[0]))
-        rows.append(torch.cat(cols, dim=-1))
-    return torch.cat(rows, dim=-2)[..., :H, :W]
+    docstring and ``ernas.data.tiles.stitched``)."""
+    return stitched(lambda tile: torch.from_numpy(sess.run(None, {"input": tile.numpy()})[0]),
+                    x, hw)
 
 
 def onnx_quality(path, task, hw, seed: int = 0, backend=None) -> dict[str, float]:
