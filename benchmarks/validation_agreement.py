@@ -3,17 +3,19 @@ finished training of the run's ranked networks (the searched and random networks
 target) is re-validated from its final weights (``last.pt``) four ways:
 
 - ``as_trained``: BatchNorm running statistics as training left them, whole validation images
-  (what the run's own validation did);
+  (the run's own validation, when it used neither setting below);
 - ``precise_bn``: BatchNorm statistics averaged over ``--bn-batches`` training batches after the
   last step (``ernas.train_loop.judged``: the recipe's ``bn_calibration_batches``);
 - ``tiles``: whole images through stitched tiles of the training crop
   (``ernas.train_loop.validate`` with ``val_tile`` = ``crop``);
 - ``precise_bn_tiles``: both.
 
-For each way and target: Kendall τ_b of training seed a's figures against seed b's (95%
-bootstrap interval over networks; ``supernet_ranking.agreement``), Spearman ρ, the mean absolute
-seed-to-seed difference and the mean figure. A way whose τ is clearly higher than
-``as_trained``'s says the seeds disagreed in how they were judged, not in what they learnt.
+Beside them ``best_logged``: the training's own best validation figure over its checkpoints
+(what a protocol selects on). For each way and target: Kendall τ_b of training seed a's figures
+against seed b's (95% bootstrap interval over networks; ``supernet_ranking.agreement``),
+Spearman ρ, the mean absolute seed-to-seed difference and the mean figure. A way whose τ is
+clearly higher than ``as_trained``'s says the seeds disagreed in how they were judged, not in
+what they learnt.
 Writes ``validation_scores.csv`` and ``validation_summary.csv`` to ``--out``; the run folder is
 only read.
 
@@ -39,7 +41,10 @@ WAYS = {"as_trained": (False, False), "precise_bn": (True, False), "tiles": (Fal
 
 
 def final_weights_figures(run_dir: Path, bn_batches: int) -> dict[str, float]:
-    """The four figures (module docstring) of the training in ``run_dir`` at its last step."""
+    """The training's own best validation figure (``best_logged``: what a protocol selects on)
+    and the four figures (module docstring) of its weights at its last step."""
+    import json
+
     import torch
 
     from ernas import build_model, load_arch
@@ -55,36 +60,49 @@ def final_weights_figures(run_dir: Path, bn_batches: int) -> dict[str, float]:
     batches, val_set = training_data(task, cfg, 0)
     precise = judged(model, batches, dataclasses.replace(cfg, bn_calibration_batches=bn_batches),
                      "cpu")
-    return {way: validate(precise if bn else model, val_set, "cpu", task,
-                          cfg.crop if tiles else None) for way, (bn, tiles) in WAYS.items()}
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    best = summary[f"best_val_{summary['metric']}"]
+    return {"best_logged": float("nan") if best is None else float(best),
+            **{way: validate(precise if bn else model, val_set, "cpu", task,
+                             cfg.crop if tiles else None) for way, (bn, tiles) in WAYS.items()}}
 
 
-def score_run(run: Path, bn_batches: int) -> pd.DataFrame:
-    """One row per (target, network, seed, way) over the run's finished trainings."""
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def score_run(run: Path, bn_batches: int, workers: int = 1) -> pd.DataFrame:
+    """One row per (target, network, seed, way) over the run's finished trainings, re-validated
+    by ``workers`` processes of one thread each."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from ernas.bench.jobs import load_plan
 
     if not (run / "plan.json").is_file():
         raise RankingInputError(f"{run}: no plan.json here; give the folder of an ernas-bench "
                                 f"run (runs/bench/<date>_<time>).")
     plan = load_plan(run)
-    rows = []
+    trainings = []  # (target, network, seed, run dir)
     for i in range(len(plan["targets"])):
         for name in _ranked(plan, i):
             prefix = f"train_{name}_seed"
-            for job_id, job in plan["jobs"].items():
-                run_dir = Path(job["run_dir"])
-                if not (job_id.startswith(prefix) and (run_dir / "summary.json").is_file()):
-                    continue
-                log.info("%s: re-validating its final weights", job_id)
-                for way, v in final_weights_figures(run_dir, bn_batches).items():
-                    rows.append({"target": i, "network": name,
-                                 "arm": plan["networks"][name]["arm"],
-                                 "seed": int(job_id[len(prefix):]), "way": way, "value": v})
-    if not rows:
+            trainings += [(i, name, int(job_id[len(prefix):]), Path(job["run_dir"]))
+                          for job_id, job in plan["jobs"].items() if job_id.startswith(prefix)
+                          and (Path(job["run_dir"]) / "summary.json").is_file()]
+    if not trainings:
         raise RankingInputError(f"{run}: none of its searched or random networks has a "
                                 f"finished training; run ernas-bench resume={run} until=train "
                                 f"first.")
-    return pd.DataFrame(rows)
+    log.info("re-validating the final weights of %d trainings", len(trainings))
+    with ProcessPoolExecutor(workers, initializer=_one_thread) as pool:
+        figures = pool.map(final_weights_figures, [t[3] for t in trainings],
+                           [bn_batches] * len(trainings))
+        return pd.DataFrame([{"target": i, "network": name, "arm": plan["networks"][name]["arm"],
+                              "seed": seed, "way": way, "value": v}
+                             for (i, name, seed, _), values in zip(trainings, figures)
+                             for way, v in values.items()])
 
 
 def summarise(scores: pd.DataFrame, boots: int = 2000) -> pd.DataFrame:
@@ -118,17 +136,15 @@ def main(argv=None) -> int:
     p.add_argument("--bn-batches", type=int, default=100,
                    help="training batches that precise BatchNorm averages over")
     p.add_argument("--boots", type=int, default=2000)
+    p.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
     args = p.parse_args(argv)
-    if args.boots < 100 or args.bn_batches < 1:
-        p.error("--boots must be >= 100 and --bn-batches >= 1")
+    if args.boots < 100 or args.bn_batches < 1 or args.workers < 1:
+        p.error("--boots must be >= 100, --bn-batches and --workers >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import torch
-
     from ernas.io import atomic_write_text
 
-    torch.set_num_threads(1)
     try:
-        scores = score_run(args.run, args.bn_batches)
+        scores = score_run(args.run, args.bn_batches, args.workers)
     except RankingInputError as e:
         print(f"validation_agreement: {e}", file=sys.stderr)
         return 2

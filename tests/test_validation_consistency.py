@@ -99,8 +99,8 @@ def test_bad_consistency_settings_are_refused_before_a_run_starts(tmp_path, arg,
 
 
 def _agree(run: Path, out: Path):
-    return subprocess.run([sys.executable, str(SCRIPT), str(run), "--out", str(out),
-                           "--boots", "200", "--bn-batches", "2"], capture_output=True,
+    return subprocess.run([sys.executable, str(SCRIPT), str(run), "--out", str(out), "--boots",
+                           "200", "--bn-batches", "2", "--workers", "2"], capture_output=True,
                           text=True, timeout=600)
 
 
@@ -119,10 +119,12 @@ def test_validation_agreement_revalidates_every_ranked_training(tiny_protocol, t
                     if rec["arm"] in ("searched", "random") and rec.get("target") == 0)
     assert sorted(scores["network"].unique()) == ranked
     wide = scores.pivot_table(index=["network", "seed"], columns="way", values="value")
-    assert list(wide.columns) == ["as_trained", "precise_bn", "precise_bn_tiles", "tiles"]
+    assert list(wide.columns) == ["as_trained", "best_logged", "precise_bn", "precise_bn_tiles",
+                                  "tiles"]
     for (name, seed), row in wide.iterrows():
         s = json.loads((run / "jobs" / f"train_{name}_seed{seed}" / "summary.json").read_text())
         assert row["as_trained"] == pytest.approx(s["final_val_psnr"], abs=1e-9)
+        assert row["best_logged"] == pytest.approx(s["best_val_psnr"], abs=1e-12)
         assert row["tiles"] == pytest.approx(row["as_trained"], abs=1e-9)  # val_crop == crop
 
 
